@@ -1,0 +1,76 @@
+"""Zero-shot data: leave-one-dataset-out training groups over the other five test splits, and the test set.
+
+`MedTestDataset` is the few-shot test set (same list, same items), re-exported here.
+"""
+import os
+import random
+
+import torch
+from torch.utils.data import Dataset
+
+from . import CLASS_NAMES, DATASETS, check_obj, dataset_root, list_images, load_image, load_mask, pair_masks
+from .medical_few import MedTestDataset
+
+__all__ = ['MedTrainDataset', 'MedTestDataset']
+
+Group = tuple[tuple[str, ...], tuple[int, ...], tuple[str | None, ...] | None, str]  # paths, labels, masks, name
+
+
+class MedTrainDataset(Dataset):
+    """Groups of `batch_size` test images of one other dataset; item = (imgs, labels, masks, dataset name).
+
+    imgs [B,3,H,W], labels float32 [B], masks [B,1,H,W] (zeros for normal images) or zeros(1,H,W) for image-only
+    datasets. Built with the global Python `random`, as the reference (6 shuffles; again in `shuffle_dataset`).
+    """
+
+    def __init__(self, data_path: str, obj: str, img_size: int = 240, batch_size: int = 1,
+                 sort_listing: bool = False, normalize: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+        self.obj = check_obj(obj)
+        self.data_path, self.img_size, self.batch_size = data_path, img_size, batch_size
+        self.sort_listing, self.normalize = sort_listing, normalize
+        self.data = self._build()
+
+    def _class_items(self, name: str) -> list[tuple[str, int, str | None]]:
+        """(path, label, mask) of one dataset's test split: normal then abnormal, each in os.listdir order (Q16)."""
+        root = dataset_root(self.data_path, name)
+        normal = list_images(os.path.join(root, 'test', 'good', 'img'), sort=self.sort_listing)
+        abnormal = list_images(os.path.join(root, 'test', 'Ungood', 'img'), sort=self.sort_listing)
+        masks = [None] * len(abnormal)
+        if DATASETS[name][1]:
+            masks = pair_masks(abnormal, os.path.join(root, 'test', 'Ungood', 'anomaly_mask'))
+        return [(p, 0, None) for p in normal] + [(p, 1, m) for p, m in zip(abnormal, masks)]
+
+    def _build(self) -> list[Group]:
+        """Shuffle each other dataset's list, cut it into groups, shuffle the groups (spec 7.1; Q23: test splits)."""
+        per_class = []
+        for name in CLASS_NAMES:
+            if name != self.obj:
+                items = self._class_items(name)
+                random.shuffle(items)
+                per_class.append((name, items))
+        groups = []
+        for name, items in per_class:
+            for start in range(0, len(items), self.batch_size):
+                paths, labels, masks = zip(*items[start:start + self.batch_size])
+                groups.append((paths, labels, masks if DATASETS[name][1] else None, name))
+        random.shuffle(groups)
+        return groups
+
+    def shuffle_dataset(self) -> None:
+        """Rebuild the groups from a fresh listing with fresh shuffles (called by the reference after each epoch)."""
+        self.data = self._build()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+        paths, labels, masks, name = self.data[i]
+        size = self.img_size
+        imgs = torch.stack([load_image(p, size, self.normalize) for p in paths])  # [B, 3, H, W]
+        y = torch.tensor(labels, dtype=torch.float32)  # [B]
+        if masks is None:
+            return imgs, y, torch.zeros(1, size, size), name  # image-only dataset: the reference's (1, H, W)
+        m = torch.stack([torch.zeros(1, size, size) if p is None else load_mask(p, size) for p in masks])
+        return imgs, y, m, name  # m: [B, 1, H, W]
