@@ -1,0 +1,87 @@
+"""The MVFA adapter model: residual bottleneck adapters after chosen ViT blocks (spec section 3)."""
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .loading import check_keys
+from .model import CLIP
+
+
+class ClipAdapter(nn.Module):
+    """Bias-free bottleneck c_in -> bottleneck -> c_in with a LeakyReLU(0.01) after both layers."""
+
+    def __init__(self, c_in: int, bottleneck: int = 768):
+        super().__init__()
+        self.fc1 = nn.Sequential(nn.Linear(c_in, bottleneck, bias=False), nn.LeakyReLU())
+        self.fc2 = nn.Sequential(nn.Linear(bottleneck, c_in, bias=False), nn.LeakyReLU())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        med = self.fc1(x)
+        return med, self.fc2(med)
+
+
+class CLIP_Inplanted(nn.Module):
+    """A frozen CLIP image tower with a seg and a det adapter after each block in `features` (1-based numbers).
+
+    Attribute names are the released checkpoints' format: `seg_adapters.{k}.fc1.0.weight`, ... .
+    """
+
+    def __init__(self, clip_model: CLIP, features=(6, 12, 18, 24), bottleneck: int = 768):
+        super().__init__()
+        self.clipmodel = clip_model
+        self.image_encoder = clip_model.visual
+        depth = len(self.image_encoder.transformer.resblocks)
+        if not features or any(not 1 <= f <= depth for f in features):
+            raise ValueError(f"--features_list {list(features)}: block numbers must lie in 1..{depth}")
+        self.features = list(features)
+        width = self.image_encoder.conv1.out_channels
+        self.seg_adapters = nn.ModuleList([ClipAdapter(width, bottleneck) for _ in self.features])
+        self.det_adapters = nn.ModuleList([ClipAdapter(width, bottleneck) for _ in self.features])
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """images [B, 3, H, W] -> pooled [B, E], seg and det tokens: one [B, 1+HW, bottleneck] per adapted block.
+
+        Token 0 is the CLS token; both adapters see it, as in the reference.
+        """
+        v = self.image_encoder
+        x = v.embed(images)  # [B, 1+HW, C]
+        seg_tokens, det_tokens = [], []
+        for number, block in enumerate(v.transformer.resblocks, start=1):
+            x = block(x)
+            if number in self.features:
+                k = self.features.index(number)
+                seg_med, seg_out = self.seg_adapters[k](x)
+                det_med, det_out = self.det_adapters[k](x)
+                x = 0.8 * x + 0.1 * seg_out + 0.1 * det_out
+                seg_tokens.append(seg_med)
+                det_tokens.append(det_med)
+        return v.pool(x), seg_tokens, det_tokens
+
+    def adapter_state(self) -> dict:
+        """The released checkpoint layout."""
+        return {"seg_adapters": self.seg_adapters.state_dict(), "det_adapters": self.det_adapters.state_dict()}
+
+    def load_adapters(self, path: str | Path) -> dict:
+        """Load `{'seg_adapters': ..., 'det_adapters': ...}` strictly (extra top-level keys are ignored).
+
+        Returns the whole checkpoint dict so callers can read the extras (arguments, versions).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"adapter checkpoint not found: {path} (download the released MVFA checkpoints "
+                                    f"or train one with train_few.py / train_zero.py)")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cannot read adapter checkpoint {path}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}") from None
+        for name in ("seg_adapters", "det_adapters"):
+            if not isinstance(ckpt, dict) or name not in ckpt:
+                raise ValueError(f"{path} is not an MVFA adapter checkpoint: no '{name}' entry")
+            modules = getattr(self, name)
+            check_keys({f"{name}.{k}": v for k, v in modules.state_dict().items()},
+                       {f"{name}.{k}": v for k, v in ckpt[name].items()}, str(path),
+                       "was it trained with another --features_list?")
+            modules.load_state_dict(ckpt[name], strict=True)
+        return ckpt

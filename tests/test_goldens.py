@@ -1,0 +1,95 @@
+"""The core model against the reference's recorded outputs (../shared/reference/goldens_seed0.pt), spec section 13."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from CLIP import CLIP_Inplanted, create_model, tokenize
+from loss import detection_loss, dice_loss, focal_loss, segmentation_loss
+from prompt import encode_text_with_prompt_ensemble
+from utils import augment
+
+TOKEN_TOL = 1e-4  # absolute, on O(1) values
+LOSS_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def brain_model(reference_assets):
+    clip = create_model("ViT-L-14-336", 240, "openai", "cpu",
+                        checkpoint=reference_assets / "CLIP/ckpt/ViT-L-14-336px.pt")
+    model = CLIP_Inplanted(clip).eval()
+    model.load_adapters(reference_assets / "ckpt/few-shot/Brain.pth")
+    return model
+
+
+def test_token_ids(goldens):
+    ids = tokenize(goldens["token_strings"])
+    assert ids.dtype == torch.int32 and torch.equal(ids, goldens["tokens_ids"])
+
+
+def test_text_features_of_all_six_datasets(goldens, brain_model):
+    for obj, expected in goldens["text_features"].items():
+        got = encode_text_with_prompt_ensemble(brain_model.clipmodel, obj, "cpu")
+        assert got.shape == (768, 2)
+        torch.testing.assert_close(got, expected, atol=TOKEN_TOL, rtol=0, msg=obj)
+
+
+def test_adapted_forward(goldens, brain_model):
+    with torch.no_grad():
+        pooled, seg, det = brain_model(goldens["image"])
+    torch.testing.assert_close(pooled, goldens["pooled"], atol=TOKEN_TOL, rtol=0)
+    assert len(seg) == len(det) == 4
+    for got, expected in zip(seg + det, goldens["seg_tokens"] + goldens["det_tokens"]):
+        assert got.shape == (1, 290, 768)
+        torch.testing.assert_close(got, expected, atol=TOKEN_TOL, rtol=0)
+
+
+def test_augmentations(goldens):
+    images, masks = augment(goldens["augment_in_abnormal"], goldens["augment_in_mask"])
+    torch.testing.assert_close(images, goldens["augment_abnormal_img"], atol=TOKEN_TOL, rtol=0)
+    torch.testing.assert_close(masks, goldens["augment_abnormal_mask"], atol=TOKEN_TOL, rtol=0)
+    images, masks = augment(goldens["augment_in_normal"])
+    torch.testing.assert_close(images, goldens["augment_normal_img"], atol=TOKEN_TOL, rtol=0)
+    torch.testing.assert_close(masks, goldens["augment_normal_mask"], atol=0, rtol=0)
+
+
+def test_focal_and_dice(goldens):
+    prob, mask = goldens["loss_prob"], goldens["loss_mask"]
+    assert focal_loss(prob, mask).item() == pytest.approx(goldens["focal"], rel=LOSS_RTOL)
+    assert dice_loss(prob[:, 1], mask).item() == pytest.approx(goldens["dice"], rel=LOSS_RTOL)
+
+
+def test_one_training_step(goldens, brain_model, reference_assets):
+    """Losses and every updated adapter weight after one Adam step of both optimisers (spec 5.4, 6.4)."""
+    model = brain_model
+    state = {k: v.clone() for k, v in model.state_dict().items() if "adapters" in k}
+    mask_file = reference_assets / "data" / goldens["image_file"].replace("/img/", "/anomaly_mask/")
+    mask = np.asarray(Image.open(mask_file).convert("L").resize((240, 240), Image.NEAREST), np.float32) / 255
+    mask = (torch.from_numpy(mask)[None] > 0.5).float()  # [1, H, W]
+    text = goldens["text_features"]["Brain"]
+    for p in model.clipmodel.parameters():
+        p.requires_grad_(False)
+    seg_opt = torch.optim.Adam(model.seg_adapters.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    det_opt = torch.optim.Adam(model.det_adapters.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    try:
+        _, seg, det = model(goldens["image"])
+        det_loss = detection_loss(det, text, torch.tensor([1.0]))
+        seg_loss = segmentation_loss(seg, text, mask, 240)
+        loss = seg_loss + det_loss
+        seg_opt.zero_grad(), det_opt.zero_grad()
+        loss.backward()
+        seg_opt.step(), det_opt.step()
+        assert det_loss.item() == pytest.approx(goldens["step_det_loss"], rel=LOSS_RTOL)
+        assert seg_loss.item() == pytest.approx(goldens["step_seg_loss"], rel=LOSS_RTOL)
+        assert loss.item() == pytest.approx(goldens["step_loss"], rel=LOSS_RTOL)
+        for name in ("seg_adapters", "det_adapters"):
+            weights = getattr(model, name).state_dict()
+            assert set(weights) == set(goldens[f"step_{name}"])
+            for key, probe in goldens[f"step_{name}"].items():
+                flat = weights[key].flatten()
+                torch.testing.assert_close(flat[probe["index"]], probe["values"], atol=1e-5, rtol=0,
+                                           msg=f"{name}.{key}")
+                assert flat.double().sum().item() == pytest.approx(probe["sum"], abs=1e-3)
+                assert flat.double().norm().item() == pytest.approx(probe["norm"], rel=1e-6)
+    finally:
+        model.load_state_dict(state, strict=False)  # leave the shared model as loaded

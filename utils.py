@@ -1,0 +1,78 @@
+"""Small shared helpers: seeding, device and precision selection, and the few-shot augmentation (spec 6.3, 8)."""
+import contextlib
+import math
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def setup_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """'auto' or None -> cuda when available, else cpu; anything else is checked."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "amp")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The context the reference runs its forwards in: fp16 autocast on CUDA ('auto' == 'amp' there), fp32 on the CPU.
+
+    'bf16' autocasts to bfloat16 on either device; 'fp16' autocasts to float16; 'fp32' disables autocast.
+    """
+    if precision == "auto":
+        precision = "amp" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _warp(x: torch.Tensor, matrix: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Affine warp of x [N, C, H, W] by one float32 2x3 matrix, bilinear, reflection padding, align_corners False."""
+    theta = torch.tensor(matrix, dtype=torch.float32).expand(x.shape[0], 2, 3)  # [N, 2, 3]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def rotate(x: torch.Tensor, angle: float) -> torch.Tensor:
+    t = torch.tensor(angle, dtype=torch.float32)  # the angle is rounded to float32 before cos/sin (spec Q34)
+    c, s = float(torch.cos(t)), float(torch.sin(t))
+    return _warp(x, [[c, -s, 0.0], [s, c, 0.0]])
+
+
+def translate(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    return _warp(x, [[1.0, 0.0, dx], [0.0, 1.0, dy]])
+
+
+def augment(images: torch.Tensor, masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """k images [k, C, H, W] -> 11k: originals, 4 rotations, 4 translations, h-flip, v-flip (blocks in this order).
+
+    Masks get the same warps (so they become fractional; training binarises them at 0.5); without masks, zeros.
+    """
+    images = images.float()
+
+    def views(x):
+        return [x, *(rotate(x, a) for a in (-math.pi / 8, -math.pi / 16, math.pi / 16, math.pi / 8)),
+                *(translate(x, dx, dy) for dx, dy in ((0.1, 0.1), (-0.1, 0.1), (-0.1, -0.1), (0.1, -0.1))),
+                x.flip(-1), x.flip(-2)]
+
+    out = torch.cat(views(images))  # [11k, C, H, W]
+    if masks is None:
+        return out, torch.zeros(out.shape[0], 1, *out.shape[2:])
+    return out, torch.cat(views(masks.float()))
