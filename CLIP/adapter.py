@@ -74,8 +74,8 @@ class CLIP_Inplanted(nn.Module):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"cannot read adapter checkpoint {path}: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]}") from None
+            first_line = (str(e).splitlines() or [""])[0][:200]  # some errors (EOFError of an empty file) have no text
+            raise ValueError(f"cannot read adapter checkpoint {path}: {type(e).__name__}: {first_line}") from None
         for name in ("seg_adapters", "det_adapters"):
             if not isinstance(ckpt, dict) or name not in ckpt:
                 raise ValueError(f"{path} is not an MVFA adapter checkpoint: no '{name}' entry")

@@ -42,7 +42,8 @@ def read_state_dict(path: str | Path, model_name: str = "ViT-L-14-336") -> dict:
         except RuntimeError:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"cannot read CLIP weights {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+        first_line = (str(e).splitlines() or [""])[0][:200]  # some errors (EOFError of an empty file) have no text
+        raise ValueError(f"cannot read CLIP weights {path}: {type(e).__name__}: {first_line} "
                          f"(is it a complete, uncorrupted download?)") from None
 
 
@@ -129,7 +130,7 @@ def config_from_state_dict(sd: dict) -> dict:
     patch = sd["visual.conv1.weight"].shape[-1]
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     text_width = sd["ln_final.weight"].shape[0]
-    count = lambda prefix: len({k.split(".")[len(prefix.split("."))] for k in sd if k.startswith(prefix)})
+    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})  # block indices
     return {
         "embed_dim": sd["text_projection"].shape[1],
         "vision_cfg": {"image_size": grid * patch, "layers": count("visual.transformer.resblocks."),
