@@ -56,3 +56,13 @@ def encode_text_with_prompt_ensemble(clip_model, name: str, device: str | torch.
         feature /= feature.norm()
         columns.append(feature)
     return torch.stack(columns, dim=1).to(device)  # [E, 2]
+
+
+def text_features_for(clip_model, objs, device: torch.device, precision: str = "auto") -> dict[str, torch.Tensor]:
+    """{obj: [E, 2]} for each dataset (or prompt name), each distinct prompt name encoded once, under autocast."""
+    from utils import autocast
+    cache = {}
+    with autocast(device, precision):
+        for name in {prompt_name(o) for o in objs}:
+            cache[name] = encode_text_with_prompt_ensemble(clip_model, name, device)
+    return {o: cache[prompt_name(o)] for o in objs}

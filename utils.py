@@ -1,7 +1,15 @@
-"""Small shared helpers: seeding, device and precision selection, and the few-shot augmentation (spec 6.3, 8)."""
+"""Small shared helpers: seeding, device and precision, the few-shot augmentation (spec 6.3, 8), and the scripts'
+common flags, checkpoint writing and run records."""
 import contextlib
+import hashlib
+import json
 import math
+import os
+import platform
 import random
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -76,3 +84,119 @@ def augment(images: torch.Tensor, masks: torch.Tensor | None = None) -> tuple[to
     if masks is None:
         return out, torch.zeros(out.shape[0], 1, *out.shape[2:])
     return out, torch.cat(views(masks.float()))
+
+
+# ---- command lines, checkpoints and run records shared by the four scripts ----
+
+def add_common_args(parser, obj: str, batch_size: int = 1) -> None:
+    """The flags every script takes, with the reference's names and defaults (spec section 0)."""
+    parser.add_argument("--model_name", default="ViT-L-14-336", help="CLIP architecture (a CLIP/model_configs/*.json)")
+    parser.add_argument("--pretrain", default="openai", choices=["openai", "none"],
+                        help="'openai': read --clip_ckpt; 'none': random weights (tests, demo)")
+    parser.add_argument("--clip_ckpt", default=None,
+                        help="CLIP weights file (default CLIP/ckpt/ViT-L-14-336px.pt in this repository)")
+    parser.add_argument("--obj", default=obj, help="dataset: Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, "
+                                                   "Histopathology")
+    parser.add_argument("--data_path", default="./data/", help="folder holding {obj}_AD/ in BMAD's layout")
+    parser.add_argument("--batch_size", type=int, default=batch_size,
+                        help="images per forward in test and memory-bank passes (same per-image results)")
+    parser.add_argument("--img_size", type=int, default=240, help="input resolution")
+    parser.add_argument("--features_list", type=int, nargs="+", default=[6, 12, 18, 24],
+                        help="1-based ViT block numbers followed by adapters")
+    parser.add_argument("--seed", type=int, default=111, help="random seed")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda:0', ...")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="'auto': fp16 autocast on CUDA as the reference, fp32 on the CPU; 'bf16' is ~3x "
+                             "faster on recent CPUs")
+    parser.add_argument("--quick_gelu", action="store_true",
+                        help="fix: use QuickGELU, the activation the CLIP weights were trained with (reference: GELU)")
+    parser.add_argument("--clip_normalize", action="store_true",
+                        help="fix: normalise images with CLIP's mean/std (the reference feeds [0,1] pixels)")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--out_dir", default="./results/", help="where the run's JSON record is written")
+
+
+def add_fewshot_args(parser) -> None:
+    parser.add_argument("--shot", type=int, default=4, help="number of normal and of abnormal support images")
+    parser.add_argument("--iterate", type=int, default=0,
+                        help="support list n-/a-{iterate} of dataset/fewshot_seed/{obj}/{shot}-shot.txt; -1 draws "
+                             "a support set with --seed")
+    parser.add_argument("--seed_dir", default=None,
+                        help="folder of the support lists (default: dataset/fewshot_seed in this repository)")
+    parser.add_argument("--memory_no_cls", action="store_true",
+                        help="fix: leave the CLS token out of the memory bank (the reference keeps it)")
+
+
+def checkpoint_path(save_path: str, obj: str, shot: int | None = None) -> Path:
+    """`{save_path}/{obj}.pth` as the reference, or `{obj}_{shot}shot.pth` when the shot goes in the name."""
+    return Path(save_path) / (f"{obj}.pth" if shot is None else f"{obj}_{shot}shot.pth")
+
+
+def check_writable(path: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to replace a checkpoint that exists already (a downloaded one, say)."""
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists already: pass --overwrite to replace it, or choose another "
+                              f"--save_path")
+
+
+def save_checkpoint(model, path: Path, extras: dict) -> None:
+    """The released layout plus extra keys, written atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {name: {k: v.cpu() for k, v in sd.items()} for name, sd in model.adapter_state().items()}
+    torch.save({**state, **extras}, tmp)
+    os.replace(tmp, path)
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict:
+    import PIL
+    import sklearn
+    return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
+            "scikit-learn": sklearn.__version__, "Pillow": PIL.__version__,
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+
+
+def write_record(out_dir: str, script: str, args, result: dict, files: dict) -> Path:
+    """A JSON per run: full-precision metrics, arguments, checksums of the weights used, library versions."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = out / f"{script}_{args.obj}_{stamp}_{os.getpid()}.json"
+    record = {"script": script, "time": stamp, "args": vars(args), "metrics": result,
+              "files": {name: {"path": str(p), "sha256": sha256(p)} for name, p in files.items() if p},
+              "versions": versions()}
+    path.write_text(json.dumps(record, indent=1, default=str))
+    return path
+
+
+def run_main(run, parser, argv) -> int:
+    """Parse, run, and turn expected errors (bad files, flags, data) into a one-line message and exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return 0
+
+
+def build_model(args, device: torch.device):
+    """CLIP (frozen, eval mode) with fresh adapters after `--features_list`, on `device`."""
+    from CLIP import CLIP_Inplanted, create_model
+    clip = create_model(args.model_name, args.img_size, args.pretrain, device, checkpoint=args.clip_ckpt,
+                        quick_gelu=args.quick_gelu)
+    clip.requires_grad_(False)  # deviation: the reference asks gradients for the frozen backbone too (spec Q10)
+    return CLIP_Inplanted(clip, args.features_list).to(device)
+
+
+def clip_file(args) -> Path | None:
+    from CLIP.loading import default_checkpoint
+    return None if args.pretrain == "none" else Path(args.clip_ckpt or default_checkpoint(args.model_name))

@@ -27,15 +27,17 @@ class CLIP_Inplanted(nn.Module):
     Attribute names are the released checkpoints' format: `seg_adapters.{k}.fc1.0.weight`, ... .
     """
 
-    def __init__(self, clip_model: CLIP, features=(6, 12, 18, 24), bottleneck: int = 768):
+    def __init__(self, clip_model: CLIP, features=(6, 12, 18, 24), bottleneck: int | None = None):
         super().__init__()
         self.clipmodel = clip_model
         self.image_encoder = clip_model.visual
         depth = len(self.image_encoder.transformer.resblocks)
-        if not features or any(not 1 <= f <= depth for f in features):
-            raise ValueError(f"--features_list {list(features)}: block numbers must lie in 1..{depth}")
+        if not features or any(not 1 <= f <= depth for f in features) or len(set(features)) < len(features):
+            raise ValueError(f"--features_list {list(features)}: distinct block numbers in 1..{depth} expected")
         self.features = list(features)
         width = self.image_encoder.conv1.out_channels
+        # tokens are compared with text features, so the bottleneck is CLIP's embedding width (768 for ViT-L/14)
+        bottleneck = bottleneck or clip_model.text_projection.shape[1]
         self.seg_adapters = nn.ModuleList([ClipAdapter(width, bottleneck) for _ in self.features])
         self.det_adapters = nn.ModuleList([ClipAdapter(width, bottleneck) for _ in self.features])
 

@@ -5,6 +5,7 @@ Accepted files: OpenAI's TorchScript archives, plain OpenAI state dicts, OpenCLI
 """
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,7 +39,9 @@ def read_state_dict(path: str | Path, model_name: str = "ViT-L-14-336") -> dict:
             from safetensors.torch import load_file
             return load_file(str(path), device="cpu")
         try:  # OpenAI's release is a TorchScript archive
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+            with warnings.catch_warnings():  # only torch.jit's own deprecation notice, which users cannot act on
+                warnings.filterwarnings("ignore", message=r".*torch\.jit", category=FutureWarning)
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         except RuntimeError:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
@@ -130,6 +133,9 @@ def config_from_state_dict(sd: dict) -> dict:
     patch = sd["visual.conv1.weight"].shape[-1]
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     text_width = sd["ln_final.weight"].shape[0]
+    if width % 64 or text_width % 64:
+        raise ValueError(f"widths {width}/{text_width} are not multiples of 64: the head count cannot be read off the "
+                         f"shapes; add a CLIP/model_configs/<model_name>.json")
     count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})  # block indices
     return {
         "embed_dim": sd["text_projection"].shape[1],
@@ -180,7 +186,12 @@ def create_model(model_name: str = "ViT-L-14-336", img_size: int = 240, pretrain
     if pretrained == "openai":
         path = Path(checkpoint) if checkpoint else default_checkpoint(model_name)
         sd = to_float32(drop_metadata(from_huggingface(unwrap(read_state_dict(path, model_name)))))
-    config = load_config(model_name) or (config_from_state_dict(sd) if sd is not None else None)
+    config = load_config(model_name)
+    if config is None and sd is not None:
+        try:
+            config = config_from_state_dict(sd)
+        except KeyError as e:
+            raise ValueError(f"{path}: no {e} tensor - not CLIP weights") from None
     if config is None:
         raise ValueError(f"unknown --model_name {model_name!r}: no CLIP/model_configs/{model_name}.json and no weights")
     config["vision_cfg"] = {**config["vision_cfg"], "image_size": img_size}

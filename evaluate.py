@@ -1,0 +1,163 @@
+"""The one evaluation path of training and testing, few-shot and zero-shot (spec 6.5, 6.6, 7.5).
+
+`collect` runs the model once over the test set and keeps per image only what the maps are made of (17x17 logits
+and distances, image scores): a few KB per image. `evaluate` turns that into the reference's metrics and more;
+full-size maps are recomputed chunk by chunk whenever they are needed, so memory does not grow with the maps.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import metrics
+from scoring import few_shot_distances, few_shot_map, minmax, unit_rows, zero_shot_image_score, zero_shot_logits, \
+    zero_shot_map
+from utils import autocast
+
+CHUNK = 16  # images per recomputed block of full-size maps
+
+
+@torch.no_grad()
+def build_memory(model, images: torch.Tensor, device: torch.device, precision: str = "auto", batch_size: int = 1,
+                 keep_cls: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Support images [n, 3, H, W] -> seg and det memory banks: per layer unit rows [n * (1+HW), D].
+
+    As the reference, the bank runs without autocast (fp32) by default and keeps the CLS rows (spec Q6;
+    keep_cls=False drops them). An explicit fp16 / bf16 precision applies here too.
+    """
+    seg_rows, det_rows = [], []
+    with autocast(device, "fp32" if precision in ("auto", "amp") else precision):
+        for batch in tqdm(images.split(batch_size), desc="memory bank", leave=False):
+            _, seg, det = model(batch.to(device))
+            first = 0 if keep_cls else 1
+            seg_rows.append([t[:, first:].flatten(0, 1) for t in seg])  # per layer [b * (1+HW), D]
+            det_rows.append([t[:, first:].flatten(0, 1) for t in det])
+    return ([unit_rows(torch.cat(layer).float()) for layer in zip(*seg_rows)],
+            [unit_rows(torch.cat(layer).float()) for layer in zip(*det_rows)])
+
+
+@dataclass
+class Collected:
+    """Per test image: label, packed binary mask, and the low-resolution material of its scores."""
+    has_masks: bool
+    img_size: int
+    labels: list = field(default_factory=list)
+    masks: list = field(default_factory=list)  # np.packbits of the [H, W] binary mask
+    zero_image: list = field(default_factory=list)  # det-head zero-shot score (float)
+    few_image: list = field(default_factory=list)  # few-shot image score of image-only datasets (float)
+    zero_logits: list = field(default_factory=list)  # seg-head logits [layers, HW, 2]
+    few_distances: list = field(default_factory=list)  # seg-head distances to the memory [layers, HW]
+
+
+@torch.no_grad()
+def collect(model, loader: DataLoader, text_features: torch.Tensor, device: torch.device, has_masks: bool,
+            memory: tuple | None = None, precision: str = "auto", img_size: int = 240,
+            desc: str = "test") -> Collected:
+    """One pass over the test set; memory = (seg bank, det bank) for few-shot scoring, None for zero-shot."""
+    out = Collected(has_masks, img_size)
+    for images, labels, masks in tqdm(loader, desc=desc, leave=False):
+        with autocast(device, precision):
+            _, seg, det = model(images.to(device))
+            if memory is not None:  # before the in-place normalisations of the zero-shot scoring (spec 6.6)
+                distances = few_shot_distances(memory[0] if has_masks else memory[1], seg if has_masks else det)
+            out.zero_image += zero_shot_image_score(zero_shot_logits(det, text_features)).float().cpu().tolist()
+            if has_masks:
+                out.zero_logits += list(torch.stack(zero_shot_logits(seg, text_features), 1).cpu())  # B x [L, HW, 2]
+                if memory is not None:
+                    out.few_distances += list(torch.stack(distances, 1).cpu())  # B x [L, HW]
+            elif memory is not None:
+                # the mean of the upsampled 240x240 map, in numpy as the reference (spec Q33)
+                out.few_image += [float(m.mean()) for m in few_shot_map(distances, img_size).float().cpu().numpy()]
+        out.labels += [int(y) for y in labels]
+        out.masks += [np.packbits(m.reshape(-1).numpy() > 0.5) for m in masks]
+    return out
+
+
+class PixelMaps:
+    """The test set's full-size pixel maps, recomputed in chunks: zero-shot, few-shot and their 0.5/0.5 fusion.
+
+    Min-max normalisation is global over the test set (spec Q32); the extremes come from one first pass.
+    """
+
+    def __init__(self, c: Collected, device: torch.device, precision: str = "auto", fewshot: bool = True):
+        self.c, self.device, self.precision = c, device, precision
+        self.fewshot = fewshot and bool(c.few_distances)
+        self.extremes = self._extremes()
+
+    def _raw(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        size = self.c.img_size
+        with torch.no_grad(), autocast(self.device, self.precision):
+            logits = torch.stack(self.c.zero_logits[start:stop]).to(self.device)  # [n, L, HW, 2]
+            zero = zero_shot_map(list(logits.unbind(1)), size).float()  # [n, H, W]
+            few = None
+            if self.fewshot:
+                dist = torch.stack(self.c.few_distances[start:stop]).to(self.device)  # [n, L, HW]
+                few = few_shot_map(list(dist.unbind(1)), size).float()
+        return zero, few
+
+    def _extremes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        lo_hi = None
+        for start in range(0, len(self.c.labels), CHUNK):
+            maps = [m for m in self._raw(start, start + CHUNK) if m is not None]
+            now = [(m.min(), m.max()) for m in maps]
+            lo_hi = now if lo_hi is None else [(torch.minimum(a, c), torch.maximum(b, d))
+                                               for (a, b), (c, d) in zip(lo_hi, now)]
+        return lo_hi
+
+    def chunk(self, start: int, stop: int) -> torch.Tensor:
+        """Normalised scores of images start..stop-1: [n, H, W] float32 on the CPU."""
+        maps = [minmax(m, lo, hi) for m, (lo, hi) in zip(self._raw(start, stop), self.extremes) if m is not None]
+        fused = maps[0] if len(maps) == 1 else 0.5 * maps[0] + 0.5 * maps[1]
+        return fused.cpu()
+
+    def masks(self, start: int, stop: int) -> np.ndarray:
+        size = self.c.img_size
+        return np.stack([np.unpackbits(m, count=size * size).reshape(size, size) for m in self.c.masks[start:stop]])
+
+    def chunks(self):
+        for start in range(0, len(self.c.labels), CHUNK):
+            yield self.chunk(start, start + CHUNK).numpy(), self.masks(start, start + CHUNK)
+
+    def image_max(self) -> np.ndarray:
+        return np.concatenate([self.chunk(s, s + CHUNK).amax(dim=(1, 2)).numpy()
+                               for s in range(0, len(self.c.labels), CHUNK)])
+
+
+def evaluate(c: Collected, fewshot: bool, device: torch.device, precision: str = "auto",
+             pixel_extras: bool = True) -> dict:
+    """The reference's metrics (`auroc`, and `pixel_auroc` for datasets with masks) plus AP, F1-max and AUPRO.
+
+    few-shot, masks: image score = max of the fused map (spec 6.6); few-shot, image-only: 0.5/0.5 of the normalised
+    zero-shot and few-shot image scores; zero-shot: the det head's score, also for datasets with masks (spec Q25).
+    """
+    zero = torch.tensor(c.zero_image, dtype=torch.float32)
+    maps = PixelMaps(c, device, precision, fewshot) if c.has_masks else None
+    if fewshot and c.has_masks:
+        image_scores = maps.image_max()
+    elif fewshot:
+        few = torch.tensor(c.few_image, dtype=torch.float32)
+        image_scores = (0.5 * minmax(zero, zero.min(), zero.max()) + 0.5 * minmax(few, few.min(), few.max())).numpy()
+    else:
+        image_scores = minmax(zero, zero.min(), zero.max()).numpy()
+    result = {f"image_{k}": v for k, v in metrics.image_metrics(c.labels, image_scores).items()}
+    result["image_scores"] = image_scores.tolist()
+    if c.has_masks:
+        which = metrics.PIXEL_METRICS if pixel_extras else ("auroc",)
+        result.update({f"pixel_{k}": v for k, v in metrics.pixel_metrics(maps.chunks, which).items()})
+    return result
+
+
+def result_lines(obj: str, result: dict, fewshot: bool) -> list[str]:
+    """The reference's printed lines, in its order (few-shot: pAUC first; zero-shot: AUC first)."""
+    auc = f"{obj} AUC : {round(result['image_auroc'], 4)}"
+    if "pixel_auroc" not in result:
+        return [auc]
+    pauc = f"{obj} pAUC : {round(result['pixel_auroc'], 4)}"
+    return [pauc, auc] if fewshot else [auc, pauc]
+
+
+def selection_score(result: dict) -> float:
+    """What the reference's checkpoint selection maximises: pixel + image AUROC (masks), else image AUROC."""
+    return result["image_auroc"] + result.get("pixel_auroc", 0.0)

@@ -1,0 +1,66 @@
+"""Few-shot test: text comparison fused with a memory bank of augmented support images (spec 6.5-6.7).
+
+    python test_few.py --obj Brain --shot 4
+    python test_few.py --obj Chest --shot 4 --iterate 0 --precision bf16 --batch_size 8
+    python test_few.py --obj Liver --shot 4 --save_path ./ckpt/few-shot/ --clip_ckpt CLIP/ckpt/ViT-L-14-336px.pt
+"""
+import argparse
+
+import torch
+from torch.utils.data import DataLoader
+
+from dataset import DATASETS, check_obj
+from dataset.medical_few import MedDataset
+from evaluate import build_memory, collect, evaluate, result_lines
+from prompt import text_features_for
+from utils import (add_common_args, add_fewshot_args, augment, build_model, checkpoint_path, clip_file, resolve_device,
+                   run_main, setup_seed, write_record)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, obj="Liver")
+    add_fewshot_args(p)
+    p.add_argument("--save_path", default="./ckpt/few-shot/", help="folder of the adapter checkpoints {obj}.pth")
+    p.add_argument("--ckpt", default=None, help="adapter checkpoint file (overrides --save_path/{obj}.pth)")
+    p.add_argument("--shot_in_name", action="store_true", help="read {obj}_{shot}shot.pth instead of {obj}.pth")
+    return p
+
+
+def load_fewshot_data(args) -> MedDataset:
+    check_obj(args.obj)
+    return MedDataset(args.data_path, args.obj, args.img_size, args.shot, args.iterate, seed=args.seed,
+                      seed_root=args.seed_dir, normalize=args.clip_normalize)
+
+
+def test_fewshot(args, model, dataset, support: torch.Tensor, text: torch.Tensor, device: torch.device,
+                 pixel_extras: bool = True) -> dict:
+    """Memory bank from the augmented normal support images [11k, 3, H, W], then one scored pass over `dataset`."""
+    memory = build_memory(model, support, device, args.precision, args.batch_size, keep_cls=not args.memory_no_cls)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
+    has_masks = DATASETS[args.obj][1]
+    collected = collect(model, loader, text, device, has_masks, memory, args.precision, args.img_size)
+    return evaluate(collected, True, device, args.precision, pixel_extras)
+
+
+def run(args) -> dict:
+    device = resolve_device(args.device)
+    setup_seed(args.seed)
+    dataset = load_fewshot_data(args)
+    ckpt = args.ckpt or checkpoint_path(args.save_path, args.obj, args.shot if args.shot_in_name else None)
+    model = build_model(args, device)
+    model.load_adapters(ckpt)
+    text = text_features_for(model.clipmodel, [args.obj], device, args.precision)[args.obj]
+    support, _ = augment(dataset.support.normal)  # [11k, 3, H, W]
+    result = test_fewshot(args, model, dataset, support, text, device)
+    print("\n".join(result_lines(args.obj, result, fewshot=True)))
+    write_record(args.out_dir, "test_few", args, result, {"clip": clip_file(args), "adapters": ckpt})
+    return result
+
+
+def main(argv=None) -> int:
+    return run_main(run, parser(), argv)
+
+
+if __name__ == "__main__":
+    main()
