@@ -33,7 +33,7 @@ def load_fewshot_data(args) -> MedDataset:
                       seed_root=args.seed_dir, normalize=args.clip_normalize)
 
 
-def test_fewshot(args, model, dataset, support: torch.Tensor, text: torch.Tensor, device: torch.device,
+def evaluate_fewshot(args, model, dataset, support: torch.Tensor, text: torch.Tensor, device: torch.device,
                  pixel_extras: bool = True) -> dict:
     """Memory bank from the augmented normal support images [11k, 3, H, W], then one scored pass over `dataset`."""
     memory = build_memory(model, support, device, args.precision, args.batch_size, keep_cls=not args.memory_no_cls)
@@ -52,7 +52,7 @@ def run(args) -> dict:
     model.load_adapters(ckpt)
     text = text_features_for(model.clipmodel, [args.obj], device, args.precision)[args.obj]
     support, _ = augment(dataset.support.normal)  # [11k, 3, H, W]
-    result = test_fewshot(args, model, dataset, support, text, device)
+    result = evaluate_fewshot(args, model, dataset, support, text, device)
     print("\n".join(result_lines(args.obj, result, fewshot=True)))
     write_record(args.out_dir, "test_few", args, result, {"clip": clip_file(args), "adapters": ckpt})
     return result

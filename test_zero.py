@@ -29,7 +29,7 @@ def load_test_data(args) -> MedTestDataset:
     return MedTestDataset(args.data_path, args.obj, args.img_size, normalize=args.clip_normalize)
 
 
-def test_zeroshot(args, model, dataset: MedTestDataset, text: torch.Tensor, device: torch.device,
+def evaluate_zeroshot(args, model, dataset: MedTestDataset, text: torch.Tensor, device: torch.device,
                   pixel_extras: bool = True) -> dict:
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     collected = collect(model, loader, text, device, DATASETS[args.obj][1], None, args.precision, args.img_size)
@@ -44,7 +44,7 @@ def run(args) -> dict:
     model = build_model(args, device)
     model.load_adapters(ckpt)
     text = text_features_for(model.clipmodel, [args.obj], device, args.precision)[args.obj]  # this dataset's only
-    result = test_zeroshot(args, model, dataset, text, device)
+    result = evaluate_zeroshot(args, model, dataset, text, device)
     print("\n".join(result_lines(args.obj, result, fewshot=False)))
     write_record(args.out_dir, "test_zero", args, result, {"clip": clip_file(args), "adapters": ckpt})
     return result

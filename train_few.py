@@ -15,7 +15,7 @@ from dataset.medical_few import MedTestDataset
 from evaluate import result_lines, selection_score
 from loss import detection_loss, segmentation_loss
 from prompt import text_features_for
-from test_few import load_fewshot_data, test_fewshot
+from test_few import load_fewshot_data, evaluate_fewshot
 from utils import (add_common_args, add_fewshot_args, augment, autocast, build_model, check_writable, checkpoint_path,
                    clip_file, resolve_device, run_main, save_checkpoint, setup_seed, versions, write_record)
 
@@ -112,7 +112,7 @@ def run(args) -> dict:
         print(f"epoch {epoch} loss {sum(losses) / len(losses):.4f}")
         if args.select == "last":
             continue
-        result = test_fewshot(args, model, selection, support, text, device, pixel_extras=False)
+        result = evaluate_fewshot(args, model, selection, support, text, device, pixel_extras=False)
         print("\n".join(("[valid] " if args.select == "val" else "") + line
                         for line in result_lines(args.obj, result, fewshot=True)))
         if selection_score(result) > best:  # strict, as the reference
@@ -125,7 +125,7 @@ def run(args) -> dict:
     if args.select != "test":  # report the chosen weights on the test set, which selection never saw
         if best_state is not None:
             model.load_state_dict(best_state, strict=False)
-        result = test_fewshot(args, model, data, support, text, device)
+        result = evaluate_fewshot(args, model, data, support, text, device)
         print("test set:\n" + "\n".join(result_lines(args.obj, result, fewshot=True)))
     write_record(args.out_dir, "train_few", args, result, {"clip": clip_file(args),
                                                            "adapters": target if args.save_model else None})

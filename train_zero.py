@@ -12,7 +12,7 @@ from dataset import CLASS_NAMES, DATASETS, check_obj
 from dataset.medical_zero import MedTestDataset, MedTrainDataset
 from evaluate import result_lines, selection_score
 from prompt import text_features_for
-from test_zero import load_test_data, test_zeroshot
+from test_zero import load_test_data, evaluate_zeroshot
 from train_few import adapter_copy, add_training_args, optimizers, train_step
 from utils import add_common_args, build_model, check_writable, checkpoint_path, clip_file, resolve_device, run_main, \
     save_checkpoint, setup_seed, versions, write_record
@@ -49,7 +49,7 @@ def run(args) -> dict:
         loader = DataLoader(train_set, batch_size=1, shuffle=True, num_workers=args.num_workers)
         for idx, (images, labels, masks, name) in enumerate(tqdm(loader, desc=f"epoch {epoch}")):
             if args.select != "last" and idx % every == 0:  # evaluated before the step, as the reference
-                result = test_zeroshot(args, model, selection, texts[args.obj], device, pixel_extras=False)
+                result = evaluate_zeroshot(args, model, selection, texts[args.obj], device, pixel_extras=False)
                 print("\n".join(("[valid] " if args.select == "val" else "") + line
                                 for line in result_lines(args.obj, result, fewshot=False)))
                 if selection_score(result) >= best:  # non-strict, as the reference
@@ -69,7 +69,7 @@ def run(args) -> dict:
     if args.select != "test":
         if best_state is not None:
             model.load_state_dict(best_state, strict=False)
-        result = test_zeroshot(args, model, test_set, texts[args.obj], device)
+        result = evaluate_zeroshot(args, model, test_set, texts[args.obj], device)
         print("test set:\n" + "\n".join(result_lines(args.obj, result, fewshot=False)))
     write_record(args.out_dir, "train_zero", args, result, {"clip": clip_file(args),
                                                             "adapters": target if args.save_model else None})
