@@ -2,10 +2,11 @@
 
     python test_few.py --obj Brain --shot 4
     python test_few.py --obj Chest --shot 4 --iterate 0 --precision bf16 --batch_size 8
-    python test_few.py --obj Liver --shot 4 --save_path ./ckpt/few-shot/ --clip_ckpt CLIP/ckpt/ViT-L-14-336px.pt
+    python test_few.py --obj Liver --shot 4 --iterate 0 1 2    # three support lists: mean ± std
 """
 import argparse
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -20,17 +21,26 @@ from utils import (add_common_args, add_fewshot_args, augment, build_model, chec
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, obj="Liver")
-    add_fewshot_args(p)
+    add_fewshot_args(p, several=True)
     p.add_argument("--save_path", default="./ckpt/few-shot/", help="folder of the adapter checkpoints {obj}.pth")
     p.add_argument("--ckpt", default=None, help="adapter checkpoint file (overrides --save_path/{obj}.pth)")
     p.add_argument("--shot_in_name", action="store_true", help="read {obj}_{shot}shot.pth instead of {obj}.pth")
     return p
 
 
-def load_fewshot_data(args) -> MedDataset:
+def load_fewshot_data(args, iterate: int) -> MedDataset:
     check_obj(args.obj)
-    return MedDataset(args.data_path, args.obj, args.img_size, args.shot, args.iterate, seed=args.seed,
+    # iterate < 0 draws with the global `random` seeded by setup_seed(--seed), as the reference; successive draws
+    # of one run therefore differ
+    return MedDataset(args.data_path, args.obj, args.img_size, args.shot, iterate, seed=None,
                       seed_root=args.seed_dir, normalize=args.clip_normalize)
+
+
+def summarize(results: list[dict]) -> dict:
+    """Mean and standard deviation of every metric over several support draws."""
+    keys = [k for k, v in results[0].items() if isinstance(v, float)]
+    return {k: {"mean": float(np.mean([r[k] for r in results])), "std": float(np.std([r[k] for r in results]))}
+            for k in keys}
 
 
 def evaluate_fewshot(args, model, dataset, support: torch.Tensor, text: torch.Tensor, device: torch.device,
@@ -46,16 +56,26 @@ def evaluate_fewshot(args, model, dataset, support: torch.Tensor, text: torch.Te
 def run(args) -> dict:
     device = resolve_device(args.device)
     setup_seed(args.seed)
-    dataset = load_fewshot_data(args)
+    draws = [load_fewshot_data(args, it) for it in args.iterate]  # all support sets checked before the model loads
     ckpt = args.ckpt or checkpoint_path(args.save_path, args.obj, args.shot if args.shot_in_name else None)
     model = build_model(args, device)
     model.load_adapters(ckpt)
     text = text_features_for(model.clipmodel, [args.obj], device, args.precision)[args.obj]
-    support, _ = augment(dataset.support.normal)  # [11k, 3, H, W]
-    result = evaluate_fewshot(args, model, dataset, support, text, device)
-    print("\n".join(result_lines(args.obj, result, fewshot=True)))
-    write_record(args.out_dir, "test_few", args, result, {"clip": clip_file(args), "adapters": ckpt})
-    return result
+    results = []
+    for i, (iterate, dataset) in enumerate(zip(args.iterate, draws)):
+        support, _ = augment(dataset.support.normal)  # [11k, 3, H, W]
+        results.append(evaluate_fewshot(args, model, dataset, support, text, device))
+        if len(draws) > 1:
+            print(f"support draw {i} (--iterate {iterate}): " + " ".join(dataset.support.normal_files))
+        print("\n".join(result_lines(args.obj, results[-1], fewshot=True)))
+    record = results[0]
+    if len(results) > 1:
+        record = {"draws": [{"iterate": it, **r} for it, r in zip(args.iterate, results)],
+                  "summary": summarize(results)}
+        for key, value in record["summary"].items():
+            print(f"{args.obj} {key} : {value['mean']:.4f} ± {value['std']:.4f} over {len(results)} draws")
+    write_record(args.out_dir, "test_few", args, record, {"clip": clip_file(args), "adapters": ckpt})
+    return record
 
 
 def main(argv=None) -> int:

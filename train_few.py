@@ -93,7 +93,7 @@ def selection_set(args, data):
 def run(args) -> dict:
     device = resolve_device(args.device)
     setup_seed(args.seed)
-    data = load_fewshot_data(args)
+    data = load_fewshot_data(args, args.iterate)
     has_masks = DATASETS[args.obj][1]
     target = checkpoint_path(args.save_path, args.obj, args.shot if args.shot_in_name else None)
     if args.save_model:

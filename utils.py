@@ -116,11 +116,11 @@ def add_common_args(parser, obj: str, batch_size: int = 1) -> None:
     parser.add_argument("--out_dir", default="./results/", help="where the run's JSON record is written")
 
 
-def add_fewshot_args(parser) -> None:
+def add_fewshot_args(parser, several: bool = False) -> None:
     parser.add_argument("--shot", type=int, default=4, help="number of normal and of abnormal support images")
-    parser.add_argument("--iterate", type=int, default=0,
+    parser.add_argument("--iterate", type=int, default=[0] if several else 0, nargs="+" if several else None,
                         help="support list n-/a-{iterate} of dataset/fewshot_seed/{obj}/{shot}-shot.txt; -1 draws "
-                             "a support set with --seed")
+                             "a support set with --seed" + ("; several values report mean ± std" if several else ""))
     parser.add_argument("--seed_dir", default=None,
                         help="folder of the support lists (default: dataset/fewshot_seed in this repository)")
     parser.add_argument("--memory_no_cls", action="store_true",
