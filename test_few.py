@@ -53,12 +53,13 @@ def evaluate_fewshot(args, model, dataset, support: torch.Tensor, text: torch.Te
     return evaluate(collected, True, device, args.precision, pixel_extras)
 
 
-def run(args) -> dict:
+def run(args, model=None) -> dict:
+    """`model`: a prebuilt `build_model(args, device)` to reuse (its adapters get replaced); None builds one."""
     device = resolve_device(args.device)
     setup_seed(args.seed)
     draws = [load_fewshot_data(args, it) for it in args.iterate]  # all support sets checked before the model loads
     ckpt = args.ckpt or checkpoint_path(args.save_path, args.obj, args.shot if args.shot_in_name else None)
-    model = build_model(args, device)
+    model = build_model(args, device) if model is None else model
     model.load_adapters(ckpt)
     text = text_features_for(model.clipmodel, [args.obj], device, args.precision)[args.obj]
     results = []

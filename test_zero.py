@@ -36,12 +36,13 @@ def evaluate_zeroshot(args, model, dataset: MedTestDataset, text: torch.Tensor, 
     return evaluate(collected, False, device, args.precision, pixel_extras)
 
 
-def run(args) -> dict:
+def run(args, model=None) -> dict:
+    """`model`: a prebuilt `build_model(args, device)` to reuse (its adapters get replaced); None builds one."""
     device = resolve_device(args.device)
     setup_seed(args.seed)
     dataset = load_test_data(args)
     ckpt = args.ckpt or checkpoint_path(args.save_path, args.obj)
-    model = build_model(args, device)
+    model = build_model(args, device) if model is None else model
     model.load_adapters(ckpt)
     text = text_features_for(model.clipmodel, [args.obj], device, args.precision)[args.obj]  # this dataset's only
     result = evaluate_zeroshot(args, model, dataset, text, device)
