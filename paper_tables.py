@@ -1,0 +1,222 @@
+"""The paper's two tables: zero-shot and 4-shot AUROC (%) on the six datasets, ours next to the paper's and the
+authors' implementation numbers, written as Markdown (tables.md) and CSV (zero_shot.csv, few_shot.csv).
+
+    python paper_tables.py
+    python paper_tables.py --zero_dir my/zero-shot --few_dir my/few-shot --precision bf16 --batch_size 8
+    python paper_tables.py --objs Brain Liver --data_path /data/bmad --out results/brain_liver
+"""
+import argparse
+import csv
+from pathlib import Path
+
+import test_few
+import test_zero
+from dataset import dataset_root
+from utils import build_model, checkpoint_path, resolve_device, run_main
+
+SETTINGS = {"zero-shot": test_zero, "few-shot": test_few}
+# the paper's row order: (our dataset name, the paper's label)
+ROWS = (("Histopathology", "HIS"), ("Chest", "ChestXray"), ("Retina_OCT2017", "OCT17"), ("Brain", "BrainMRI"),
+        ("Liver", "LiverCT"), ("Retina_RESC", "RESC"))
+METRICS = (("image_auroc", "AUC"), ("pixel_auroc", "pAUC"))
+PARTS = (("ours", "ours"), ("paper", "paper"), ("impl", "impl."), ("ours-paper", "ours-paper"),
+         ("ours-impl", "ours-impl."))
+COLUMNS = [f"{m}_{part}" for m, _ in METRICS for part, _ in PARTS]
+
+# AUROC in %: (paper, implementation column of the authors' README) per setting, dataset and metric (spec section 11)
+PUBLISHED = {
+    "zero-shot": {
+        "Histopathology": {"image_auroc": (77.90, 76.90)},
+        "Chest": {"image_auroc": (71.11, 71.11)},
+        "Retina_OCT2017": {"image_auroc": (95.40, 95.40)},
+        "Brain": {"image_auroc": (78.63, 79.80), "pixel_auroc": (90.27, 89.68)},
+        "Liver": {"image_auroc": (76.24, 81.18), "pixel_auroc": (97.85, 97.93)},
+        "Retina_RESC": {"image_auroc": (83.31, 88.99), "pixel_auroc": (92.05, 90.44)},
+    },
+    "few-shot": {  # k = 4
+        "Histopathology": {"image_auroc": (82.71, 82.71)},
+        "Chest": {"image_auroc": (81.95, 81.95)},
+        "Retina_OCT2017": {"image_auroc": (99.38, 99.38)},
+        "Brain": {"image_auroc": (92.44, 92.31), "pixel_auroc": (97.30, 97.30)},
+        # suspicious: 81.18 is the zero-shot implementation AUC of Liver, probably copied by mistake (spec Q38)
+        "Liver": {"image_auroc": (81.18, 81.18), "pixel_auroc": (99.73, 99.69)},
+        "Retina_RESC": {"image_auroc": (96.18, 96.18), "pixel_auroc": (98.97, 98.97)},
+    },
+}
+TITLES = {"zero-shot": "Zero-shot", "few-shot": "Few-shot, k = 4 (support list n-0/a-0)"}
+FOOTNOTES = {"few-shot": "LiverCT AUC paper/impl. 81.18 equals the zero-shot implementation AUC of Liver: probably "
+                         "a copy error in the README (spec Q38), not a target."}
+# flags handed unchanged to both scripts when given, so that their defaults, types and checks apply
+PASS_ON = {"--data_path": {}, "--clip_ckpt": {}, "--device": {}, "--precision": {}, "--batch_size": {},
+           "--model_name": {}, "--pretrain": {}, "--features_list": {"nargs": "+"}, "--img_size": {}, "--seed": {},
+           "--num_workers": {}, "--quick_gelu": {"action": "store_true"}, "--clip_normalize": {"action": "store_true"}}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--objs", nargs="+", default=[obj for obj, _ in ROWS], choices=[obj for obj, _ in ROWS],
+                   help="datasets to run (default all six; the others get rows of '-')")
+    p.add_argument("--zero_dir", default=None, help="zero-shot adapter checkpoints {obj}.pth (default: test_zero.py's "
+                                                    "--save_path, ./ckpt/zero-shot/)")
+    p.add_argument("--few_dir", default=None, help="4-shot adapter checkpoints {obj}.pth (default: test_few.py's "
+                                                   "--save_path, ./ckpt/few-shot/)")
+    p.add_argument("--seed_dir", default=None, help="few-shot support lists (default: dataset/fewshot_seed)")
+    p.add_argument("--out", default="./results/paper_tables/",
+                   help="folder for tables.md, zero_shot.csv, few_shot.csv and the runs' records (runs/)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at a missing or unreadable dataset or checkpoint instead of a note and a row of '-'")
+    for flag, options in PASS_ON.items():
+        p.add_argument(flag, default=argparse.SUPPRESS, help="passed to test_zero.py and test_few.py", **options)
+    return p
+
+
+def script_args(args) -> dict[tuple[str, str], argparse.Namespace]:
+    """(setting, obj) -> the arguments test_zero.py / test_few.py get for that run, parsed by their own parsers."""
+    common = ["--out_dir", str(Path(args.out) / "runs")]
+    for flag, options in PASS_ON.items():
+        value = getattr(args, flag[2:], None)
+        if value is not None and value is not False:
+            common += [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
+    extra = {"zero-shot": ["--save_path", args.zero_dir] if args.zero_dir else [],
+             "few-shot": ["--shot", "4", "--iterate", "0", *(["--save_path", args.few_dir] if args.few_dir else []),
+                          *(["--seed_dir", args.seed_dir] if args.seed_dir else [])]}
+    return {(setting, obj): module.parser().parse_args(["--obj", obj, *common, *extra[setting]])
+            for setting, module in SETTINGS.items() for obj, _ in ROWS if obj in args.objs}
+
+
+def missing_input(sargs) -> str | None:
+    """Why a run cannot start (its dataset folder or adapter checkpoint is absent), checked before any model work."""
+    try:
+        dataset_root(sargs.data_path, sargs.obj)
+    except FileNotFoundError as e:
+        return str(e)
+    ckpt = checkpoint_path(sargs.save_path, sargs.obj)
+    return None if ckpt.is_file() else f"adapter checkpoint not found: {ckpt}"
+
+
+def run_all(args) -> tuple[dict[str, dict], list[str]]:
+    """Run every (setting, dataset) on one CLIP model; returns setting -> dataset -> result, and one-line notes."""
+    runs, notes = script_args(args), []
+    for (setting, obj), sargs in list(runs.items()):
+        why = missing_input(sargs)
+        if why and args.strict:
+            raise FileNotFoundError(f"{obj} {setting}: {why}")
+        if why:
+            notes.append(f"{obj} {setting}: not run, {why}")
+            del runs[setting, obj]
+    skipped = [obj for obj, _ in ROWS if obj not in args.objs]
+    notes += [f"not selected (--objs): {', '.join(skipped)}"] if skipped else []
+    results, model = {setting: {} for setting in SETTINGS}, None
+    if runs:  # all runs share the model flags (one `common` list): one model serves them all, only adapters change
+        first = next(iter(runs.values()))
+        model = build_model(first, resolve_device(first.device))
+    for (setting, obj), sargs in runs.items():
+        print(f"--- {obj} {setting}")
+        try:
+            results[setting][obj] = SETTINGS[setting].run(sargs, model)
+        except (FileNotFoundError, ValueError) as e:
+            if args.strict:
+                raise
+            notes.append(f"{obj} {setting}: failed, {e}")
+    return results, notes
+
+
+def _cells(metric: str, ours: float | None, paper: float | None, impl: float | None) -> dict:
+    def diff(a, b):
+        return None if a is None or b is None else round(a - b, 2)
+    return {f"{metric}_ours": ours, f"{metric}_paper": paper, f"{metric}_impl": impl,
+            f"{metric}_ours-paper": diff(ours, paper), f"{metric}_ours-impl": diff(ours, impl)}
+
+
+def _mean(values: list) -> float | None:
+    return round(sum(values) / len(values), 2) if values and None not in values else None
+
+
+def table(setting: str, ours: dict[str, dict]) -> list[dict]:
+    """Rows in the paper's order plus 'Average': {'dataset': label, COLUMNS...: % with two decimals or None}.
+
+    `ours`: dataset -> a result of test_zero.run / test_few.run (AUROC as fractions); absent datasets get None.
+    Differences are taken on the rounded values, so they equal the printed ones. The average runs over the datasets
+    we have, and the paper's and implementation's over the same ones (all of them: the published averages).
+    """
+    rows = []
+    for obj, label in ROWS:
+        row, result = {"dataset": label}, ours.get(obj) or {}
+        for metric, _ in METRICS:
+            paper, impl = PUBLISHED[setting][obj].get(metric, (None, None))
+            value = round(100 * result[metric], 2) if metric in result and paper is not None else None
+            row.update(_cells(metric, value, paper, impl))
+        rows.append(row)
+    average = {"dataset": "Average"}
+    for metric, _ in METRICS:
+        basis = ([r for r in rows if r[f"{metric}_ours"] is not None]
+                 or [r for r in rows if r[f"{metric}_paper"] is not None])
+        average.update(_cells(metric, *(_mean([r[f"{metric}_{part}"] for r in basis])
+                                        for part in ("ours", "paper", "impl"))))
+    return rows + [average]
+
+
+def average_notes(rows: list[dict]) -> list[str]:
+    """A line per metric whose average covers only some of the datasets that have published numbers."""
+    out = []
+    for metric, name in METRICS:
+        have = sum(r[f"{metric}_ours"] is not None for r in rows[:-1])
+        published = sum(r[f"{metric}_paper"] is not None for r in rows[:-1])
+        if 0 < have < published:
+            out.append(f"Average {name}: over the {have} of {published} datasets with our results (paper and "
+                       f"implementation averaged over the same ones).")
+    return out
+
+
+def cell(value: float | None, part: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value + 0.0:+.2f}" if part.startswith("ours-") else f"{value:.2f}"  # + 0.0: no '-0.00'
+
+
+def markdown(setting: str, rows: list[dict]) -> str:
+    headers = [f"{name} {label}" for _, name in METRICS for _, label in PARTS]
+    parts = [part for _ in METRICS for part, _ in PARTS]
+    lines = [f"## {TITLES[setting]} (AUROC, %)", "", "| Dataset | " + " | ".join(headers) + " |",
+             "|:---|" + "---:|" * len(headers)]
+    lines += ["| " + " | ".join([r["dataset"], *(cell(r[c], p) for c, p in zip(COLUMNS, parts))]) + " |" for r in rows]
+    notes = average_notes(rows) + ([FOOTNOTES[setting]] if setting in FOOTNOTES else [])
+    return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else []))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    parts = [part for _ in METRICS for part, _ in PARTS]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(["dataset", *COLUMNS])
+        out.writerows([r["dataset"], *(cell(r[c], p) for c, p in zip(COLUMNS, parts))] for r in rows)
+
+
+def write_tables(results: dict[str, dict], notes: list[str], out: Path) -> str:
+    """Write tables.md and one CSV per setting into `out`; return the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    sections = ["# MVFA: ours vs the paper (CVPR 2024) and the authors' implementation (README)"]
+    for setting in SETTINGS:
+        rows = table(setting, results.get(setting, {}))
+        write_csv(out / f"{setting.replace('-', '_')}.csv", rows)
+        sections.append(markdown(setting, rows))
+    if notes:
+        sections.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes))
+    text = "\n\n".join(sections) + "\n"
+    (out / "tables.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def run(args) -> str:
+    results, notes = run_all(args)
+    text = write_tables(results, notes, Path(args.out))
+    print(text + f"\nwritten: {Path(args.out) / 'tables.md'}, zero_shot.csv, few_shot.csv")
+    return text
+
+
+def main(argv=None) -> int:
+    return run_main(run, parser(), argv)
+
+
+if __name__ == "__main__":
+    main()
