@@ -13,9 +13,11 @@ from torch.utils.data import DataLoader
 from dataset import DATASETS, check_obj
 from dataset.medical_few import MedDataset
 from evaluate import build_memory, collect, evaluate, result_lines
+from predict import save_test_maps
 from prompt import text_features_for
 from utils import (add_common_args, add_fewshot_args, augment, build_model, checkpoint_path, clip_file, resolve_device,
                    run_main, setup_seed, write_record)
+from visualize import add_map_args
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,6 +27,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save_path", default="./ckpt/few-shot/", help="folder of the adapter checkpoints {obj}.pth")
     p.add_argument("--ckpt", default=None, help="adapter checkpoint file (overrides --save_path/{obj}.pth)")
     p.add_argument("--shot_in_name", action="store_true", help="read {obj}_{shot}shot.pth instead of {obj}.pth")
+    add_map_args(p)  # --save_maps DIR (one subfolder iterate_{i} per draw when several), --grid_n
     return p
 
 
@@ -44,13 +47,17 @@ def summarize(results: list[dict]) -> dict:
 
 
 def evaluate_fewshot(args, model, dataset, support: torch.Tensor, text: torch.Tensor, device: torch.device,
-                 pixel_extras: bool = True) -> dict:
-    """Memory bank from the augmented normal support images [11k, 3, H, W], then one scored pass over `dataset`."""
+                 pixel_extras: bool = True, maps_dir: str | None = None) -> dict:
+    """Memory bank from the augmented normal support images [11k, 3, H, W], then one scored pass over `dataset`;
+    with `maps_dir`, the anomaly maps are drawn there (predict.save_test_maps)."""
     memory = build_memory(model, support, device, args.precision, args.batch_size, keep_cls=not args.memory_no_cls)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     has_masks = DATASETS[args.obj][1]
     collected = collect(model, loader, text, device, has_masks, memory, args.precision, args.img_size)
-    return evaluate(collected, True, device, args.precision, pixel_extras)
+    result = evaluate(collected, True, device, args.precision, pixel_extras)
+    if maps_dir:
+        save_test_maps(maps_dir, dataset, collected, result["image_scores"], model, text, device, args, memory)
+    return result
 
 
 def run(args, model=None) -> dict:
@@ -65,7 +72,8 @@ def run(args, model=None) -> dict:
     results = []
     for i, (iterate, dataset) in enumerate(zip(args.iterate, draws)):
         support, _ = augment(dataset.support.normal)  # [11k, 3, H, W]
-        results.append(evaluate_fewshot(args, model, dataset, support, text, device))
+        maps_dir = args.save_maps and (f"{args.save_maps}/iterate_{iterate}" if len(draws) > 1 else args.save_maps)
+        results.append(evaluate_fewshot(args, model, dataset, support, text, device, maps_dir=maps_dir))
         if len(draws) > 1:
             print(f"support draw {i} (--iterate {iterate}): " + " ".join(dataset.support.normal_files))
         print("\n".join(result_lines(args.obj, results[-1], fewshot=True)))

@@ -11,9 +11,11 @@ from torch.utils.data import DataLoader
 from dataset import DATASETS, check_obj
 from dataset.medical_zero import MedTestDataset
 from evaluate import collect, evaluate, result_lines
+from predict import save_test_maps
 from prompt import text_features_for
 from utils import add_common_args, build_model, checkpoint_path, clip_file, resolve_device, run_main, setup_seed, \
     write_record
+from visualize import add_map_args
 
 
 def parser() -> argparse.ArgumentParser:
@@ -21,6 +23,7 @@ def parser() -> argparse.ArgumentParser:
     add_common_args(p, obj="Retina_RESC")
     p.add_argument("--save_path", default="./ckpt/zero-shot/", help="folder of the adapter checkpoints {obj}.pth")
     p.add_argument("--ckpt", default=None, help="adapter checkpoint file (overrides --save_path/{obj}.pth)")
+    add_map_args(p)  # --save_maps DIR, --grid_n
     return p
 
 
@@ -30,10 +33,14 @@ def load_test_data(args) -> MedTestDataset:
 
 
 def evaluate_zeroshot(args, model, dataset: MedTestDataset, text: torch.Tensor, device: torch.device,
-                  pixel_extras: bool = True) -> dict:
+                  pixel_extras: bool = True, maps_dir: str | None = None) -> dict:
+    """One scored pass over `dataset`; with `maps_dir`, the anomaly maps are drawn there (predict.save_test_maps)."""
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     collected = collect(model, loader, text, device, DATASETS[args.obj][1], None, args.precision, args.img_size)
-    return evaluate(collected, False, device, args.precision, pixel_extras)
+    result = evaluate(collected, False, device, args.precision, pixel_extras)
+    if maps_dir:
+        save_test_maps(maps_dir, dataset, collected, result["image_scores"], model, text, device, args)
+    return result
 
 
 def run(args, model=None) -> dict:
@@ -45,7 +52,7 @@ def run(args, model=None) -> dict:
     model = build_model(args, device) if model is None else model
     model.load_adapters(ckpt)
     text = text_features_for(model.clipmodel, [args.obj], device, args.precision)[args.obj]  # this dataset's only
-    result = evaluate_zeroshot(args, model, dataset, text, device)
+    result = evaluate_zeroshot(args, model, dataset, text, device, maps_dir=args.save_maps)
     print("\n".join(result_lines(args.obj, result, fewshot=False)))
     write_record(args.out_dir, "test_zero", args, result, {"clip": clip_file(args), "adapters": ckpt})
     return result

@@ -1,0 +1,243 @@
+"""Anomaly maps: the drawing helpers, --save_maps of test_few.py / test_zero.py, and predict.py on one's own images
+(8-bit, grey, 16-bit and TIFF inputs, few-shot, calibration), with the tiny random CLIP on synthetic data."""
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import predict
+import prompt
+import test_few
+import test_zero
+import visualize
+from dataset import load_image
+from dataset.synth import make_synthetic_bmad
+from utils import build_model
+
+SIZE = 56  # model input: a 4x4 patch grid keeps the tiny CLIP fast
+TINY = ["--model_name", "demo-tiny", "--pretrain", "none", "--features_list", "3", "6", "9", "12",
+        "--img_size", str(SIZE), "--device", "cpu"]
+OVERLAY_PX = (900, 460)  # figsize (4.2 * 2 + 0.6, 4.6) at 100 dpi
+NAME = re.compile(r"^(\d{5})_(normal|abnormal)_(\d{5})\.png$")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast():
+    """The tiny CLIP is the same seed-0 model in every run, so are its text features: encode each name once. One
+    thread: on a shared 2-core machine, torch's thread pool makes these tiny forwards ~30x slower."""
+    real, cache, threads = prompt.text_features_for, {}, torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def cached(clip_model, objs, device, precision="auto"):
+        if tuple(objs) not in cache:
+            cache[tuple(objs)] = real(clip_model, objs, device, precision)
+        return cache[tuple(objs)]
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (test_few, test_zero, predict):
+            mp.setattr(module, "text_features_for", cached)
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Synthetic Brain (masks) and Chest (image-only), 3 images per folder, and a tiny adapter checkpoint."""
+    root = tmp_path_factory.mktemp("maps")
+    synth = make_synthetic_bmad(str(root / "synth"), n_per_split=3, seed=0, img_size=64, objs=("Brain", "Chest"),
+                                shots=(2,))
+    args = test_few.parser().parse_args(TINY)
+    torch.manual_seed(0)
+    torch.save(build_model(args, torch.device("cpu")).adapter_state(), root / "tiny.pth")
+    return synth, root / "tiny.pth"
+
+
+def _size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        return img.size
+
+
+def _pngs(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.png") if p.name != "grid.png")
+
+
+# ---------------------------------------------------------------- drawing helpers, no model
+
+def test_grid_selection_known_answers():
+    labels, scores = [0, 0, 1, 1, 1], [0.9, 0.1, 0.5, 0.8, 0.2]
+    assert visualize.grid_selection(labels, scores, 3) == [3, 2, 0]  # 2 best abnormal, then the worst normal
+    assert visualize.grid_selection(labels, scores, 8) == [3, 2, 4, 0, 1]  # everything, abnormal first
+    assert visualize.grid_selection([0, 0, 0, 1], [0.3, 0.2, 0.1, 0.0], 3) == [3, 0, 1]  # normals fill in
+
+
+def test_overlay_draws_heat_outline_and_sizes(tmp_path):
+    image = torch.full((3, 40, 40), 0.5)
+    mask = np.zeros((40, 40))
+    mask[10:30, 10:30] = 1
+
+    def pixels(heat, mask, name):
+        path = visualize.overlay(image, heat, mask, 0.75, "t", tmp_path / name)
+        assert _size(path) == OVERLAY_PX
+        return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+    hot, cold = pixels(np.ones((40, 40)), None, "hot.png"), pixels(np.zeros((40, 40)), None, "cold.png")
+    assert (hot[..., 0] - hot[..., 2]).mean() > (cold[..., 0] - cold[..., 2]).mean() + 5  # red vs blue map
+    magenta = lambda a: ((a[..., 0] > 180) & (a[..., 1] < 90) & (a[..., 2] > 180)).sum()
+    assert magenta(pixels(np.zeros((40, 40)), mask, "outlined.png")) > 50 and magenta(cold) == 0
+    # uint8 images, [1, H, W] masks and a missing map are accepted; a wrong shape is refused
+    path = visualize.overlay(torch.full((3, 40, 40), 128, dtype=torch.uint8), None, mask[None], 0.1, "t",
+                             tmp_path / "plain.png")
+    assert _size(path) == (420, 460)
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        visualize.overlay(np.zeros((40, 40, 3)), None, None, 0.0, "t", tmp_path / "bad.png")
+    with pytest.raises(ValueError, match=r"size \(20, 20\) over an image of size \(40, 40\)"):
+        visualize.overlay(image, np.zeros((20, 20)), None, 0.0, "t", tmp_path / "bad.png")
+
+
+# ---------------------------------------------------------------- --save_maps of the test scripts
+
+def test_few_shot_save_maps_brain(setup, tmp_path):
+    synth, ckpt = setup
+    out = tmp_path / "maps"
+    assert test_few.main(TINY + ["--obj", "Brain", "--data_path", synth.data, "--seed_dir", synth.seed_root,
+                                 "--shot", "2", "--ckpt", str(ckpt), "--out_dir", str(tmp_path / "rec"),
+                                 "--save_maps", str(out), "--grid_n", "4"]) == 0
+    names = _pngs(out)
+    parsed = [NAME.match(n).groups() for n in names]
+    assert [int(i) for i, _, _ in parsed] == list(range(6))
+    assert [label for _, label, _ in parsed] == ["normal"] * 3 + ["abnormal"] * 3  # the test list's order
+    assert all(_size(out / n) == OVERLAY_PX for n in names)
+    assert _size(out / "grid.png") == (840, round(100 * (2.7 * 4 + 0.4)))  # 4 rows
+
+
+def test_several_draws_get_a_folder_each(setup, tmp_path):
+    synth, ckpt = setup
+    out = tmp_path / "maps"
+    test_few.main(TINY + ["--obj", "Brain", "--data_path", synth.data, "--seed_dir", synth.seed_root, "--shot", "2",
+                          "--iterate", "0", "1", "--ckpt", str(ckpt), "--out_dir", str(tmp_path / "rec"),
+                          "--save_maps", str(out), "--grid_n", "2"])
+    for it in (0, 1):
+        assert len(_pngs(out / f"iterate_{it}")) == 6 and (out / f"iterate_{it}" / "grid.png").is_file()
+
+
+def test_zero_shot_save_maps_image_only_chest(setup, tmp_path, capsys):
+    synth, ckpt = setup
+    out = tmp_path / "maps"
+    common = TINY + ["--obj", "Chest", "--data_path", synth.data, "--ckpt", str(ckpt), "--out_dir", str(tmp_path)]
+    assert test_zero.main(common + ["--save_maps", str(out)]) == 0  # det-head maps of an image-only dataset
+    assert len(_pngs(out)) == 6 and all(_size(out / n) == OVERLAY_PX for n in _pngs(out))
+    assert _size(out / "grid.png") == (840, round(100 * (2.7 * 6 + 0.4)))  # --grid_n 8 > 6 images: all rows
+    with pytest.raises(SystemExit):
+        test_zero.main(common + ["--save_maps", str(out), "--grid_n", "0"])
+    assert "--grid_n: must be at least 1, got 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- predict.py
+
+@pytest.fixture(scope="module")
+def inputs(setup, tmp_path_factory):
+    """A folder with an 8-bit RGB png, a grey png, a 16-bit png (up to 60000) and a tif of the same grey scan."""
+    synth, _ = setup
+    folder = tmp_path_factory.mktemp("inputs")
+    grey = np.asarray(Image.open(Path(synth.data) / "Brain_AD/test/Ungood/img/00000.png"))  # uint8 [64, 64]
+    Image.fromarray(np.stack([grey, grey // 2, grey], -1)).save(folder / "a_rgb.png")
+    Image.fromarray(grey).save(folder / "b_grey.png")
+    Image.fromarray((grey.astype(np.uint16) * 235)).save(folder / "c_deep.png")  # 255 * 235 = 59925
+    Image.fromarray(grey).save(folder / "d_scan.tif")
+    return folder
+
+
+def _run_predict(setup, tmp_path, inputs, *extra) -> list[dict]:
+    _, ckpt = setup
+    out = tmp_path / "pred"
+    assert predict.main(TINY + ["--input", str(inputs), "--ckpt", str(ckpt), "--out", str(out), *extra]) == 0
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == [f"{i:05d}_{Path(r['file']).stem}.png" for i, r in enumerate(rows)]
+    assert all(_size(out / p) == OVERLAY_PX for p in pngs)
+    return rows
+
+
+def test_predict_zero_shot_scores_are_absolute(setup, inputs, tmp_path):
+    rows = _run_predict(setup, tmp_path / "all", inputs, "--obj", "Brain")
+    assert [Path(r["file"]).name for r in rows] == ["a_rgb.png", "b_grey.png", "c_deep.png", "d_scan.tif"]
+    assert list(rows[0]) == ["file", "score"]
+    scores = {Path(r["file"]).name: float(r["score"]) for r in rows}
+    assert scores["b_grey.png"] == scores["d_scan.tif"]  # same pixels, png or tif
+    assert scores["a_rgb.png"] != scores["b_grey.png"]
+    # the det head's raw score: the same for an image alone as among others (one-image path included)
+    alone = _run_predict(setup, tmp_path / "one", inputs / "c_deep.png", "--prompt_name", "Brain")
+    assert [Path(r["file"]).name for r in alone] == ["c_deep.png"]
+    assert float(alone[0]["score"]) == pytest.approx(scores["c_deep.png"], rel=1e-6)
+    # calibrated on the inputs themselves: same scores, abnormal above their 50% quantile
+    rows = _run_predict(setup, tmp_path / "cal", inputs, "--obj", "Brain", "--calibrate", str(inputs), "--fpr", "0.5")
+    assert {Path(r["file"]).name: float(r["score"]) for r in rows} == pytest.approx(scores, rel=1e-6)
+    threshold = np.quantile(list(scores.values()), 0.5)
+    assert [r["decision"] for r in rows] == ["abnormal" if s > threshold else "normal" for s in scores.values()]
+
+
+def test_predict_few_shot_with_calibration(setup, inputs, tmp_path):
+    synth, _ = setup
+    support = Path(synth.data) / "Brain_AD/valid/good/img"
+    rows = _run_predict(setup, tmp_path, inputs, "--obj", "Brain", "--support", str(support),
+                        "--calibrate", str(inputs), "--fpr", "0.3")
+    assert list(rows[0]) == ["file", "score", "decision"]
+    scores = np.array([float(r["score"]) for r in rows])
+    assert ((scores >= 0) & (scores <= 1)).all()  # max of maps min-max normalised over the pool
+    # the calibration images are the inputs themselves: the threshold is the 70% quantile of these very scores
+    threshold = np.quantile(scores, 0.7)
+    assert [r["decision"] for r in rows] == ["abnormal" if s > threshold else "normal" for s in scores]
+    assert {r["decision"] for r in rows} == {"normal", "abnormal"}
+
+
+def test_predict_few_shot_single_image_uses_raw_maps(setup, inputs, tmp_path):
+    synth, _ = setup
+    rows = _run_predict(setup, tmp_path, inputs / "a_rgb.png", "--obj", "Chest", "--support",
+                        str(Path(synth.data) / "Chest_AD/valid/good/img"))
+    assert len(rows) == 1 and float(rows[0]["score"]) > 0  # the max of raw 1 - cos and softmax sums, not a 0-1 scale
+
+
+def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 30000], [60000, 65535]], dtype=np.uint16)
+    for name in ("v.png", "v.tif"):
+        Image.fromarray(values).save(tmp_path / name)
+        a = predict.read_image(tmp_path / name)
+        assert a.shape == (2, 2, 3) and a.dtype == np.float32
+        np.testing.assert_array_equal(a[..., 1], (values / 65535).astype(np.float32))
+        np.testing.assert_array_equal(predict.load_input(tmp_path / name, 2)[0].numpy(), a[..., 0])
+    Image.fromarray(np.full((30, 20), 60000, np.uint16)).save(tmp_path / "flat.png")
+    x = predict.load_input(tmp_path / "flat.png", 56)
+    assert x.shape == (3, 56, 56) and torch.allclose(x, torch.tensor(60000 / 65535), atol=1e-6)
+    assert load_image(str(tmp_path / "flat.png"), 56).min() == 1.0  # what an 8-bit conversion would give: clipped
+    # 8-bit files load exactly as the test datasets load them
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(tmp_path / "e.png")
+    assert torch.equal(predict.load_input(tmp_path / "e.png", 56), load_image(str(tmp_path / "e.png"), 56))
+    Image.fromarray(np.array([[0.0, 0.25], [0.5, 1.0]], np.float32)).save(tmp_path / "f.tif")
+    np.testing.assert_array_equal(predict.read_image(tmp_path / "f.tif")[..., 2], [[0, 0.25], [0.5, 1]])
+    Image.fromarray(np.array([[0.0, 2.0]], np.float32)).save(tmp_path / "hu.tif")
+    with pytest.raises(ValueError, match=r"hu\.tif: float values in \[0, 2\], \[0, 1\] expected"):
+        predict.read_image(tmp_path / "hu.tif")
+
+
+def test_predict_bad_inputs(setup, tmp_path, capsys):
+    _, ckpt = setup
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    base = TINY + ["--ckpt", str(ckpt), "--obj", "Brain", "--out", str(tmp_path / "o")]
+    cases = [(["--input", str(tmp_path / "missing")], "--input " + str(tmp_path / "missing") + ": no such file"),
+             (["--input", str(tmp_path / "empty")], "no image files"),
+             (["--input", str(tmp_path / "notes.txt")], "not an image file name"),
+             (["--input", str(tmp_path / "broken.png")], "cannot read image " + str(tmp_path / "broken.png")),
+             (["--input", str(tmp_path / "broken.png"), "--fpr", "1.5"], "--fpr must lie strictly between 0 and 1")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as info:
+            predict.main(base + argv)
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: --obj and --prompt_name are exclusive
+        predict.main(base + ["--input", str(tmp_path), "--prompt_name", "knee"])
