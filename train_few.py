@@ -38,6 +38,7 @@ def add_training_args(p, lr: float, save_path: str) -> None:
     p.add_argument("--save_model", type=int, default=1, choices=[0, 1], help="1: save the selected adapters")
     p.add_argument("--save_path", default=save_path, help="folder the adapter checkpoint {obj}.pth is saved in")
     p.add_argument("--overwrite", action="store_true", help="allow replacing a checkpoint that existed before the run")
+    p.add_argument("--init_ckpt", default=None, help="start from these adapters (released layout) instead of random")
     p.add_argument("--select", default="test", choices=SELECTIONS,
                    help="checkpoint selection: 'test' scores on the test set as the reference; 'val' on held-out "
                         "valid images; 'last' keeps the final weights")
@@ -99,6 +100,8 @@ def run(args) -> dict:
     if args.save_model:
         check_writable(target, args.overwrite)
     model = build_model(args, device)
+    if args.init_ckpt:
+        model.load_adapters(args.init_ckpt)
     seg_opt, det_opt = optimizers(model, args.learning_rate)
     selection = selection_set(args, data)
     loader = DataLoader(fewshot_training_set(data.support), batch_size=1, shuffle=True)

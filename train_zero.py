@@ -39,6 +39,8 @@ def run(args) -> dict:
     if args.save_model:
         check_writable(target, args.overwrite)
     model = build_model(args, device)
+    if args.init_ckpt:
+        model.load_adapters(args.init_ckpt)
     seg_opt, det_opt = optimizers(model, args.learning_rate)
     texts = text_features_for(model.clipmodel, CLASS_NAMES, device, args.precision)
     extras = {"args": vars(args), "versions": versions()}

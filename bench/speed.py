@@ -1,0 +1,208 @@
+"""Per-stage speed of MVFA's pipeline: time, images/s, achieved GFLOP/s against the machine's matrix-product rate.
+
+    python bench/speed.py                          # CPU: fp32 and bf16, ViT-L/14 at 240 with random weights
+    python bench/speed.py --device cuda --precisions fp16 bf16 --batch_sizes 1 32
+    python bench/speed.py --clip_ckpt CLIP/ckpt/ViT-L-14-336px.pt   # also times loading the real file
+
+Each stage runs in a fresh subprocess so that its peak memory (ru_maxrss, or torch's CUDA peak) is its own.
+Public tools only: time.perf_counter, torch.utils.benchmark, resource.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils import benchmark
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from CLIP import CLIP_Inplanted, create_model, tokenize  # noqa: E402
+from prompt import encode_text_with_prompt_ensemble, prompt_sentences  # noqa: E402
+from utils import autocast, augment  # noqa: E402
+
+STAGES = ("load", "text", "forward", "memory_bank", "train_step", "train_step_unfrozen", "metrics")
+
+
+def vision_gflops(model: CLIP_Inplanted, img_size: int) -> float:
+    """Multiply-adds x 2 of one adapted ViT forward: patch conv, blocks (projections, attention, MLP), adapters."""
+    v = model.image_encoder
+    width, patch = v.conv1.out_channels, v.patch_size
+    n = (img_size // patch) ** 2 + 1  # tokens incl. CLS
+    block = n * (4 * width * width + 2 * width * 4 * width) + 2 * n * n * width  # projections + MLP + QK^T, AV
+    adapters = len(model.features) * 2 * n * 2 * width * model.seg_adapters[0].fc1[0].out_features
+    conv = (n - 1) * width * 3 * patch * patch
+    return 2 * (len(v.transformer.resblocks) * block + adapters + conv) / 1e9
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    t = benchmark.Timer("a @ b", globals={"a": a, "b": b}).blocked_autorange(min_run_time=2).median
+    return 2 * n ** 3 / t / 1e9
+
+
+def timed(fn, repeat: int = 1, device: torch.device | None = None, warmup: bool = True) -> float:
+    """Median seconds of `fn()` over `repeat` runs, after one warm-up run."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeat):
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_stage(args) -> dict:
+    """One stage, in this process; returns its figures."""
+    device, stage, prec = torch.device(args.device), args.stage, args.precision
+    if stage == "load":
+        start = time.perf_counter()
+        create_model(args.model_name, args.img_size, "openai" if args.clip_ckpt else "none", device,
+                     checkpoint=args.clip_ckpt)
+        return {"seconds": time.perf_counter() - start}
+    clip = create_model(args.model_name, args.img_size, "none", device)
+    clip.requires_grad_(False)
+    model = CLIP_Inplanted(clip).to(device)
+    images = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    flops = vision_gflops(model, args.img_size)
+    if stage == "text":
+        with torch.no_grad(), autocast(device, prec):
+            ours = timed(lambda: encode_text_with_prompt_ensemble(clip, "Brain", device), 3, device)
+            ids = [tokenize(s).to(device) for s in prompt_sentences("Brain")]
+
+            def full():  # the reference's pass: every row over all 77 positions
+                for x_ids in ids:
+                    x = clip.token_embedding(x_ids) + clip.positional_embedding
+                    clip.ln_final(clip.transformer(x, causal=True))
+            reference = timed(full, 1, device, warmup=False)
+        return {"seconds": ours, "full_77_seconds": reference, "ratio": ours / reference}
+    if stage in ("forward", "memory_bank"):
+        if stage == "memory_bank":  # 4-shot: 44 augmented normal images
+            from evaluate import build_memory
+            support, _ = augment(torch.rand(4, 3, args.img_size, args.img_size))
+            sec = timed(lambda: build_memory(model, support, device, prec, args.batch_size), 1, device)
+            return {"seconds": sec, "images_per_s": len(support) / sec, "gflops": flops * len(support) / sec}
+        with torch.inference_mode(), autocast(device, prec):
+            sec = timed(lambda: model(images), args.repeat, device)
+        return {"seconds": sec, "images_per_s": args.batch_size / sec, "gflops": flops * args.batch_size / sec}
+    if stage.startswith("train_step"):
+        from loss import detection_loss, segmentation_loss
+        from train_few import optimizers
+        if stage == "train_step_unfrozen":  # the reference: gradients for all 428 M backbone parameters (Q10)
+            clip.requires_grad_(True)
+        seg_opt, det_opt = optimizers(model, 1e-3)
+        text = torch.nn.functional.normalize(torch.randn(768, 2, device=device), dim=0)
+        mask = (torch.rand(1, args.img_size, args.img_size, device=device) > 0.9).float()
+
+        def step():
+            with autocast(device, prec):
+                _, seg, det = model(images[:1])
+                loss = segmentation_loss(seg, text, mask, args.img_size) + detection_loss(
+                    det, text, torch.ones(1, device=device))
+            seg_opt.zero_grad(), det_opt.zero_grad()
+            loss.backward()
+            seg_opt.step(), det_opt.step()
+        return {"seconds": timed(step, args.repeat, device)}
+    if stage == "metrics":  # the evaluation of 100 test images with masks from low-resolution scores
+        from evaluate import Collected, evaluate
+        g = torch.Generator().manual_seed(0)
+        c = Collected(True, args.img_size)
+        for i in range(100):
+            c.labels.append(i % 2)
+            c.zero_image.append(float(torch.rand(1, generator=g)))
+            c.zero_logits.append(torch.randn(4, 289, 2, generator=g))
+            c.few_distances.append(torch.rand(4, 289, generator=g))
+            m = torch.zeros(args.img_size, args.img_size, dtype=torch.bool)
+            m[100:140, 90:150] = bool(i % 2)
+            c.masks.append(np.packbits(m.reshape(-1).numpy()))
+        return {"seconds": timed(lambda: evaluate(c, True, torch.device("cpu")), 1), "images": 100}
+    raise ValueError(f"unknown --stage {stage}")
+
+
+def driver(args) -> None:
+    device = torch.device(args.device)
+    rates = {p: matmul_gflops(device, torch.bfloat16 if p == "bf16" else torch.float16 if p == "fp16" else
+                              torch.float32) for p in args.precisions}
+    rows = []
+    for prec in args.precisions:
+        for stage in args.stages:
+            sizes = args.batch_sizes if stage in ("forward", "memory_bank") else [1]
+            for bs in sizes:
+                cmd = [sys.executable, __file__, "--stage", stage, "--precision", prec, "--device", args.device,
+                       "--batch_size", str(bs), "--repeat", str(args.repeat), "--img_size", str(args.img_size),
+                       "--model_name", args.model_name]
+                if args.clip_ckpt:
+                    cmd += ["--clip_ckpt", args.clip_ckpt]
+                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                if out.returncode:
+                    print(out.stderr[-2000:], file=sys.stderr)
+                    continue
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                r.update(stage=stage, precision=prec, batch=bs, matmul_gflops=rates[prec])
+                rows.append(r)
+                print(format_row(r), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"device": describe(device), "rows": rows}, indent=1))
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{os.cpu_count()} CPU threads, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads"
+
+
+def format_row(r: dict) -> str:
+    g = r.get("gflops")
+    frac = f"{g / r['matmul_gflops']:.0%}" if g else ""
+    extra = f"ratio to 77-position pass {r['ratio']:.3f}" if "ratio" in r else ""
+    return (f"| {r['stage']} | {r['precision']} | {r['batch']} | {r['seconds']:.3f} | "
+            f"{r.get('images_per_s', 0):.2f} | {g or 0:.0f} | {r['matmul_gflops']:.0f} | {frac} | "
+            f"{r['peak_mb']:.0f} | {extra} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="fp32, bf16, fp16, amp")
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1], help="batch sizes of the forward stages")
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to run")
+    p.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
+    p.add_argument("--img_size", type=int, default=240, help="input resolution")
+    p.add_argument("--model_name", default="ViT-L-14-336", help="architecture")
+    p.add_argument("--clip_ckpt", default=None, help="a CLIP weights file, to time the load stage on it")
+    p.add_argument("--out", default="results/bench_speed.json", help="JSON of all rows")
+    p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--batch_size", type=int, default=1, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.stage:  # child process: one stage
+        torch.manual_seed(0)
+        r = run_stage(args)
+        r["peak_mb"] = peak_mb(torch.device(args.device))
+        print(json.dumps(r))
+        return 0
+    print(f"device: {describe(torch.device(args.device))}")
+    print("| stage | precision | batch | seconds | images/s | GFLOP/s | matmul GFLOP/s | fraction | peak MB | |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    driver(args)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

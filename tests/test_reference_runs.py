@@ -1,0 +1,57 @@
+"""The reference's four recorded runs (../shared/reference/reference_outputs_seed0.txt), run as a user would.
+
+A user's checkout is laid out in tmp: this repository's code, with the regenerated seed-0 inputs where a user puts
+the downloads (CLIP/ckpt/, ckpt/few-shot/, ckpt/zero-shot/, data/, dataset/fewshot_seed/); then each recorded
+command runs unchanged from that folder and must print exactly the recorded lines.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REFERENCE, REPO, require_reference
+
+
+
+def recorded_runs() -> list[tuple[str, list[str]]]:
+    """[(command, printed lines)] from the reference's transcript."""
+    path = REFERENCE / "reference_outputs_seed0.txt"
+    if not path.is_file():
+        return []
+    runs = []
+    for line in path.read_text().splitlines():
+        if line.startswith("$ python "):
+            runs.append((line[len("$ python "):], []))
+        elif line.strip():
+            runs[-1][1].append(line.strip())
+    return runs
+
+
+@pytest.fixture(scope="module")
+def user_checkout(reference_assets, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("checkout")
+    for src in [REPO / "CLIP", REPO / "dataset", *REPO.glob("*.py")]:
+        name = src.name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "ckpt", "fewshot_seed"))
+        else:
+            shutil.copy(src, root / name)
+    (root / "CLIP/ckpt").mkdir()
+    os.symlink(reference_assets / "CLIP/ckpt/ViT-L-14-336px.pt", root / "CLIP/ckpt/ViT-L-14-336px.pt")
+    for rel in ("ckpt", "data", "dataset/fewshot_seed"):
+        os.symlink(reference_assets / rel, root / rel)
+    return root
+
+
+@pytest.mark.parametrize("command,expected", recorded_runs() or [pytest.param("", [], marks=pytest.mark.skip(
+    reason=f"reference transcript not found in {REFERENCE}"))])
+def test_recorded_run_prints_the_same_lines(user_checkout, command, expected):
+    require_reference()
+    out = subprocess.run([sys.executable, *command.split(), "--out_dir", str(user_checkout / "results")],
+                         cwd=user_checkout, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = [line for line in out.stdout.splitlines() if " AUC : " in line or " pAUC : " in line]
+    assert printed == expected
