@@ -170,6 +170,10 @@ def write_record(out_dir: str, script: str, args, result: dict, files: dict) -> 
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = out / f"{script}_{args.obj}_{stamp}_{os.getpid()}.json"
+    n = 1
+    while path.exists():  # a second run of the same script and dataset within the second, in one process
+        n += 1
+        path = out / f"{script}_{args.obj}_{stamp}_{os.getpid()}-{n}.json"
     record = {"script": script, "time": stamp, "args": vars(args), "metrics": result,
               "files": {name: {"path": str(p), "sha256": sha256(p)} for name, p in files.items() if p},
               "versions": versions()}
@@ -183,9 +187,18 @@ def run_main(run, parser, argv) -> int:
     try:
         run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     return 0
+
+
+def one_line(e: Exception) -> str:
+    """The message of `e`; for an error re-raised from a DataLoader worker ("Caught ValueError in DataLoader worker
+    process 0." + the worker's traceback), the original error's message, which is the traceback's last line."""
+    lines = str(e).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Traceback" in lines[1]:
+        return lines[-1].split(": ", 1)[-1]
+    return str(e)
 
 
 def build_model(args, device: torch.device):
