@@ -5,12 +5,13 @@
     python train_few.py --obj Chest --shot 4 --epoch 5 --precision bf16
 """
 import argparse
+import os
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from dataset import DATASETS
+from dataset import DATASETS, dataset_root
 from dataset.medical_few import MedTestDataset
 from evaluate import result_lines, selection_score
 from loss import detection_loss, segmentation_loss
@@ -83,8 +84,12 @@ def selection_set(args, data):
     """What checkpoints are chosen on: the test set (reference), or the valid split minus the support images."""
     if args.select != "val":
         return data
-    used = tuple(data.support.normal_files) + tuple(data.support.abnormal_files)
-    held_out = MedTestDataset(args.data_path, args.obj, args.img_size, args.clip_normalize, "valid", used)
+    held_out = MedTestDataset(args.data_path, args.obj, args.img_size, args.clip_normalize, "valid")
+    valid = os.path.join(dataset_root(args.data_path, args.obj), "valid")
+    used = {os.path.join(valid, "good", "img", n) for n in data.support.normal_files} | \
+           {os.path.join(valid, "Ungood", "img", n) for n in data.support.abnormal_files}
+    # by path, not by name: a normal and an abnormal image may have the same file name
+    held_out.items = [item for item in held_out.items if item[0] not in used]
     if len({label for _, label, _ in held_out.items}) < 2:
         raise ValueError(f"--select val: the valid split of {args.obj} has no normal or no abnormal image left "
                          f"besides the support set; use --select test or last")
@@ -130,8 +135,11 @@ def run(args) -> dict:
             model.load_state_dict(best_state, strict=False)
         result = evaluate_fewshot(args, model, data, support, text, device)
         print("test set:\n" + "\n".join(result_lines(args.obj, result, fewshot=True)))
+    saved = args.save_model and (best_state is not None or args.select == "last")
+    if args.save_model and not saved:  # the score never rose above 0 (an AUROC of 0): the reference saves nothing too
+        print(f"no checkpoint saved: the selection score never rose above 0; {target} was not written")
     write_record(args.out_dir, "train_few", args, result, {"clip": clip_file(args),
-                                                           "adapters": target if args.save_model else None})
+                                                           "adapters": target if saved else None})
     return result
 
 
