@@ -31,6 +31,9 @@ def run(args) -> dict:
     check_obj(args.obj)
     train_set = MedTrainDataset(args.data_path, args.obj, args.img_size, args.batch_size,
                                 normalize=args.clip_normalize)
+    if len(train_set) == 0:
+        raise ValueError(f"no zero-shot training images: the test splits of the other datasets under "
+                         f"{args.data_path} are empty (training uses the five datasets other than --obj {args.obj})")
     test_set = load_test_data(args)
     # deviation (--select val): the target's valid split, never its test split
     selection = test_set if args.select != "val" else MedTestDataset(args.data_path, args.obj, args.img_size,
