@@ -1,0 +1,511 @@
+"""Smoke tests of the four scripts and the demo: `main([...])` in-process on a tiny random CLIP and synthetic BMAD
+data; what they print, the run records and checkpoints they write, round trips train -> test, and bad input.
+
+The helpers and fixtures at the top are shared with tests/test_protocols.py.
+"""
+import ast
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import demo
+import test_few
+import test_zero
+import train_few
+import train_zero
+import utils
+from dataset import CLASS_NAMES, DATASETS
+from dataset.synth import make_synthetic_bmad
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 56  # image size of the data and the model (a 4x4 patch grid): every pass stays well under a second
+N = 3  # images per synthetic folder: 3 normal + 3 abnormal test images, a held-out pair in valid with --shot 2
+TINY = ["--model_name", "demo-tiny", "--pretrain", "none", "--features_list", "3", "6", "9", "12",
+        "--img_size", str(SIZE), "--device", "cpu"]
+ADAPTER_KEYS = {f"{i}.fc{j}.0.weight" for i in range(4) for j in (1, 2)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two CPU cores are shared with other jobs: one intra-op thread is several times faster than two here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+_TEXT: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cached_text():
+    """The prompt-ensemble text features of the tiny CLIP (same random weights in every run) are computed once per
+    prompt name and reused by later runs: about 1 s each on the CPU, 5 per train_zero run (tested in test_goldens)."""
+    import prompt
+    encode = prompt.encode_text_with_prompt_ensemble
+
+    def cached(clip_model, name, device):
+        weights = (clip_model.token_embedding.weight, clip_model.text_projection, clip_model.ln_final.weight)
+        key = (name, str(device), torch.is_autocast_enabled("cpu"), *(float(w.double().sum()) for w in weights))
+        if key not in _TEXT:
+            _TEXT[key] = encode(clip_model, name, device)
+        return _TEXT[key].clone()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prompt, "encode_text_with_prompt_ensemble", cached)
+        yield
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """All six synthetic datasets (N images per folder, SIZE px) and support lists for k = 1 and 2, 3 draws each."""
+    return make_synthetic_bmad(str(tmp_path_factory.mktemp("synth")), n_per_split=N, seed=0, img_size=SIZE,
+                               shots=(1, 2))
+
+
+def script_args(data, tmp: Path, obj: str, *extra: str, seed_dir: str | None = None) -> list[str]:
+    """The tiny model, `obj`, and outputs in `tmp` (results/, ckpt/); --seed_dir for the few-shot scripts."""
+    args = [*TINY, "--obj", obj, "--data_path", str(data), "--out_dir", str(tmp / "results"),
+            "--save_path", str(tmp / "ckpt")]
+    return args + (["--seed_dir", str(seed_dir)] if seed_dir else []) + list(extra)
+
+
+def call(module, args: list[str]) -> str:
+    """module.main(args) with stdout captured (also inside module-scoped fixtures); checks the exit status 0."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert module.main(args) == 0
+    return out.getvalue()
+
+
+def expect_error(module, args: list[str], capsys) -> str:
+    """module.main(args) must exit with code 2 and one `error: ...` line on stderr (no traceback); returns it."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        module.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]  # progress bars use \r
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert err.rstrip("\n").endswith(errors[0])  # the message is the last thing written
+    return errors[0]
+
+
+def result_lines(out: str, obj: str) -> list[str]:
+    """The printed metric lines of `obj` (`{obj} AUC : x`, `{obj} pAUC : x`, possibly `[valid] `-prefixed)."""
+    return [line for line in out.splitlines() if re.fullmatch(rf"(\[valid\] )?{obj} p?AUC : \S+", line)]
+
+
+def expected_lines(obj: str, metrics: dict, fewshot: bool) -> list[str]:
+    """What the reference prints for these full-precision metrics: round(x, 4), pAUC first only in few-shot."""
+    auc = f"{obj} AUC : {round(metrics['image_auroc'], 4)}"
+    if not DATASETS[obj][1]:
+        return [auc]
+    pauc = f"{obj} pAUC : {round(metrics['pixel_auroc'], 4)}"
+    return [pauc, auc] if fewshot else [auc, pauc]
+
+
+def only_record(out_dir: Path) -> dict:
+    files = list(Path(out_dir).glob("*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def adapter_state(model) -> dict:
+    """A copy of the adapter weights, keyed as in model.state_dict()."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "_adapters." in k}
+
+
+def ckpt_state(ckpt: dict) -> dict:
+    return {f"{name}.{k}": v for name in ("seg_adapters", "det_adapters") for k, v in ckpt[name].items()}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def copy_data(synth, tmp: Path, objs=CLASS_NAMES) -> Path:
+    """A private copy of the synthetic data (of `objs`) that a test may damage."""
+    data = tmp / "data"
+    for obj in objs:
+        shutil.copytree(Path(synth.data) / DATASETS[obj][0], data / DATASETS[obj][0])
+    return data
+
+
+def empty_test_split(data: Path, obj: str, states=("good", "Ungood")) -> None:
+    for state in states:
+        for sub in ("img", "anomaly_mask"):
+            folder = data / DATASETS[obj][0] / "test" / state / sub
+            for f in folder.glob("*") if folder.is_dir() else []:
+                f.unlink()
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Records (module, path) for every image and mask the dataset modules read, in order."""
+    import dataset.medical_few as few
+    import dataset.medical_zero as zero
+    log = []
+    for module in (few, zero):
+        for name in ("load_image", "load_mask"):
+            def spy(path, *a, _load=getattr(module, name), _tag=module.__name__, **k):
+                log.append((_tag, os.path.normpath(path)))
+                return _load(path, *a, **k)
+            monkeypatch.setattr(module, name, spy)
+    return log
+
+
+def split_of(path: str) -> tuple[str, str]:
+    """(dataset folder, split) of `.../{obj}_AD/{split}/{state}/{img|anomaly_mask}/{name}`."""
+    parts = Path(path).parts
+    return parts[-5], parts[-4]
+
+
+def split_files(data, obj: str) -> list[str]:
+    """Every image and mask file of obj's test split."""
+    root = Path(data) / DATASETS[obj][0] / "test"
+    return sorted(os.path.normpath(p) for p in root.glob("*/*/*"))
+
+
+# ---------------------------------------------------------------- train_few -> test_few, a dataset with masks
+
+@pytest.fixture(scope="module")
+def few_brain(synth, tmp_path_factory):
+    """One train_few run on Brain (--select test, the reference's protocol): its folder and stdout."""
+    tmp = tmp_path_factory.mktemp("few_brain")
+    out = call(train_few, script_args(synth.data, tmp, "Brain", "--shot", "2", "--epoch", "1",
+                                      seed_dir=synth.seed_root))
+    return tmp, out
+
+
+def test_train_few_prints_records_and_saves_released_layout(few_brain):
+    tmp, out = few_brain
+    lines = result_lines(out, "Brain")
+    assert re.fullmatch(r"epoch 0 loss \d+\.\d{4}", out.splitlines()[0])
+    assert [line.split(" : ")[0] for line in lines] == ["Brain pAUC", "Brain AUC"]  # few-shot: pAUC first
+    record = only_record(tmp / "results")
+    assert lines == expected_lines("Brain", record["metrics"], fewshot=True)
+    assert record["script"] == "train_few"
+    assert {k: record["args"][k] for k in ("obj", "shot", "epoch", "select", "img_size")} == \
+           {"obj": "Brain", "shot": 2, "epoch": 1, "select": "test", "img_size": SIZE}
+    ckpt_file = tmp / "ckpt" / "Brain.pth"  # the reference's name, {save_path}/{obj}.pth
+    assert record["files"]["adapters"] == {"path": str(ckpt_file),
+                                           "sha256": hashlib.sha256(ckpt_file.read_bytes()).hexdigest()}
+    assert "clip" not in record["files"]  # --pretrain none: no weights file was read
+    assert record["versions"]["torch"] == torch.__version__ and record["versions"]["numpy"] == np.__version__
+    assert len(record["metrics"]["image_scores"]) == 2 * N
+    ckpt = load_ckpt(ckpt_file)
+    assert {"seg_adapters", "det_adapters", "args", "versions", "epoch"} <= set(ckpt)
+    assert set(ckpt["seg_adapters"]) == set(ckpt["det_adapters"]) == ADAPTER_KEYS
+    assert ckpt["seg_adapters"]["0.fc1.0.weight"].shape == (256, 256)  # width -> CLIP's embedding width
+    assert ckpt["epoch"] == 0 and ckpt["args"]["obj"] == "Brain" and ckpt["versions"]["torch"] == torch.__version__
+
+
+def test_test_few_reproduces_the_training_run(few_brain, tmp_path, synth, capsys):
+    """Same weights (found through --save_path/{obj}.pth), same support list, same data -> the same printed lines."""
+    tmp, out = few_brain
+    args = script_args(synth.data, tmp_path, "Brain", "--shot", "2", seed_dir=synth.seed_root)
+    args[args.index("--save_path") + 1] = str(tmp / "ckpt")
+    assert test_few.main(args) == 0
+    printed = capsys.readouterr().out
+    assert result_lines(printed, "Brain") == result_lines(out, "Brain")
+    record = only_record(tmp_path / "results")
+    assert result_lines(printed, "Brain") == expected_lines("Brain", record["metrics"], fewshot=True)
+    ckpt_file = tmp / "ckpt" / "Brain.pth"
+    assert record["files"]["adapters"]["sha256"] == hashlib.sha256(ckpt_file.read_bytes()).hexdigest()
+    assert {"pixel_ap", "pixel_f1_max", "pixel_aupro", "image_ap"} <= set(record["metrics"])  # test: extras too
+
+
+def test_test_few_several_support_draws(few_brain, tmp_path, synth, capsys):
+    tmp, out = few_brain
+    lists = (Path(synth.seed_root) / "Brain" / "2-shot.txt").read_text().splitlines()[:2]  # the training's n-0, a-0
+    normals = [lists[0].split(": ")[1], "00002.png 00000.png", "00001.png 00002.png"]  # three different memories
+    seeds = tmp_path / "seeds"
+    (seeds / "Brain").mkdir(parents=True)
+    (seeds / "Brain" / "2-shot.txt").write_text("\n".join(lists + [f"{t}-{i}: {normals[i]}" for i in (1, 2)
+                                                                    for t in "na"]))
+    args = script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--iterate", "0", "1", "2",
+                       "--ckpt", str(tmp / "ckpt" / "Brain.pth"), seed_dir=seeds)
+    assert test_few.main(args) == 0
+    printed = capsys.readouterr().out.splitlines()
+    record = only_record(tmp_path / "results")["metrics"]
+    assert [d["iterate"] for d in record["draws"]] == [0, 1, 2]
+    for i, draw in enumerate(record["draws"]):
+        head = printed.index(f"support draw {i} (--iterate {i}): {normals[i]}")
+        assert printed[head + 1:head + 3] == expected_lines("Brain", draw, fewshot=True)
+    assert result_lines("\n".join(printed[:3]), "Brain") == result_lines(out, "Brain")  # draw 0 = the training's
+    summary = record["summary"]
+    assert set(summary) >= {"image_auroc", "pixel_auroc", "pixel_aupro"}
+    for key, value in summary.items():
+        values = [d[key] for d in record["draws"]]
+        assert value == {"mean": pytest.approx(np.mean(values)), "std": pytest.approx(np.std(values))}
+        assert f"Brain {key} : {value['mean']:.4f} ± {value['std']:.4f} over 3 draws" in printed
+    assert len({d["pixel_auroc"] for d in record["draws"]}) > 1  # the draws really differ
+
+
+# ---------------------------------------------------------------- train_few -> test_few, an image-only dataset
+
+@pytest.fixture(scope="module")
+def few_chest(synth, tmp_path_factory):
+    """train_few on Chest with --overwrite over a file that was at the save path before the run."""
+    tmp = tmp_path_factory.mktemp("few_chest")
+    (tmp / "ckpt").mkdir()
+    (tmp / "ckpt" / "Chest.pth").write_bytes(b"an older checkpoint")
+    out = call(train_few, script_args(synth.data, tmp, "Chest", "--shot", "2", "--epoch", "1", "--overwrite",
+                                      seed_dir=synth.seed_root))
+    return tmp, out
+
+
+def test_image_only_dataset_prints_auc_only_and_round_trips(few_chest, tmp_path, synth, capsys):
+    tmp, out = few_chest
+    lines = result_lines(out, "Chest")
+    assert len(lines) == 1 and lines[0].startswith("Chest AUC : ")
+    record = only_record(tmp / "results")
+    assert lines == expected_lines("Chest", record["metrics"], fewshot=True)
+    assert not any(k.startswith("pixel_") for k in record["metrics"])
+    ckpt_file = tmp / "ckpt" / "Chest.pth"
+    ckpt = load_ckpt(ckpt_file)  # --overwrite replaced the older file
+    assert set(ckpt["det_adapters"]) == ADAPTER_KEYS and ckpt["args"]["overwrite"] is True
+    assert test_few.main(script_args(synth.data, tmp_path, "Chest", "--shot", "2", "--ckpt", str(ckpt_file),
+                                     seed_dir=synth.seed_root)) == 0
+    assert result_lines(capsys.readouterr().out, "Chest") == lines
+
+
+# ---------------------------------------------------------------- train_zero -> test_zero
+
+@pytest.fixture(scope="module")
+def zero_brain(synth, tmp_path_factory):
+    """train_zero on Brain, --select test: groups of 6 (one per other dataset) -> 5 evaluations in the epoch."""
+    tmp = tmp_path_factory.mktemp("zero_brain")
+    return tmp, call(train_zero, script_args(synth.data, tmp, "Brain", "--epoch", "1", "--batch_size", "6"))
+
+
+def test_train_zero_prints_records_and_saves(zero_brain):
+    tmp, out = zero_brain
+    lines = out.splitlines()
+    assert [line.split(" : ")[0] for line in result_lines(out, "Brain")] == ["Brain AUC", "Brain pAUC"] * 5
+    bests = [i for i, line in enumerate(lines) if line.startswith("best epoch found: ")]
+    assert lines[bests[0]] == "best epoch found: epoch 0 batch 0"  # evaluated before the first step, score >= 0
+    last = lines[bests[-1]]
+    record = only_record(tmp / "results")
+    assert lines[bests[-1] - 2:bests[-1]] == expected_lines("Brain", record["metrics"], fewshot=False)
+    ckpt_file = tmp / "ckpt" / "Brain.pth"
+    assert record["files"]["adapters"]["sha256"] == hashlib.sha256(ckpt_file.read_bytes()).hexdigest()
+    assert record["script"] == "train_zero" and record["args"]["batch_size"] == 6
+    ckpt = load_ckpt(ckpt_file)
+    assert set(ckpt["seg_adapters"]) == set(ckpt["det_adapters"]) == ADAPTER_KEYS
+    assert last == f"best epoch found: epoch {ckpt['epoch']} batch {ckpt['batch']}"
+    assert ckpt["args"]["obj"] == "Brain" and "torch" in ckpt["versions"]
+
+
+def test_test_zero_reproduces_the_saved_evaluation(zero_brain, tmp_path, synth, capsys):
+    tmp, out = zero_brain
+    lines = out.splitlines()
+    best = max(i for i, line in enumerate(lines) if line.startswith("best epoch found: "))
+    args = script_args(synth.data, tmp_path, "Brain", "--batch_size", "6", "--ckpt", str(tmp / "ckpt" / "Brain.pth"))
+    assert test_zero.main(args) == 0
+    assert result_lines(capsys.readouterr().out, "Brain") == lines[best - 2:best]  # AUC first, then pAUC
+    record = only_record(tmp_path / "results")
+    assert record["script"] == "test_zero" and record["args"]["ckpt"] == str(tmp / "ckpt" / "Brain.pth")
+
+
+@pytest.mark.parametrize("obj", CLASS_NAMES)
+def test_train_zero_leave_one_out_on_every_dataset(obj, synth, tmp_path, reads):
+    out = call(train_zero, script_args(synth.data, tmp_path, obj, "--epoch", "1", "--batch_size", "6"))
+    assert len(result_lines(out, obj)) == 5 * (2 if DATASETS[obj][1] else 1)  # before each of the 5 steps
+    assert "epoch 0 loss" in out and (tmp_path / "ckpt" / f"{obj}.pth").is_file()
+    record = only_record(tmp_path / "results")
+    assert set(record["metrics"]) >= ({"image_auroc", "pixel_auroc"} if DATASETS[obj][1] else {"image_auroc"})
+    trained = sorted(path for module, path in reads if module == "dataset.medical_zero")
+    assert trained == sorted(p for other in CLASS_NAMES if other != obj for p in split_files(synth.data, other))
+    assert {split_of(path) for module, path in reads if module != "dataset.medical_zero"} == \
+           {(DATASETS[obj][0], "test")}  # the evaluations: the target's test split
+
+
+# ---------------------------------------------------------------- the demo
+
+def test_demo_runs_end_to_end_in_a_fresh_folder(tmp_path, monkeypatch, capsys):
+    """The demo as shipped, in an empty working directory, without CLIP weights; the scripts it calls run at SIZE px
+    instead of 240 (the one change, for speed)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "default_checkpoint", lambda name: tmp_path / "no-weights" / f"{name}.pt")
+    for module in (train_few, test_few):
+        monkeypatch.setattr(module, "main", lambda argv, _main=module.main: _main(argv + ["--img_size", str(SIZE)]))
+    assert demo.main(["--shot", "1", "--epoch", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == ["DEMO - the numbers below are meaningless:",
+                       f"  BMAD data not found at ./data/Brain_AD: using synthetic images in {Path('demo') / 'data'}",
+                       f"  CLIP weights not found at {tmp_path / 'no-weights' / 'ViT-L-14-336.pt'}: using a small "
+                       f"random-weight CLIP"]
+    lines = result_lines("\n".join(out), "Brain")
+    assert len(lines) == 4 and lines[:2] == lines[2:]  # training's selection pass, then test_few: same numbers
+    assert out[-1] == f"checkpoint: {Path('demo') / 'ckpt'}, run records: {Path('demo') / 'results'}"
+    assert load_ckpt(tmp_path / "demo" / "ckpt" / "Brain_1shot.pth")["args"]["shot"] == 1
+    assert sorted(p.name.split("_")[0] for p in (tmp_path / "demo" / "results").glob("*.json")) == ["test", "train"]
+    assert (tmp_path / "demo" / "data" / "Brain_AD" / "test" / "Ungood" / "anomaly_mask").is_dir()
+
+
+# ---------------------------------------------------------------- bad input: one line on stderr, exit code 2
+
+SCRIPTS = {"train_few": train_few, "test_few": test_few, "train_zero": train_zero, "test_zero": test_zero}
+
+
+def any_args(name: str, synth, tmp: Path, obj: str, *extra: str, data=None) -> list[str]:
+    """Arguments for script `name` (few-shot ones get --shot 2 and the synthetic support lists)."""
+    few = name.endswith("few")
+    return script_args(data or synth.data, tmp, obj, *(["--shot", "2"] if few else []), *extra,
+                       seed_dir=synth.seed_root if few else None)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_missing_data_folder_names_the_expected_path(name, synth, tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    error = expect_error(SCRIPTS[name], any_args(name, synth, tmp_path, "Liver", data=missing), capsys)
+    first = "Brain_AD" if name == "train_zero" else "Liver_AD"  # train_zero reads the other datasets first
+    assert error.startswith(f"error: dataset folder not found: {missing / first};")
+    assert "--data_path" in error
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_unknown_obj(name, synth, tmp_path, capsys):
+    error = expect_error(SCRIPTS[name], any_args(name, synth, tmp_path, "Lung"), capsys)
+    assert error == ("error: unknown --obj 'Lung': choose one of Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, "
+                     "Histopathology")
+
+
+@pytest.mark.parametrize("split", ["test", "valid"])
+def test_missing_mask_of_an_abnormal_image(split, synth, tmp_path, capsys):
+    data = copy_data(synth, tmp_path, ["Liver"])
+    lists = (Path(synth.seed_root) / "Liver" / "2-shot.txt").read_text().splitlines()
+    name = lists[1].split()[1] if split == "valid" else "00001.png"  # valid: an abnormal support image (a-0:)
+    (data / "Liver_AD" / split / "Ungood" / "anomaly_mask" / name).unlink()
+    error = expect_error(train_few, any_args("train_few", synth, tmp_path, "Liver", data=data), capsys)
+    folder = data / "Liver_AD" / split / "Ungood"
+    assert error == f"error: no mask for image {folder / 'img' / name}: expected {folder / 'anomaly_mask' / name}"
+
+
+def test_missing_support_list(synth, tmp_path, capsys):
+    args = script_args(synth.data, tmp_path, "Brain", "--shot", "3", seed_dir=synth.seed_root)  # only k = 1, 2 exist
+    error = expect_error(test_few, args, capsys)
+    assert error.startswith(f"error: support list not found: {Path(synth.seed_root) / 'Brain' / '3-shot.txt'}; ")
+    assert "--iterate -1" in error
+
+
+@pytest.mark.parametrize("content, iterate, message", [
+    ("n-0: 00000.png\na-0: 00000.png 00001.png", "0", "has 1 image names after 'n-0:', fewer than --shot 2"),
+    ("n-0: 00000.png 00001.png\na-0: 00000.png 00001.png", "1", "has no line 'n-1:'"),
+])
+def test_short_support_list(content, iterate, message, synth, tmp_path, capsys):
+    seeds = tmp_path / "seeds"
+    (seeds / "Brain").mkdir(parents=True)
+    (seeds / "Brain" / "2-shot.txt").write_text(content)
+    args = script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--iterate", iterate, seed_dir=seeds)
+    error = expect_error(train_few, args, capsys)
+    assert error.startswith(f"error: support list {seeds / 'Brain' / '2-shot.txt'} {message}; ")
+
+
+@pytest.mark.parametrize("name, workers", [("test_zero", "0"), ("test_zero", "1"), ("train_zero", "0")])
+def test_corrupt_image_read_during_a_pass(name, workers, zero_brain, synth, tmp_path, capsys):
+    """Images are read lazily, inside the evaluation (test_zero) or the training loop (train_zero, another dataset);
+    the error still ends the run with one line, also from a DataLoader worker process."""
+    data = copy_data(synth, tmp_path)
+    bad = data / ("Chest_AD" if name == "test_zero" else "Liver_AD") / "test" / "good" / "img" / "00001.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n but then nothing")
+    args = script_args(data, tmp_path, "Chest", "--num_workers", workers, "--batch_size", "6")
+    if name == "test_zero":
+        args += ["--ckpt", str(zero_brain[0] / "ckpt" / "Brain.pth")]  # any adapters of the tiny model will do
+    else:
+        args += ["--epoch", "1", "--select", "last"]  # no test pass before the training steps
+    error = expect_error(SCRIPTS[name], args, capsys)
+    assert error.startswith(f"error: cannot read image {bad}: ") and error.endswith("replace or remove it)")
+
+
+@pytest.mark.parametrize("name", ["train_few", "train_zero"])
+def test_existing_checkpoint_is_not_replaced_without_overwrite(name, synth, tmp_path, capsys):
+    target = tmp_path / "ckpt" / "Brain.pth"
+    target.parent.mkdir()
+    target.write_bytes(b"someone's downloaded checkpoint")
+    error = expect_error(SCRIPTS[name], any_args(name, synth, tmp_path, "Brain"), capsys)
+    assert error == f"error: {target} exists already: pass --overwrite to replace it, or choose another --save_path"
+    assert target.read_bytes() == b"someone's downloaded checkpoint"
+    assert not list(tmp_path.glob("results/*"))  # refused before any work
+
+
+def test_zero_shot_with_fewer_than_five_training_groups(synth, tmp_path, capsys):
+    """3 groups (reference: len // 5 == 0 -> ZeroDivisionError): evaluated before every step, in every epoch."""
+    data = copy_data(synth, tmp_path)
+    for other in ("Brain", "Retina_RESC", "Retina_OCT2017", "Histopathology"):
+        empty_test_split(data, other)  # left: Chest's 6 test images, in groups of 2
+    assert train_zero.main(script_args(data, tmp_path, "Liver", "--epoch", "2", "--batch_size", "2")) == 0
+    out = capsys.readouterr().out
+    first, second = out.split("epoch 0 loss")
+    assert len(result_lines(first, "Liver")) == len(result_lines(second, "Liver")) == 3 * 2
+    assert "best epoch found: epoch 0 batch 0" in first and "epoch 1 loss" in second
+
+
+def test_zero_shot_without_training_images(synth, tmp_path, capsys):
+    data = copy_data(synth, tmp_path)
+    for other in CLASS_NAMES[1:]:
+        empty_test_split(data, other)
+    error = expect_error(train_zero, script_args(data, tmp_path, "Brain", "--epoch", "1"), capsys)
+    assert error.startswith("error: no zero-shot training images: ") and str(data) in error
+
+
+@pytest.mark.parametrize("name", ["test_few", "test_zero"])
+def test_test_set_with_one_class(name, zero_brain, synth, tmp_path, capsys):
+    data = copy_data(synth, tmp_path, ["Brain"])
+    empty_test_split(data, "Brain", states=("Ungood",))
+    args = any_args(name, synth, tmp_path, "Brain", "--ckpt", str(zero_brain[0] / "ckpt" / "Brain.pth"), data=data)
+    error = expect_error(SCRIPTS[name], args, capsys)
+    assert error == ("error: AUROC is undefined: the test set has only normal (or only abnormal) images (0 abnormal, "
+                     f"{N} normal); evaluate on a test set that has both")
+
+
+def test_missing_clip_weights_names_the_path(synth, tmp_path, capsys):
+    missing = tmp_path / "weights" / "ViT-L-14-336px.pt"
+    args = script_args(synth.data, tmp_path, "Brain", "--clip_ckpt", str(missing))
+    args[args.index("--pretrain") + 1] = "openai"
+    error = expect_error(test_zero, args, capsys)
+    assert error.startswith(f"error: CLIP weights not found at {missing}: download ")
+
+
+def test_missing_adapter_checkpoint_names_the_path(synth, tmp_path, capsys):
+    error = expect_error(test_zero, script_args(synth.data, tmp_path, "Brain"), capsys)
+    assert error.startswith(f"error: adapter checkpoint not found: {tmp_path / 'ckpt' / 'Brain.pth'} ")
+
+
+# ---------------------------------------------------------------- records and checkpoint loading
+
+def test_run_records_of_one_second_do_not_replace_each_other(tmp_path):
+    args = train_zero.parser().parse_args(["--obj", "Chest"])
+    paths = [utils.write_record(str(tmp_path), "test_zero", args, {"image_auroc": v}, {}) for v in (0.25, 0.5)]
+    assert paths[0] != paths[1]
+    assert [json.loads(p.read_text())["metrics"]["image_auroc"] for p in paths] == [0.25, 0.5]
+
+
+def test_every_torch_load_passes_map_location():
+    """Checkpoints saved on a GPU must load on CPU-only machines (spec Q1): no torch.load without map_location."""
+    calls = []
+    for path in sorted(REPO.rglob("*.py")):
+        if "tests" in path.relative_to(REPO).parts or any(p.startswith(".") for p in path.relative_to(REPO).parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch.load", "torch.jit.load"):
+                ok = len(node.args) >= 2 or any(k.arg == "map_location" for k in node.keywords)
+                calls.append((f"{path.relative_to(REPO)}:{node.lineno}", ok))
+    assert calls, "no torch.load call found: the scan is broken"
+    assert [where for where, ok in calls if not ok] == []
