@@ -18,7 +18,8 @@ from loss import detection_loss, segmentation_loss
 from prompt import text_features_for
 from test_few import load_fewshot_data, evaluate_fewshot
 from utils import (add_common_args, add_fewshot_args, augment, autocast, build_model, check_writable, checkpoint_path,
-                   clip_file, resolve_device, run_main, save_checkpoint, setup_seed, versions, write_record)
+                   clip_file, positive_int, resolve_device, run_main, save_checkpoint, setup_seed, versions,
+                   write_record)
 
 SELECTIONS = ("test", "val", "last")
 
@@ -34,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def add_training_args(p, lr: float, save_path: str) -> None:
-    p.add_argument("--epoch", type=int, default=50, help="training epochs")
+    p.add_argument("--epoch", type=positive_int, default=50, help="training epochs")
     p.add_argument("--learning_rate", type=float, default=lr, help="Adam learning rate (betas 0.5, 0.999)")
     p.add_argument("--save_model", type=int, default=1, choices=[0, 1], help="1: save the selected adapters")
     p.add_argument("--save_path", default=save_path, help="folder the adapter checkpoint {obj}.pth is saved in")

@@ -1,5 +1,6 @@
 """Small shared helpers: seeding, device and precision, the few-shot augmentation (spec 6.3, 8), and the scripts'
 common flags, checkpoint writing and run records."""
+import argparse
 import contextlib
 import hashlib
 import json
@@ -88,6 +89,13 @@ def augment(images: torch.Tensor, masks: torch.Tensor | None = None) -> tuple[to
 
 # ---- command lines, checkpoints and run records shared by the four scripts ----
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_common_args(parser, obj: str, batch_size: int = 1) -> None:
     """The flags every script takes, with the reference's names and defaults (spec section 0)."""
     parser.add_argument("--model_name", default="ViT-L-14-336", help="CLIP architecture (a CLIP/model_configs/*.json)")
@@ -98,7 +106,7 @@ def add_common_args(parser, obj: str, batch_size: int = 1) -> None:
     parser.add_argument("--obj", default=obj, help="dataset: Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, "
                                                    "Histopathology")
     parser.add_argument("--data_path", default="./data/", help="folder holding {obj}_AD/ in BMAD's layout")
-    parser.add_argument("--batch_size", type=int, default=batch_size,
+    parser.add_argument("--batch_size", type=positive_int, default=batch_size,
                         help="images per forward in test and memory-bank passes (same per-image results)")
     parser.add_argument("--img_size", type=int, default=240, help="input resolution")
     parser.add_argument("--features_list", type=int, nargs="+", default=[6, 12, 18, 24],

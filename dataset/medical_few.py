@@ -20,18 +20,13 @@ LISTS_HINT = ("the paper's lists are published in the authors' repository (Media
               "dataset/fewshot_seed/); `--iterate -1 --seed N` draws a support set instead")
 
 
-def list_test_items(data_path: str, obj: str, split: str = 'test',
-                    exclude: tuple[str, ...] = ()) -> list[tuple[str, int, str | None]]:
-    """(image path, label, mask path or None) of a split: sorted normal (0), then sorted abnormal (1).
-
-    `exclude`: file names left out (the support images, when the valid split serves for model selection).
-    """
+def list_test_items(data_path: str, obj: str, split: str = 'test') -> list[tuple[str, int, str | None]]:
+    """(image path, label, mask path or None) of a split: sorted normal (0), then sorted abnormal (1)."""
     root = dataset_root(data_path, obj)
-    keep = lambda paths: [p for p in paths if os.path.basename(p) not in exclude]
-    normal = keep(list_images(os.path.join(root, split, 'good', 'img')))
-    abnormal = keep(list_images(os.path.join(root, split, 'Ungood', 'img')))
+    normal = list_images(os.path.join(root, split, 'good', 'img'))
+    abnormal = list_images(os.path.join(root, split, 'Ungood', 'img'))
     if DATASETS[obj][1]:
-        masks = pair_masks(abnormal, os.path.join(root, split, 'Ungood', 'anomaly_mask'), require_all=not exclude)
+        masks = pair_masks(abnormal, os.path.join(root, split, 'Ungood', 'anomaly_mask'))
     else:
         masks = [None] * len(abnormal)
     return [(p, 0, None) for p in normal] + [(p, 1, m) for p, m in zip(abnormal, masks)]
@@ -41,12 +36,11 @@ class MedTestDataset(Dataset):
     """A split of `obj` (the test split by default); item i = (image [3,H,W], label int, mask [1,H,W]; zeros if
     normal or image-only)."""
 
-    def __init__(self, data_path: str, obj: str, img_size: int = 240, normalize: bool = False, split: str = 'test',
-                 exclude: tuple[str, ...] = ()):
+    def __init__(self, data_path: str, obj: str, img_size: int = 240, normalize: bool = False, split: str = 'test'):
         self.obj = check_obj(obj)
         self.has_masks = DATASETS[obj][1]
         self.img_size, self.normalize = img_size, normalize
-        self.items = list_test_items(data_path, obj, split, exclude)
+        self.items = list_test_items(data_path, obj, split)
 
     def __len__(self) -> int:
         return len(self.items)
