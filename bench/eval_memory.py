@@ -1,7 +1,10 @@
-"""Peak memory and time of metrics.pixel_metrics on synthetic 240x240 score maps streamed chunk by chunk.
+"""Peak memory and time of the pixel metrics on N synthetic 240x240 test images.
 
-    python bench/eval_memory.py                 # N = 500 (with the sklearn check) and N = 4000
+    python bench/eval_memory.py                      # metrics.pixel_metrics on streamed maps: N = 500 (+ sklearn), 4000
+    python bench/eval_memory.py --through evaluate   # the scripts' whole path: evaluate.evaluate on collected scores
     python bench/eval_memory.py --n 500 1000 --chunk 32
+`--through evaluate` starts from what `evaluate.collect` keeps per image (17x17 logits and distances of 4 layers,
+packed masks), recomputes the 240x240 maps chunk by chunk and computes every metric, as the test scripts do.
 Each N runs in a fresh subprocess so that peaks do not mix; prints a Markdown table.
 """
 from __future__ import annotations
@@ -85,13 +88,39 @@ def worker(n: int, seed: int, chunk: int, check: bool) -> dict:
     return out
 
 
+def worker_evaluate(n: int, seed: int) -> dict:
+    """evaluate.evaluate (few-shot, masks) on N images of random low-resolution scores, memory counted from zero."""
+    import torch
+    from evaluate import Collected, evaluate
+    reset = _reset_peak()
+    base = _status("VmRSS")
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    c = Collected(True, SIZE)
+    positives = 0
+    for i in range(n):
+        label = int(i % 5 != 0)  # 20 % normal images
+        _, mask = synthetic_chunk(seed, i, 1) if label else (None, np.zeros((1, SIZE, SIZE), bool))
+        positives += int(mask.sum())
+        c.labels.append(label)
+        c.masks.append(np.packbits(mask.reshape(-1)))
+        c.zero_image.append(float(torch.rand(1, generator=g)))
+        c.zero_logits.append(torch.randn(4, 289, 2, generator=g))  # [layers, HW, 2]
+        c.few_distances.append(torch.rand(4, 289, generator=g))  # [layers, HW]
+    gen_s = time.perf_counter() - t0
+    res = evaluate(c, True, torch.device("cpu"))
+    return {"n": n, "pixels": n * SIZE * SIZE, "positives": positives, "passes": "-", "gen_s": gen_s,
+            "wall_s": time.perf_counter() - t0 - gen_s, "peak_increase": _status("VmHWM") - base,
+            "peak_reset": reset, "auroc": res["pixel_auroc"], "aupro": res["pixel_aupro"]}
+
+
 def _row(r: dict) -> str:
     f16 = r["pixels"] * 2
     check = "-" if "sklearn_auroc" not in r else (
         f"{'equal' if abs(r['auroc'] - r['sklearn_auroc']) <= 1e-12 else 'DIFFERENT'} "
         f"(d={r['auroc'] - r['sklearn_auroc']:.1e}; AP d={r['ap'] - r['sklearn_ap']:.1e})")
     return (f"| {r['n']} | {r['pixels'] / 1e6:.1f} M | {100 * r['positives'] / r['pixels']:.2f} % | {r['passes']} | "
-            f"{r['wall_s']:.1f} s ({r['gen_s']:.1f} s/pass generating) | {r['peak_increase'] / 2**20:.1f} MiB | "
+            f"{r['wall_s']:.1f} s (+{r['gen_s']:.1f} s generating) | {r['peak_increase'] / 2**20:.1f} MiB | "
             f"{f16 / 2**20:.1f} MiB | {r['peak_increase'] / f16:.3f} | {r['auroc']:.6f} | {r['aupro']:.4f} | "
             f"{check} |")
 
@@ -103,19 +132,24 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic maps")
     p.add_argument("--check-max", type=int, default=500,
                    help="compare with sklearn (all pixels in memory) for N up to this")
+    p.add_argument("--through", default="metrics", choices=["metrics", "evaluate"],
+                   help="'metrics': pixel_metrics on streamed maps; 'evaluate': the scripts' whole evaluation path")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if any(n < 1 for n in args.n) or args.chunk < 1:
         raise SystemExit("eval_memory: --n and --chunk must be positive integers")
     if args.worker is not None:
-        print(json.dumps(worker(args.worker, args.seed, args.chunk, args.worker <= args.check_max)))
+        if args.through == "evaluate":
+            print(json.dumps(worker_evaluate(args.worker, args.seed)))
+        else:
+            print(json.dumps(worker(args.worker, args.seed, args.chunk, args.worker <= args.check_max)))
         return
     print("| N images | pixels | positive | passes | wall time | peak RSS increase | float16 maps | ratio | "
           "pixel AUROC | AUPRO | sklearn AUROC check |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.n:
         cmd = [sys.executable, __file__, "--worker", str(n), "--chunk", str(args.chunk), "--seed", str(args.seed),
-               "--check-max", str(args.check_max)]
+               "--check-max", str(args.check_max), "--through", args.through]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"eval_memory: the run for N={n} failed:\n{done.stderr}")

@@ -42,7 +42,8 @@ def vision_gflops(model: CLIP_Inplanted, img_size: int) -> float:
 
 def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    t = benchmark.Timer("a @ b", globals={"a": a, "b": b}).blocked_autorange(min_run_time=2).median
+    timer = benchmark.Timer("a @ b", globals={"a": a, "b": b}, num_threads=torch.get_num_threads())
+    t = timer.blocked_autorange(min_run_time=2).median
     return 2 * n ** 3 / t / 1e9
 
 
@@ -96,7 +97,7 @@ def run_stage(args) -> dict:
         if stage == "memory_bank":  # 4-shot: 44 augmented normal images
             from evaluate import build_memory
             support, _ = augment(torch.rand(4, 3, args.img_size, args.img_size))
-            sec = timed(lambda: build_memory(model, support, device, prec, args.batch_size), 1, device)
+            sec = timed(lambda: build_memory(model, support, device, prec, args.batch_size), 1, device, warmup=False)
             return {"seconds": sec, "images_per_s": len(support) / sec, "gflops": flops * len(support) / sec}
         with torch.inference_mode(), autocast(device, prec):
             sec = timed(lambda: model(images), args.repeat, device)
