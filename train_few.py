@@ -51,6 +51,17 @@ def optimizers(model, lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
             torch.optim.Adam(model.det_adapters.parameters(), lr=lr, betas=(0.5, 0.999)))
 
 
+def training_model(args, device: torch.device, target) -> tuple:
+    """An existing checkpoint at `target` is refused first; then the model (adapters from --init_ckpt if given)
+    and its seg and det optimisers."""
+    if args.save_model:
+        check_writable(target, args.overwrite)
+    model = build_model(args, device)
+    if args.init_ckpt:
+        model.load_adapters(args.init_ckpt)
+    return (model, *optimizers(model, args.learning_rate))
+
+
 def train_step(model, images, labels, masks, text: torch.Tensor, has_masks: bool, seg_opt, det_opt,
                device: torch.device, precision: str, img_size: int) -> float:
     """One update (spec 5.4, Q11): det loss always; seg loss on datasets with masks, and only then the seg step."""
@@ -103,12 +114,7 @@ def run(args) -> dict:
     data = load_fewshot_data(args, args.iterate)
     has_masks = DATASETS[args.obj][1]
     target = checkpoint_path(args.save_path, args.obj, args.shot if args.shot_in_name else None)
-    if args.save_model:
-        check_writable(target, args.overwrite)
-    model = build_model(args, device)
-    if args.init_ckpt:
-        model.load_adapters(args.init_ckpt)
-    seg_opt, det_opt = optimizers(model, args.learning_rate)
+    model, seg_opt, det_opt = training_model(args, device, target)
     selection = selection_set(args, data)
     loader = DataLoader(fewshot_training_set(data.support), batch_size=1, shuffle=True)
     support, _ = augment(data.support.normal)  # memory-bank images [11k, 3, H, W]

@@ -13,9 +13,9 @@ from dataset.medical_zero import MedTestDataset, MedTrainDataset
 from evaluate import result_lines, selection_score
 from prompt import text_features_for
 from test_zero import load_test_data, evaluate_zeroshot
-from train_few import adapter_copy, add_training_args, optimizers, train_step
-from utils import add_common_args, build_model, check_writable, checkpoint_path, clip_file, resolve_device, run_main, \
-    save_checkpoint, setup_seed, versions, write_record
+from train_few import adapter_copy, add_training_args, train_step, training_model
+from utils import add_common_args, checkpoint_path, clip_file, resolve_device, run_main, save_checkpoint, setup_seed, \
+    versions, write_record
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,12 +39,7 @@ def run(args) -> dict:
     selection = test_set if args.select != "val" else MedTestDataset(args.data_path, args.obj, args.img_size,
                                                                      args.clip_normalize, "valid")
     target = checkpoint_path(args.save_path, args.obj)
-    if args.save_model:
-        check_writable(target, args.overwrite)
-    model = build_model(args, device)
-    if args.init_ckpt:
-        model.load_adapters(args.init_ckpt)
-    seg_opt, det_opt = optimizers(model, args.learning_rate)
+    model, seg_opt, det_opt = training_model(args, device, target)
     texts = text_features_for(model.clipmodel, CLASS_NAMES, device, args.precision)
     extras = {"args": vars(args), "versions": versions()}
     every = max(1, len(train_set) // 5)  # deviation: the reference divides by zero below 5 groups (spec Q24)
