@@ -72,7 +72,8 @@ def run(args, model=None) -> dict:
     results = []
     for i, (iterate, dataset) in enumerate(zip(args.iterate, draws)):
         support, _ = augment(dataset.support.normal)  # [11k, 3, H, W]
-        maps_dir = args.save_maps and (f"{args.save_maps}/iterate_{iterate}" if len(draws) > 1 else args.save_maps)
+        # one folder per draw, by index (--iterate -1 -1 repeats a value)
+        maps_dir = args.save_maps and (f"{args.save_maps}/iterate_{i}" if len(draws) > 1 else args.save_maps)
         results.append(evaluate_fewshot(args, model, dataset, support, text, device, maps_dir=maps_dir))
         if len(draws) > 1:
             print(f"support draw {i} (--iterate {iterate}): " + " ".join(dataset.support.normal_files))
