@@ -157,8 +157,10 @@ def _markdown_table(md: str, title: str) -> list[list[str]]:
     return [[c.strip() for c in row] for row in rows]
 
 
-@pytest.mark.parametrize("setting,title", [("zero-shot", "## Zero-shot (AUROC, %)"),
-                                           ("few-shot", "## Few-shot, k = 4 (support list n-0/a-0) (AUROC, %)")])
+FEW_SHOT_TITLE = "## Few-shot, k = 4, support draw --iterate 0 (lines n-0/a-0 of 4-shot.txt) (AUROC, %)"
+
+
+@pytest.mark.parametrize("setting,title", [("zero-shot", "## Zero-shot (AUROC, %)"), ("few-shot", FEW_SHOT_TITLE)])
 def test_end_to_end_tables(tiny_run, setting, title):
     out, md = tiny_run
     table = _markdown_table(md, title)

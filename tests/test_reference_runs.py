@@ -4,6 +4,7 @@ A user's checkout is laid out in tmp: this repository's code, with the regenerat
 the downloads (CLIP/ckpt/, ckpt/few-shot/, ckpt/zero-shot/, data/, dataset/fewshot_seed/); then each recorded
 command runs unchanged from that folder and must print exactly the recorded lines.
 """
+import csv
 import os
 import shutil
 import subprocess
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from conftest import REFERENCE, REPO, require_reference
-
 
 
 def recorded_runs() -> list[tuple[str, list[str]]]:
@@ -55,3 +55,26 @@ def test_recorded_run_prints_the_same_lines(user_checkout, command, expected):
     assert out.returncode == 0, out.stderr[-3000:]
     printed = [line for line in out.stdout.splitlines() if " AUC : " in line or " pAUC : " in line]
     assert printed == expected
+
+
+def test_paper_tables_cell_equals_recorded_line(user_checkout):
+    """paper_tables.py on the same inputs: its zero-shot HIS cell is the recorded `Histopathology AUC` line in %.
+
+    Only that run is made (no few-shot checkpoints in the folder given): the few-shot row is '-' with a note.
+    """
+    require_reference()
+    recorded = dict(recorded_runs())["test_zero.py --obj Histopathology"]
+    auc = float(next(line for line in recorded if line.startswith("Histopathology AUC : ")).split(":")[1])
+    out_dir = user_checkout / "results/paper_tables"
+    out = subprocess.run([sys.executable, "paper_tables.py", "--objs", "Histopathology", "--few_dir", "no-such-dir",
+                          "--out", str(out_dir)], cwd=user_checkout, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {}
+    for setting in ("zero_shot", "few_shot"):
+        with open(out_dir / f"{setting}.csv", newline="") as f:
+            rows[setting] = {row["dataset"]: row for row in csv.DictReader(f)}
+    assert float(rows["zero_shot"]["HIS"]["image_auroc_ours"]) == round(100 * auc, 2)
+    assert rows["zero_shot"]["HIS"]["image_auroc_paper"] == "77.90"
+    assert rows["few_shot"]["HIS"]["image_auroc_ours"] == "-"
+    assert "Histopathology few-shot: not run, adapter checkpoint not found" in out.stdout
+    assert "## Zero-shot (AUROC, %)" in (out_dir / "tables.md").read_text()
