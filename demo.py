@@ -33,11 +33,12 @@ def main(argv=None) -> int:
         made = make_synthetic_bmad(str(out), n_per_split=6, seed=0, objs=(args.obj,), shots=(args.shot,))
         data, seed_dir = Path(made.data), made.seed_root
         notes.append(f"BMAD data not found at {args.data_path}{args.obj}_AD: using synthetic images in {data}")
-    if default_checkpoint("ViT-L-14-336").is_file():
+    clip_weights = default_checkpoint("ViT-L-14-336")
+    if clip_weights.is_file():
         model = ["--model_name", "ViT-L-14-336", "--features_list", "6", "12", "18", "24"]
     else:
         model = ["--model_name", "demo-tiny", "--pretrain", "none", "--features_list", "3", "6", "9", "12"]
-        notes.append(f"CLIP weights not found at {default_checkpoint('ViT-L-14-336')}: using a small random-weight CLIP")
+        notes.append(f"CLIP weights not found at {clip_weights}: using a small random-weight CLIP")
     if notes:
         print("DEMO - the numbers below are meaningless:\n  " + "\n  ".join(notes))
     common = ["--obj", args.obj, "--shot", str(args.shot), "--data_path", str(data), "--save_path", str(out / "ckpt"),

@@ -27,17 +27,23 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - dice.sum() / n
 
 
-def detection_loss(det_tokens: list[torch.Tensor], text_features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def detection_loss(det_tokens: list[torch.Tensor], text_features: torch.Tensor, labels: torch.Tensor,
+                   bce_on_probability: bool = False) -> torch.Tensor:
     """Sum over layers of BCE-with-logits between the mean abnormal probability of the patches and the label.
 
     det_tokens: per layer [B, 1+HW, D] (CLS dropped here); labels [B] float. As the reference, the probability is
-    passed where a logit is expected (spec Q9).
+    passed where a logit is expected (spec Q9), so the loss never goes below log(1 + e^-1) for an abnormal label.
+    bce_on_probability=True (fix) takes the plain BCE of the probability instead, in fp32 outside autocast.
     """
     loss = 0
     for tokens in det_tokens:
         tokens = tokens[:, 1:]  # [B, HW, D]
         score = text_logits(tokens / tokens.norm(dim=-1, keepdim=True), text_features).softmax(-1)[..., 1].mean(-1)
-        loss = loss + F.binary_cross_entropy_with_logits(score, labels)  # score [B]
+        if bce_on_probability:
+            with torch.autocast(score.device.type, enabled=False):  # BCE on probabilities is unsafe under autocast
+                loss = loss + F.binary_cross_entropy(score.float(), labels.float())
+        else:
+            loss = loss + F.binary_cross_entropy_with_logits(score, labels)  # score [B]
     return loss
 
 

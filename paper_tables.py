@@ -43,7 +43,8 @@ PUBLISHED = {
         "Retina_RESC": {"image_auroc": (96.18, 96.18), "pixel_auroc": (98.97, 98.97)},
     },
 }
-TITLES = {"zero-shot": "Zero-shot", "few-shot": "Few-shot, k = 4, support draw --iterate 0 (lines n-0/a-0 of 4-shot.txt)"}
+TITLES = {"zero-shot": "Zero-shot",
+          "few-shot": "Few-shot, k = 4, support draw --iterate 0 (lines n-0/a-0 of 4-shot.txt)"}
 FOOTNOTES = {"few-shot": "LiverCT AUC paper/impl. 81.18 equals the zero-shot implementation AUC of Liver: probably "
                          "a copy error in the README (spec Q38), not a target."}
 # flags handed unchanged to both scripts when given, so that their defaults, types and checks apply

@@ -36,7 +36,7 @@ def load_fewshot_data(args, iterate: int) -> MedDataset:
     # iterate < 0 draws with the global `random` seeded by setup_seed(--seed), as the reference; successive draws
     # of one run therefore differ
     return MedDataset(args.data_path, args.obj, args.img_size, args.shot, iterate, seed=None,
-                      seed_root=args.seed_dir, normalize=args.clip_normalize)
+                      seed_root=args.seed_dir, sort_listing=args.sort_listing, normalize=args.clip_normalize)
 
 
 def summarize(results: list[dict]) -> dict:

@@ -44,6 +44,9 @@ def add_training_args(p, lr: float, save_path: str) -> None:
     p.add_argument("--select", default="test", choices=SELECTIONS,
                    help="checkpoint selection: 'test' scores on the test set as the reference; 'val' on held-out "
                         "valid images; 'last' keeps the final weights")
+    p.add_argument("--bce_on_probability", action="store_true",
+                   help="fix: image-level loss = BCE of the mean abnormal probability (the reference passes that "
+                        "probability to BCE-with-logits)")
 
 
 def optimizers(model, lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
@@ -63,11 +66,11 @@ def training_model(args, device: torch.device, target) -> tuple:
 
 
 def train_step(model, images, labels, masks, text: torch.Tensor, has_masks: bool, seg_opt, det_opt,
-               device: torch.device, precision: str, img_size: int) -> float:
+               device: torch.device, precision: str, img_size: int, bce_on_probability: bool = False) -> float:
     """One update (spec 5.4, Q11): det loss always; seg loss on datasets with masks, and only then the seg step."""
     with autocast(device, precision):
         _, seg, det = model(images.to(device))
-        loss = detection_loss(det, text, labels.to(device).float())
+        loss = detection_loss(det, text, labels.to(device).float(), bce_on_probability)
         if has_masks:
             masks = (masks.to(device) > 0.5).float()
             loss = segmentation_loss(seg, text, masks, img_size) + loss
@@ -81,7 +84,8 @@ def train_step(model, images, labels, masks, text: torch.Tensor, has_masks: bool
 
 
 def adapter_copy(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(("seg_adapters", "det_adapters"))}
+    adapters = ("seg_adapters", "det_adapters")
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(adapters)}
 
 
 def fewshot_training_set(support) -> TensorDataset:
@@ -123,7 +127,8 @@ def run(args) -> dict:
     best, best_result, best_state = 0.0, {}, None
     for epoch in range(args.epoch):
         losses = [train_step(model, images, labels, masks, text, has_masks, seg_opt, det_opt, device, args.precision,
-                             args.img_size) for images, masks, labels in tqdm(loader, desc=f"epoch {epoch}")]
+                             args.img_size, args.bce_on_probability)
+                  for images, masks, labels in tqdm(loader, desc=f"epoch {epoch}")]
         print(f"epoch {epoch} loss {sum(losses) / len(losses):.4f}")
         if args.select == "last":
             continue

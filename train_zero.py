@@ -14,14 +14,15 @@ from evaluate import result_lines, selection_score
 from prompt import text_features_for
 from test_zero import load_test_data, evaluate_zeroshot
 from train_few import adapter_copy, add_training_args, train_step, training_model
-from utils import add_common_args, checkpoint_path, clip_file, resolve_device, run_main, save_checkpoint, setup_seed, \
-    versions, write_record
+from utils import add_common_args, add_sort_listing_arg, checkpoint_path, clip_file, resolve_device, run_main, \
+    save_checkpoint, setup_seed, versions, write_record
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, obj="Retina_RESC", batch_size=1)
     add_training_args(p, lr=0.0001, save_path="./ckpt/zero-shot/")
+    add_sort_listing_arg(p, "the training images are shuffled into groups")
     return p
 
 
@@ -30,7 +31,7 @@ def run(args) -> dict:
     setup_seed(args.seed)
     check_obj(args.obj)
     train_set = MedTrainDataset(args.data_path, args.obj, args.img_size, args.batch_size,
-                                normalize=args.clip_normalize)
+                                sort_listing=args.sort_listing, normalize=args.clip_normalize)
     if len(train_set) == 0:
         raise ValueError(f"no zero-shot training images: the test splits of the other datasets under "
                          f"{args.data_path} are empty (training uses the five datasets other than --obj {args.obj})")
@@ -60,7 +61,7 @@ def run(args) -> dict:
                                                         "selection": args.select})
             name = name[0]  # each loader item is one pre-grouped batch: [1, B, ...]
             losses.append(train_step(model, images[0], labels[0], masks[0], texts[name], DATASETS[name][1], seg_opt,
-                                     det_opt, device, args.precision, args.img_size))
+                                     det_opt, device, args.precision, args.img_size, args.bce_on_probability))
         print(f"epoch {epoch} loss {sum(losses) / len(losses):.4f}")
         train_set.shuffle_dataset()
     if args.select == "last" and args.save_model:

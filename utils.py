@@ -142,6 +142,13 @@ def add_fewshot_args(parser, several: bool = False) -> None:
                         help="folder of the support lists (default: dataset/fewshot_seed in this repository)")
     parser.add_argument("--memory_no_cls", action="store_true",
                         help="fix: leave the CLS token out of the memory bank (the reference keeps it)")
+    add_sort_listing_arg(parser, "the --iterate -1 draws of support images")
+
+
+def add_sort_listing_arg(parser, before: str) -> None:
+    parser.add_argument("--sort_listing", action="store_true",
+                        help=f"fix: sort folder listings before {before} (the reference uses os.listdir order, so "
+                             f"its draws depend on the file system, not only on --seed)")
 
 
 def checkpoint_path(save_path: str, obj: str, shot: int | None = None) -> Path:
@@ -178,7 +185,18 @@ def versions() -> dict:
     import sklearn
     return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
             "scikit-learn": sklearn.__version__, "Pillow": PIL.__version__,
-            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+            "cuda_autocast_upsample": cuda_autocast_upsample_dtype()}
+
+
+def cuda_autocast_upsample_dtype() -> str | None:
+    """What fp16 bilinear upsampling gives under CUDA autocast (spec Q7): 'torch.float16' in the torch releases of the
+    paper's time (then the reference's few-shot maps are float16), 'torch.float32' in recent ones; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    x = torch.zeros(1, 1, 2, 2, device="cuda", dtype=torch.float16)
+    with torch.autocast("cuda", dtype=torch.float16):
+        return str(F.interpolate(x, size=4, mode="bilinear", align_corners=True).dtype)
 
 
 def write_record(out_dir: str, script: str, args, result: dict, files: dict) -> Path:

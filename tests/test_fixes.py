@@ -1,0 +1,145 @@
+"""Opt-in fixes of reference quirks that are not tested elsewhere: --bce_on_probability (spec Q9) and --sort_listing
+(Q16). Known answers for the maths, and each flag followed from the command line to the code it changes."""
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import dataset.files
+import loss
+import test_few
+import train_few
+import train_zero
+from dataset.medical_zero import MedTrainDataset
+from test_scripts import TINY, cached_text, one_thread, script_args, synth  # noqa: F401
+from utils import setup_seed
+
+D = 8  # token width of the hand-made detection tokens
+
+
+def tokens_with_score(p: float, batch: int = 1, patches: int = 4) -> torch.Tensor:
+    """Det tokens [B, 1+HW, D] whose every patch has abnormal probability p against TEXT (the CLS row is junk)."""
+    gap = math.log(p / (1 - p)) / 100  # softmax(100 * [cos t, sin t])[1] == p when sin t - cos t == gap
+    angle = math.pi / 4 + math.asin(gap / math.sqrt(2))
+    patch = torch.zeros(D)
+    patch[0], patch[1] = math.cos(angle), math.sin(angle)
+    rows = torch.cat([torch.full((1, D), 7.0), patch.expand(patches, D) * 3.0])  # [1+HW, D]; rows get normalised
+    return rows.expand(batch, -1, -1).clone()
+
+
+TEXT = torch.zeros(D, 2)
+TEXT[0, 0] = TEXT[1, 1] = 1.0  # [D, 2]: normal column e0, abnormal column e1
+
+
+@pytest.mark.parametrize("p,label", [(0.9, 1.0), (0.2, 1.0), (0.7, 0.0)])
+def test_detection_loss_known_answers(p, label):
+    tokens = tokens_with_score(p)
+    layers = [tokens, tokens, tokens]
+    labels = torch.tensor([label])
+    reference = loss.detection_loss(layers, TEXT, labels)
+    fixed = loss.detection_loss(layers, TEXT, labels, bce_on_probability=True)
+    # as the reference: BCE-with-logits of the probability, i.e. log(1 + e^-p) for label 1, log(1 + e^p) for label 0
+    with_logits = math.log1p(math.exp(-p)) if label else math.log1p(math.exp(p))
+    plain = -math.log(p) if label else -math.log(1 - p)
+    assert reference.item() == pytest.approx(3 * with_logits, rel=1e-5)
+    assert fixed.item() == pytest.approx(3 * plain, rel=1e-5)
+    assert fixed.dtype == torch.float32
+
+
+def test_reference_loss_has_a_floor_the_fix_does_not():
+    """The quirk in numbers: a perfect abnormal score still costs log(1 + 1/e) per layer; the fix goes to zero."""
+    sure = [tokens_with_score(1 - 1e-6)]
+    assert loss.detection_loss(sure, TEXT, torch.tensor([1.0])).item() == pytest.approx(math.log1p(math.exp(-1)),
+                                                                                         rel=1e-4)
+    assert loss.detection_loss(sure, TEXT, torch.tensor([1.0]), bce_on_probability=True).item() < 1e-4
+
+
+def test_bce_on_probability_under_autocast():
+    """Plain BCE refuses autocast on CUDA; the fix computes it outside autocast in fp32 (here under CPU bf16)."""
+    tokens = [tokens_with_score(0.5, batch=2)]  # equal logits, also in bf16: p = 0.5 exactly
+    labels = torch.tensor([1.0, 0.0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fixed = loss.detection_loss(tokens, TEXT, labels, bce_on_probability=True)
+    assert fixed.dtype == torch.float32 and fixed.item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("module,obj", [(train_few, "Brain"), (train_zero, "Chest")])
+@pytest.mark.parametrize("flag", [False, True])
+def test_bce_flag_reaches_every_training_step(module, obj, flag, synth, tmp_path, monkeypatch):
+    """Each training step's detection loss gets the flag (checked by a spy; the maths is tested above)."""
+    seen = []
+
+    def spy(det, text, labels, bce_on_probability=False):
+        seen.append(bce_on_probability)
+        return real(det, text, labels, bce_on_probability)
+
+    real = loss.detection_loss
+    monkeypatch.setattr(train_few, "detection_loss", spy)
+    extra = ["--epoch", "1", "--select", "last", "--save_model", "0", *(["--bce_on_probability"] if flag else [])]
+    seed_dir = synth.seed_root if module is train_few else None
+    if module is train_few:
+        extra += ["--shot", "1"]
+    args = module.parser().parse_args(script_args(synth.data, tmp_path, obj, *extra, seed_dir=seed_dir))
+    module.run(args)
+    assert len(seen) > 0 and set(seen) == {flag}
+
+
+def reversed_listing(monkeypatch) -> None:
+    """os.listdir as another file system might order it: reversed."""
+    listdir = os.listdir
+    monkeypatch.setattr(dataset.files.os, "listdir", lambda path: list(reversed(sorted(listdir(path)))))
+
+
+def drawn_support(synth, *flags: str) -> tuple[list[str], list[str]]:
+    args = test_few.parser().parse_args([*TINY, "--obj", "Liver", "--data_path", synth.data, "--shot", "2",
+                                         "--iterate", "-1", *flags])
+    setup_seed(args.seed)
+    support = test_few.load_fewshot_data(args, -1).support
+    return support.normal_files, support.abnormal_files
+
+
+def expected_draw(synth, order) -> tuple[list[str], list[str]]:
+    """The reference's draw: random.sample over the listing, normal then abnormal, after setup_seed(111)."""
+    root = os.path.join(synth.data, "Liver_AD", "valid")
+    random.seed(111)
+    return tuple(random.sample(order(os.listdir(os.path.join(root, state, "img"))), 2) for state in ("good", "Ungood"))
+
+
+def test_sort_listing_draws_do_not_depend_on_the_listing(synth, monkeypatch):
+    sorted_draw = expected_draw(synth, sorted)
+    assert drawn_support(synth, "--sort_listing") == sorted_draw
+    with monkeypatch.context() as m:
+        reversed_listing(m)
+        assert drawn_support(synth, "--sort_listing") == sorted_draw
+        # the reference's behaviour, kept by default: the draw follows the listing order
+        reversed_draw = expected_draw(synth, lambda names: list(reversed(sorted(names))))
+        assert drawn_support(synth) == reversed_draw
+    assert reversed_draw != sorted_draw  # the seed and data make the two orders give different draws
+
+
+def test_train_zero_sort_listing_groups(synth, monkeypatch):
+    """--sort_listing reaches MedTrainDataset, whose groups then do not depend on the listing order."""
+    made = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        made.append(kwargs.get("sort_listing"))
+        raise Stop
+
+    monkeypatch.setattr(train_zero, "MedTrainDataset", spy)
+    for flags, expected in (([], False), (["--sort_listing"], True)):
+        with pytest.raises(Stop):
+            train_zero.run(train_zero.parser().parse_args([*TINY, "--data_path", synth.data, *flags]))
+        assert made.pop() is expected
+
+    def groups() -> list:
+        random.seed(3)
+        return MedTrainDataset(synth.data, "Brain", img_size=16, batch_size=2, sort_listing=True).data
+
+    in_order = groups()
+    reversed_listing(monkeypatch)
+    assert groups() == in_order
