@@ -123,8 +123,8 @@ def add_common_args(parser, obj: str, batch_size: int = INFERENCE_BATCH) -> None
     parser.add_argument("--seed", type=int, default=111, help="random seed")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda:0', ...")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="'auto': fp16 autocast on CUDA as the reference, fp32 on the CPU; 'bf16' is ~3x "
-                             "faster on recent CPUs")
+                        help="'auto': fp16 autocast on CUDA as the reference, fp32 on the CPU; 'bf16' for GPUs and "
+                             "CPUs with bf16 instructions (AVX512-BF16/AMX; slower than fp32 on other CPUs)")
     parser.add_argument("--quick_gelu", action="store_true",
                         help="fix: use QuickGELU, the activation the CLIP weights were trained with (reference: GELU)")
     parser.add_argument("--clip_normalize", action="store_true",
