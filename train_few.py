@@ -44,6 +44,9 @@ def add_training_args(p, lr: float, save_path: str) -> None:
     p.add_argument("--select", default="test", choices=SELECTIONS,
                    help="checkpoint selection: 'test' scores on the test set as the reference; 'val' on held-out "
                         "valid images; 'last' keeps the final weights")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic torch kernels where they exist (slower on CUDA; the reference's training is "
+                        "not bitwise reproducible on CUDA)")
     p.add_argument("--bce_on_probability", action="store_true",
                    help="fix: image-level loss = BCE of the mean abnormal probability (the reference passes that "
                         "probability to BCE-with-logits)")
@@ -114,7 +117,7 @@ def selection_set(args, data):
 
 def run(args) -> dict:
     device = resolve_device(args.device)
-    setup_seed(args.seed)
+    setup_seed(args.seed, args.deterministic)
     data = load_fewshot_data(args, args.iterate)
     has_masks = DATASETS[args.obj][1]
     target = checkpoint_path(args.save_path, args.obj, args.shot if args.shot_in_name else None)

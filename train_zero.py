@@ -28,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
 
 def run(args) -> dict:
     device = resolve_device(args.device)
-    setup_seed(args.seed)
+    setup_seed(args.seed, args.deterministic)
     check_obj(args.obj)
     train_set = MedTrainDataset(args.data_path, args.obj, args.img_size, args.batch_size,
                                 sort_listing=args.sort_listing, normalize=args.clip_normalize)

@@ -17,13 +17,18 @@ import torch
 import torch.nn.functional as F
 
 
-def setup_seed(seed: int) -> None:
+def setup_seed(seed: int, deterministic: bool = False) -> None:
+    """The reference's seeding; deterministic=True also asks torch for deterministic kernels (spec Q27: CUDA's
+    bilinear-upsampling backward is not, so the reference's training is not bitwise reproducible)."""
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
     np.random.seed(seed)
     random.seed(seed)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic products
+        torch.use_deterministic_algorithms(True, warn_only=True)  # a warning where no deterministic kernel exists
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -143,3 +143,24 @@ def test_train_zero_sort_listing_groups(synth, monkeypatch):
     in_order = groups()
     reversed_listing(monkeypatch)
     assert groups() == in_order
+
+
+@pytest.fixture
+def restore_determinism():
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def test_deterministic_training_on_the_cpu(synth, tmp_path, restore_determinism):
+    """--deterministic turns torch's deterministic mode on; on the CPU the trained adapters equal those without it."""
+    saved = []
+    for name, flags in (("plain", []), ("deterministic", ["--deterministic"])):
+        torch.use_deterministic_algorithms(False)
+        extra = ["--epoch", "1", "--shot", "1", "--select", "last", *flags]
+        train_few.main(script_args(synth.data, tmp_path / name, "Brain", *extra, seed_dir=synth.seed_root))
+        assert torch.are_deterministic_algorithms_enabled() == bool(flags)
+        saved.append(torch.load(tmp_path / name / "ckpt" / "Brain.pth", map_location="cpu", weights_only=True))
+    for part in ("seg_adapters", "det_adapters"):
+        assert saved[0][part].keys() == saved[1][part].keys()
+        assert all(torch.equal(saved[0][part][k], saved[1][part][k]) for k in saved[0][part])
