@@ -62,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--few_dir", default=None, help="4-shot adapter checkpoints {obj}.pth (default: test_few.py's "
                                                    "--save_path, ./ckpt/few-shot/)")
     p.add_argument("--seed_dir", default=None, help="few-shot support lists (default: dataset/fewshot_seed)")
+    p.add_argument("--memory_no_cls", action="store_true", help="passed to test_few.py (the few-shot runs)")
     p.add_argument("--out", default="./results/paper_tables/",
                    help="folder for tables.md, zero_shot.csv, few_shot.csv and the runs' records (runs/)")
     p.add_argument("--strict", action="store_true",
@@ -80,7 +81,8 @@ def script_args(args) -> dict[tuple[str, str], argparse.Namespace]:
             common += [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
     extra = {"zero-shot": ["--save_path", args.zero_dir] if args.zero_dir else [],
              "few-shot": ["--shot", "4", "--iterate", "0", *(["--save_path", args.few_dir] if args.few_dir else []),
-                          *(["--seed_dir", args.seed_dir] if args.seed_dir else [])]}
+                          *(["--seed_dir", args.seed_dir] if args.seed_dir else []),
+                          *(["--memory_no_cls"] if args.memory_no_cls else [])]}
     return {(setting, obj): module.parser().parse_args(["--obj", obj, *common, *extra[setting]])
             for setting, module in SETTINGS.items() for obj, _ in ROWS if obj in args.objs}
 
@@ -208,8 +210,16 @@ def write_tables(results: dict[str, dict], notes: list[str], out: Path) -> str:
     return text
 
 
+def setting_notes(args) -> list[str]:
+    """A note naming the flags given that change the numbers away from the reference's settings."""
+    given = [f for f in ("--quick_gelu", "--clip_normalize", "--memory_no_cls") if getattr(args, f[2:], False)]
+    given += [f"--precision {args.precision}"] if getattr(args, "precision", "auto") != "auto" else []
+    return [f"run with {' '.join(given)}: not the reference's settings"] if given else []
+
+
 def run(args) -> str:
     results, notes = run_all(args)
+    notes += setting_notes(args)
     text = write_tables(results, notes, Path(args.out))
     print(text + f"\nwritten: {Path(args.out) / 'tables.md'}, zero_shot.csv, few_shot.csv")
     return text

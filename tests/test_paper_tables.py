@@ -92,15 +92,25 @@ def test_cell():
         == ["-", "+0.00", "-1.50", "7.00"]
 
 
+def test_setting_notes_name_the_flags_that_change_numbers():
+    assert pt.setting_notes(pt.parser().parse_args([])) == []
+    assert pt.setting_notes(pt.parser().parse_args(["--precision", "auto", "--seed", "3"])) == []
+    args = pt.parser().parse_args(["--memory_no_cls", "--quick_gelu", "--precision", "fp32"])
+    assert pt.setting_notes(args) == ["run with --quick_gelu --memory_no_cls --precision fp32: not the reference's "
+                                      "settings"]
+
+
 def test_script_args_use_the_scripts_parsers():
     args = pt.parser().parse_args(["--objs", "Liver", "Brain", "--zero_dir", "z", "--precision", "bf16",
-                                   "--features_list", "3", "6", "--quick_gelu", "--seed_dir", "s", "--out", "o"])
+                                   "--features_list", "3", "6", "--quick_gelu", "--seed_dir", "s", "--out", "o",
+                                   "--memory_no_cls"])
     runs = pt.script_args(args)
     assert list(runs) == [("zero-shot", "Brain"), ("zero-shot", "Liver"), ("few-shot", "Brain"), ("few-shot", "Liver")]
     zero, few = runs["zero-shot", "Liver"], runs["few-shot", "Liver"]
     assert (zero.obj, zero.save_path, zero.precision, zero.features_list, zero.quick_gelu) == \
         ("Liver", "z", "bf16", [3, 6], True)
     assert (few.shot, few.iterate, few.seed_dir, few.save_path) == (4, [0], "s", "./ckpt/few-shot/")  # script default
+    assert few.memory_no_cls and not pt.script_args(pt.parser().parse_args([]))["few-shot", "Brain"].memory_no_cls
     assert zero.out_dir == few.out_dir == str(Path("o") / "runs")
     default_batch = test_zero.parser().parse_args([]).batch_size
     assert (zero.data_path, zero.batch_size, zero.clip_normalize) == ("./data/", default_batch, False)  # defaults
