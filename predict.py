@@ -6,7 +6,8 @@ of normal support images (memory bank of their augmentations, as test_few.py).
     python predict.py --input xrays/ --ckpt ckpt/zero-shot/Chest.pth --prompt_name "Chest X-ray film" \\
         --calibrate normal_xrays/ --fpr 0.05 --out pred/
 
-Writes OUT/scores.csv (file, score, and decision with --calibrate) and OUT/{index:05d}_{stem}.png per input.
+Writes OUT/scores.csv (file, score, and decision with --calibrate) and OUT/{index:05d}_{stem}.png per input: the
+image at its own size beside the heat map resized onto it (--save_npy: that map as .npy too).
 Score, zero-shot: the det head's image score before the reference's test-set min-max (absolute, comparable across
 runs). Score, few-shot: the max of the 0.5/0.5 fusion of the zero-shot and memory-bank maps. The reference min-max
 normalises each map over the test set, which has no meaning for one image: here the pool of the run (the inputs plus
@@ -23,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -205,6 +207,8 @@ def parser() -> argparse.ArgumentParser:
                         "normal/abnormal decision per input (use at least 1/fpr images)")
     p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate for --calibrate")
     p.add_argument("--out", default="./predictions/", help="folder for scores.csv and the heat-map PNGs")
+    p.add_argument("--save_npy", action="store_true",
+                   help="also write each heat map at the input's own size as float32 .npy, values as drawn")
     common = argparse.ArgumentParser(add_help=False)
     add_common_args(common, obj="Brain")
     for action in common._actions:  # argparse has no public way to take a subset of another parser's flags
@@ -219,9 +223,14 @@ def support_memory(model, paths: list[Path], args, device: torch.device) -> tupl
     return build_memory(model, augment(images)[0], device, args.precision, args.batch_size)
 
 
+def map_at_input_size(heat: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[S, S] map of the model's square input -> [height, width] over the original image (bilinear, corners kept)."""
+    return F.interpolate(heat[None, None].float(), size=(height, width), mode="bilinear", align_corners=True)[0, 0]
+
+
 def write_outputs(out: Path, inputs: list[Path], offset: int, scores: np.ndarray, maps_fn, threshold: float | None,
-                  img_size: int, caption: str) -> list[dict]:
-    """scores.csv and one overlay per input; pool entries offset.. are the inputs."""
+                  caption: str, save_npy: bool = False) -> list[dict]:
+    """scores.csv and one overlay per input, drawn at the input's own size; pool entries offset.. are the inputs."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for j, path in enumerate(inputs):
@@ -231,8 +240,11 @@ def write_outputs(out: Path, inputs: list[Path], offset: int, scores: np.ndarray
         if threshold is not None:
             row["decision"] = "abnormal" if score > threshold else "normal"
             title += f": {row['decision']} (threshold {threshold:.4f})"
-        overlay(load_input(path, img_size), maps_fn(offset + j, offset + j + 1)[0], None, score, title,
-                out / f"{j:05d}_{path.stem}.png", caption)
+        image = read_image(path)  # [H, W, 3]
+        heat = map_at_input_size(maps_fn(offset + j, offset + j + 1)[0], *image.shape[:2])  # [H, W]
+        overlay(image.transpose(2, 0, 1), heat, None, score, title, out / f"{j:05d}_{path.stem}.png", caption)
+        if save_npy:
+            np.save(out / f"{j:05d}_{path.stem}.npy", heat.numpy())
         rows.append(row)
     with open(out / "scores.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -263,7 +275,7 @@ def run(args) -> list[dict]:
               f"their highest score")
     caption = ("raw map scaled to this image's range" if len(pool) == 1 else
                f"{'fused ' if memory else ''}map, min-max over the {len(pool)} images of this run")
-    rows = write_outputs(Path(args.out), inputs, len(normals), scores, maps_fn, threshold, args.img_size, caption)
+    rows = write_outputs(Path(args.out), inputs, len(normals), scores, maps_fn, threshold, caption, args.save_npy)
     for row in rows:
         print(f"{row['score']:.4f} {row.get('decision', '')} {row['file']}")
     if threshold is not None:

@@ -181,6 +181,34 @@ def test_predict_zero_shot_scores_are_absolute(setup, inputs, tmp_path):
     assert [r["decision"] for r in rows] == ["abnormal" if s > threshold else "normal" for s in scores.values()]
 
 
+def test_predict_maps_at_the_input_size(setup, inputs, tmp_path):
+    """--save_npy: each map over its input's own pixels; at the model's size it is the pool's map itself."""
+    synth, ckpt = setup
+    folder = tmp_path / "in"
+    folder.mkdir()
+    grey = np.asarray(Image.open(inputs / "b_grey.png"))  # [64, 64]
+    Image.fromarray(grey.astype(np.uint16) * 257).resize((90, 40)).save(folder / "a_wide16.png")
+    Image.fromarray(grey).resize((SIZE, SIZE)).save(folder / "b_model_size.png")
+    rows = _run_predict(setup, tmp_path, folder, "--obj", "Brain", "--save_npy")
+    out = tmp_path / "pred"
+    wide, square = np.load(out / "00000_a_wide16.npy"), np.load(out / "00001_b_model_size.npy")
+    assert wide.shape == (40, 90) and square.shape == (SIZE, SIZE) and wide.dtype == np.float32
+    # the same maps from the library: collect over the two inputs, min-max over this pool
+    args = predict.parser().parse_args(TINY + ["--input", str(folder), "--ckpt", str(ckpt), "--obj", "Brain"])
+    model = build_model(args, torch.device("cpu"))
+    model.load_adapters(ckpt)
+    pool = predict.ImageFiles(predict.list_inputs(folder, "--input"), SIZE)
+    text = predict.text_features_for(model.clipmodel, ["Brain"], torch.device("cpu"))["Brain"]
+    c = predict.collect_maps(model, pool, text, torch.device("cpu"), "seg")
+    scores, maps_fn = predict.pool_scores(c, False, torch.device("cpu"))
+    np.testing.assert_allclose(square, maps_fn(1, 2)[0].numpy(), atol=1e-6)  # equal size: the map itself
+    model_map = maps_fn(0, 1)[0].numpy()
+    corners = (0, -1)
+    np.testing.assert_allclose(wide[np.ix_(corners, corners)], model_map[np.ix_(corners, corners)], atol=1e-6)
+    assert wide.min() >= model_map.min() - 1e-6 and wide.max() <= model_map.max() + 1e-6  # bilinear: within range
+    assert [float(r["score"]) for r in rows] == pytest.approx(scores.tolist(), rel=1e-6)
+
+
 def test_predict_few_shot_with_calibration(setup, inputs, tmp_path):
     synth, _ = setup
     support = Path(synth.data) / "Brain_AD/valid/good/img"
