@@ -1,5 +1,6 @@
-"""Opt-in fixes of reference quirks that are not tested elsewhere: --bce_on_probability (spec Q9) and --sort_listing
-(Q16). Known answers for the maths, and each flag followed from the command line to the code it changes."""
+"""Opt-in fixes of reference quirks that are not tested elsewhere: --bce_on_probability (spec Q9), --sort_listing
+(Q16) and --deterministic (Q27). Known answers for the maths, and each flag followed from the command line to the
+code it changes."""
 import math
 import os
 import random
