@@ -84,7 +84,8 @@ def run(args, model=None) -> dict:
                   "summary": summarize(results)}
         for key, value in record["summary"].items():
             print(f"{args.obj} {key} : {value['mean']:.4f} ± {value['std']:.4f} over {len(results)} draws")
-    write_record(args.out_dir, "test_few", args, record, {"clip": clip_file(args), "adapters": ckpt})
+    write_record(args.out_dir, "test_few", args, record, {"clip": clip_file(args), "adapters": ckpt},
+                 device)
     return record
 
 

@@ -54,7 +54,8 @@ def run(args, model=None) -> dict:
     text = text_features_for(model.clipmodel, [args.obj], device, args.precision)[args.obj]  # this dataset's only
     result = evaluate_zeroshot(args, model, dataset, text, device, maps_dir=args.save_maps)
     print("\n".join(result_lines(args.obj, result, fewshot=False)))
-    write_record(args.out_dir, "test_zero", args, result, {"clip": clip_file(args), "adapters": ckpt})
+    write_record(args.out_dir, "test_zero", args, result, {"clip": clip_file(args), "adapters": ckpt},
+                 device)
     return result
 
 

@@ -126,7 +126,7 @@ def run(args) -> dict:
     loader = DataLoader(fewshot_training_set(data.support), batch_size=1, shuffle=True)
     support, _ = augment(data.support.normal)  # memory-bank images [11k, 3, H, W]
     text = text_features_for(model.clipmodel, [args.obj], device, args.precision)[args.obj]
-    extras = {"args": vars(args), "versions": versions()}
+    extras = {"args": vars(args), "versions": versions(device)}
     best, best_result, best_state = 0.0, {}, None
     for epoch in range(args.epoch):
         losses = [train_step(model, images, labels, masks, text, has_masks, seg_opt, det_opt, device, args.precision,
@@ -154,7 +154,7 @@ def run(args) -> dict:
     if args.save_model and not saved:  # the score never rose above 0 (an AUROC of 0): the reference saves nothing too
         print(f"no checkpoint saved: the selection score never rose above 0; {target} was not written")
     write_record(args.out_dir, "train_few", args, result, {"clip": clip_file(args),
-                                                           "adapters": target if saved else None})
+                                                           "adapters": target if saved else None}, device)
     return result
 
 

@@ -42,7 +42,7 @@ def run(args) -> dict:
     target = checkpoint_path(args.save_path, args.obj)
     model, seg_opt, det_opt = training_model(args, device, target)
     texts = text_features_for(model.clipmodel, CLASS_NAMES, device, args.precision)
-    extras = {"args": vars(args), "versions": versions()}
+    extras = {"args": vars(args), "versions": versions(device)}
     every = max(1, len(train_set) // 5)  # deviation: the reference divides by zero below 5 groups (spec Q24)
     best, best_result, best_state = 0.0, {}, None
     for epoch in range(args.epoch):
@@ -73,7 +73,8 @@ def run(args) -> dict:
         result = evaluate_zeroshot(args, model, test_set, texts[args.obj], device)
         print("test set:\n" + "\n".join(result_lines(args.obj, result, fewshot=False)))
     write_record(args.out_dir, "train_zero", args, result, {"clip": clip_file(args),
-                                                            "adapters": target if args.save_model else None})
+                                                            "adapters": target if args.save_model else None},
+                 device)
     return result
 
 

@@ -185,27 +185,29 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def versions() -> dict:
+def versions(device: torch.device | None = None) -> dict:
+    """Library versions; on a CUDA `device` (the run's) also what its fp16 autocast does to upsampling."""
     import PIL
     import sklearn
     return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
             "scikit-learn": sklearn.__version__, "Pillow": PIL.__version__,
             "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-            "cuda_autocast_upsample": cuda_autocast_upsample_dtype()}
+            "cuda_autocast_upsample": autocast_upsample_dtype(device) if device and device.type == "cuda" else None}
 
 
-def cuda_autocast_upsample_dtype() -> str | None:
-    """What fp16 bilinear upsampling gives under CUDA autocast (spec Q7): 'torch.float16' in the torch releases of the
-    paper's time (then the reference's few-shot maps are float16), 'torch.float32' in recent ones; None without CUDA."""
-    if not torch.cuda.is_available():
-        return None
-    x = torch.zeros(1, 1, 2, 2, device="cuda", dtype=torch.float16)
-    with torch.autocast("cuda", dtype=torch.float16):
+def autocast_upsample_dtype(device: torch.device) -> str:
+    """What fp16 bilinear upsampling gives under the device's fp16 autocast, the reference's (spec Q7): on CUDA
+    'torch.float16' in the torch releases of the paper's time (then its few-shot maps are float16), 'torch.float32'
+    in recent ones."""
+    x = torch.zeros(1, 1, 2, 2, device=device, dtype=torch.float16)
+    with torch.autocast(device.type, dtype=torch.float16):
         return str(F.interpolate(x, size=4, mode="bilinear", align_corners=True).dtype)
 
 
-def write_record(out_dir: str, script: str, args, result: dict, files: dict) -> Path:
-    """A JSON per run: full-precision metrics, arguments, checksums of the weights used, library versions."""
+def write_record(out_dir: str, script: str, args, result: dict, files: dict,
+                 device: torch.device | None = None) -> Path:
+    """A JSON per run: full-precision metrics, arguments, checksums of the weights used, library versions (and, on
+    a CUDA `device`, what its autocast does to upsampling)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -216,7 +218,7 @@ def write_record(out_dir: str, script: str, args, result: dict, files: dict) -> 
         path = out / f"{script}_{args.obj}_{stamp}_{os.getpid()}-{n}.json"
     record = {"script": script, "time": stamp, "args": vars(args), "metrics": result,
               "files": {name: {"path": str(p), "sha256": sha256(p)} for name, p in files.items() if p},
-              "versions": versions()}
+              "versions": versions(device)}
     path.write_text(json.dumps(record, indent=1, default=str))
     return path
 

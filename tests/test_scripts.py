@@ -207,6 +207,7 @@ def test_train_few_prints_records_and_saves_released_layout(few_brain):
                                            "sha256": hashlib.sha256(ckpt_file.read_bytes()).hexdigest()}
     assert "clip" not in record["files"]  # --pretrain none: no weights file was read
     assert record["versions"]["torch"] == torch.__version__ and record["versions"]["numpy"] == np.__version__
+    assert record["versions"]["cuda_autocast_upsample"] is None  # probed only when the run's device is CUDA
     assert len(record["metrics"]["image_scores"]) == 2 * N
     ckpt = load_ckpt(ckpt_file)
     assert {"seg_adapters", "det_adapters", "args", "versions", "epoch"} <= set(ckpt)
