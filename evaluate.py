@@ -75,6 +75,19 @@ def collect(model, loader: DataLoader, text_features: torch.Tensor, device: torc
     return out
 
 
+def raw_maps(c: Collected, start: int, stop: int, device: torch.device, precision: str = "auto",
+             fewshot: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unnormalised full-size zero-shot and few-shot maps [n, H, W] of images start..stop-1 (few: None if absent)."""
+    with torch.no_grad(), autocast(device, precision):
+        logits = torch.stack(c.zero_logits[start:stop]).to(device)  # [n, L, HW, 2]
+        zero = zero_shot_map(list(logits.unbind(1)), c.img_size).float()  # [n, H, W]
+        few = None
+        if fewshot and c.few_distances:
+            dist = torch.stack(c.few_distances[start:stop]).to(device)  # [n, L, HW]
+            few = few_shot_map(list(dist.unbind(1)), c.img_size).float()
+    return zero, few
+
+
 class PixelMaps:
     """The test set's full-size pixel maps, recomputed in chunks: zero-shot, few-shot and their 0.5/0.5 fusion.
 
@@ -83,19 +96,11 @@ class PixelMaps:
 
     def __init__(self, c: Collected, device: torch.device, precision: str = "auto", fewshot: bool = True):
         self.c, self.device, self.precision = c, device, precision
-        self.fewshot = fewshot and bool(c.few_distances)
+        self.fewshot = fewshot
         self.extremes = self._extremes()
 
     def _raw(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        size = self.c.img_size
-        with torch.no_grad(), autocast(self.device, self.precision):
-            logits = torch.stack(self.c.zero_logits[start:stop]).to(self.device)  # [n, L, HW, 2]
-            zero = zero_shot_map(list(logits.unbind(1)), size).float()  # [n, H, W]
-            few = None
-            if self.fewshot:
-                dist = torch.stack(self.c.few_distances[start:stop]).to(self.device)  # [n, L, HW]
-                few = few_shot_map(list(dist.unbind(1)), size).float()
-        return zero, few
+        return raw_maps(self.c, start, stop, self.device, self.precision, self.fewshot)
 
     def _extremes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         lo_hi = None

@@ -177,22 +177,26 @@ def cell(value: float | None, part: str) -> str:
     return f"{value + 0.0:+.2f}" if part.startswith("ours-") else f"{value:.2f}"  # + 0.0: no '-0.00'
 
 
+def printed(rows: list[dict]) -> list[list[str]]:
+    """Each row as the strings the Markdown and the CSV show: dataset label, then COLUMNS."""
+    parts = [part for _ in METRICS for part, _ in PARTS]
+    return [[r["dataset"], *(cell(r[c], p) for c, p in zip(COLUMNS, parts))] for r in rows]
+
+
 def markdown(setting: str, rows: list[dict]) -> str:
     headers = [f"{name} {label}" for _, name in METRICS for _, label in PARTS]
-    parts = [part for _ in METRICS for part, _ in PARTS]
     lines = [f"## {TITLES[setting]} (AUROC, %)", "", "| Dataset | " + " | ".join(headers) + " |",
              "|:---|" + "---:|" * len(headers)]
-    lines += ["| " + " | ".join([r["dataset"], *(cell(r[c], p) for c, p in zip(COLUMNS, parts))]) + " |" for r in rows]
+    lines += ["| " + " | ".join(cells) + " |" for cells in printed(rows)]
     notes = average_notes(rows) + ([FOOTNOTES[setting]] if setting in FOOTNOTES else [])
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else []))
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    parts = [part for _ in METRICS for part, _ in PARTS]
     with open(path, "w", newline="", encoding="utf-8") as f:
         out = csv.writer(f)
         out.writerow(["dataset", *COLUMNS])
-        out.writerows([r["dataset"], *(cell(r[c], p) for c, p in zip(COLUMNS, parts))] for r in rows)
+        out.writerows(printed(rows))
 
 
 def write_tables(results: dict[str, dict], notes: list[str], out: Path) -> str:

@@ -29,9 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dataset import CLIP_MEAN, CLIP_STD, DATASETS, IMAGE_EXTENSIONS, check_obj, list_images, load_image
-from evaluate import Collected, PixelMaps, build_memory, collect
+from evaluate import Collected, PixelMaps, build_memory, collect, raw_maps
 from prompt import text_features_for
-from scoring import few_shot_map, zero_shot_map
 from utils import add_common_args, augment, build_model, resolve_device, run_main
 from visualize import overlay, save_maps
 
@@ -151,14 +150,6 @@ def collect_maps(model, dataset: Dataset, text: torch.Tensor, device: torch.devi
     return collect(model, loader, text, device, True, memory, precision, dataset.img_size, desc="maps")
 
 
-def _raw_fused(c: Collected, fewshot: bool) -> torch.Tensor:
-    """[1, H, W]: the raw zero-shot map of a one-image pool, 0.5/0.5 with the raw few-shot map if any."""
-    zero = zero_shot_map(list(c.zero_logits[0].float()[None].unbind(1)), c.img_size)  # logits [1, L, HW, 2]
-    if not fewshot:
-        return zero
-    return 0.5 * zero + 0.5 * few_shot_map(list(c.few_distances[0].float()[None].unbind(1)), c.img_size)
-
-
 def pool_scores(c: Collected, fewshot: bool, device: torch.device,
                 precision: str = "auto") -> tuple[np.ndarray, Callable[[int, int], torch.Tensor]]:
     """Image scores [n] and maps_fn(start, stop) -> maps [k, H, W] in [0, 1] of a pool (see the module docstring)."""
@@ -167,7 +158,8 @@ def pool_scores(c: Collected, fewshot: bool, device: torch.device,
     if len(c.labels) > 1:
         maps = PixelMaps(c, device, precision, fewshot)
         return (maps.image_max() if fewshot else np.array(c.zero_image, dtype=np.float32)), maps.chunk
-    fused = _raw_fused(c, fewshot).cpu()
+    zero, few = raw_maps(c, 0, 1, device, precision, fewshot)  # a one-image pool: the raw maps, fused
+    fused = (zero if few is None else 0.5 * zero + 0.5 * few).cpu()
     score = float(fused.max()) if fewshot else c.zero_image[0]
     display = (fused - fused.min()) / (fused.max() - fused.min()).clamp_min(1e-12)  # display only
     return np.array([score], dtype=np.float32), lambda start, stop: display[start:stop]

@@ -47,7 +47,7 @@ def summarize(results: list[dict]) -> dict:
 
 
 def evaluate_fewshot(args, model, dataset, support: torch.Tensor, text: torch.Tensor, device: torch.device,
-                 pixel_extras: bool = True, maps_dir: str | None = None) -> dict:
+                     pixel_extras: bool = True, maps_dir: str | None = None) -> dict:
     """Memory bank from the augmented normal support images [11k, 3, H, W], then one scored pass over `dataset`;
     with `maps_dir`, the anomaly maps are drawn there (predict.save_test_maps)."""
     memory = build_memory(model, support, device, args.precision, args.batch_size, keep_cls=not args.memory_no_cls)

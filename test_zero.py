@@ -33,7 +33,7 @@ def load_test_data(args) -> MedTestDataset:
 
 
 def evaluate_zeroshot(args, model, dataset: MedTestDataset, text: torch.Tensor, device: torch.device,
-                  pixel_extras: bool = True, maps_dir: str | None = None) -> dict:
+                      pixel_extras: bool = True, maps_dir: str | None = None) -> dict:
     """One scored pass over `dataset`; with `maps_dir`, the anomaly maps are drawn there (predict.save_test_maps)."""
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     collected = collect(model, loader, text, device, DATASETS[args.obj][1], None, args.precision, args.img_size)
