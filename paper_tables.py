@@ -50,7 +50,8 @@ FOOTNOTES = {"few-shot": "LiverCT AUC paper/impl. 81.18 equals the zero-shot imp
 # flags handed unchanged to both scripts when given, so that their defaults, types and checks apply
 PASS_ON = {"--data_path": {}, "--clip_ckpt": {}, "--device": {}, "--precision": {}, "--batch_size": {},
            "--model_name": {}, "--pretrain": {}, "--features_list": {"nargs": "+"}, "--img_size": {}, "--seed": {},
-           "--num_workers": {}, "--quick_gelu": {"action": "store_true"}, "--clip_normalize": {"action": "store_true"}}
+           "--num_workers": {}, "--fast": {"action": "store_true"}, "--quick_gelu": {"action": "store_true"},
+           "--clip_normalize": {"action": "store_true"}}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -216,7 +217,8 @@ def write_tables(results: dict[str, dict], notes: list[str], out: Path) -> str:
 
 def setting_notes(args) -> list[str]:
     """A note naming the flags given that change the numbers away from the reference's settings."""
-    given = [f for f in ("--quick_gelu", "--clip_normalize", "--memory_no_cls") if getattr(args, f[2:], False)]
+    flags = ("--fast", "--quick_gelu", "--clip_normalize", "--memory_no_cls")
+    given = [f for f in flags if getattr(args, f[2:], False)]
     given += [f"--precision {args.precision}"] if getattr(args, "precision", "auto") != "auto" else []
     return [f"run with {' '.join(given)}: not the reference's settings"] if given else []
 

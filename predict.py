@@ -35,7 +35,7 @@ from utils import add_common_args, augment, build_model, resolve_device, run_mai
 from visualize import overlay, save_maps
 
 MODEL_FLAGS = ("model_name", "pretrain", "clip_ckpt", "img_size", "features_list", "device", "precision",
-               "batch_size", "quick_gelu", "clip_normalize")
+               "batch_size", "fast", "quick_gelu", "clip_normalize")
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL opens 16-bit grey PNG/TIFF as I;16* (older: I)
 
 

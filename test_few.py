@@ -15,8 +15,8 @@ from dataset.medical_few import MedDataset
 from evaluate import build_memory, collect, evaluate, result_lines
 from predict import save_test_maps
 from prompt import text_features_for
-from utils import (add_common_args, add_fewshot_args, augment, build_model, checkpoint_path, clip_file, resolve_device,
-                   run_main, setup_seed, write_record)
+from utils import (add_common_args, add_fewshot_args, augment, build_model, checkpoint_path, clip_file, draw_as_loader,
+                   resolve_device, run_main, setup_seed, write_record)
 from visualize import add_map_args
 
 
@@ -50,6 +50,7 @@ def evaluate_fewshot(args, model, dataset, support: torch.Tensor, text: torch.Te
                      pixel_extras: bool = True, maps_dir: str | None = None) -> dict:
     """Memory bank from the augmented normal support images [11k, 3, H, W], then one scored pass over `dataset`;
     with `maps_dir`, the anomaly maps are drawn there (predict.save_test_maps)."""
+    draw_as_loader(shuffle=True)  # the reference reads the support images through a shuffling loader
     memory = build_memory(model, support, device, args.precision, args.batch_size, keep_cls=not args.memory_no_cls)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     has_masks = DATASETS[args.obj][1]

@@ -20,7 +20,7 @@ from utils import add_common_args, add_sort_listing_arg, checkpoint_path, clip_f
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, obj="Retina_RESC", batch_size=1)
+    add_common_args(p, obj="Retina_RESC")
     add_training_args(p, lr=0.0001, save_path="./ckpt/zero-shot/")
     add_sort_listing_arg(p, "the training images are shuffled into groups")
     return p

@@ -31,6 +31,13 @@ def setup_seed(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)  # a warning where no deterministic kernel exists
 
 
+def draw_as_loader(shuffle: bool) -> None:
+    """Draw from the global generator what iterating a DataLoader draws: its base seed and, when it shuffles, its
+    sampler's seed. For the loaders the reference iterates where this code needs none (spec 8.2)."""
+    for _ in range(2 if shuffle else 1):
+        torch.empty((), dtype=torch.int64).random_()
+
+
 def resolve_device(name: str | None) -> torch.device:
     """'auto' or None -> cuda when available, else cpu; anything else is checked."""
     if name in (None, "auto"):
@@ -101,16 +108,8 @@ def positive_int(text: str) -> int:
     return value
 
 
-INFERENCE_BATCH = 8  # images per forward of test and memory-bank passes: on 2 CPU cores ~1.3x faster than 1
-
-
-def add_common_args(parser, obj: str, batch_size: int = INFERENCE_BATCH) -> None:
-    """The flags every script takes, with the reference's names and defaults (spec section 0).
-
-    deviation: `--batch_size` defaults to 8 in test_few, test_zero and train_few, where it only sets the images per
-    forward of the test and memory-bank passes (per-image results equal batch size 1's to float rounding); the
-    reference's default 1 stays in train_zero, where it is the size of its training groups.
-    """
+def add_common_args(parser, obj: str) -> None:
+    """The flags every script takes, with the reference's names and defaults (spec section 0)."""
     parser.add_argument("--model_name", default="ViT-L-14-336", help="CLIP architecture (a CLIP/model_configs/*.json)")
     parser.add_argument("--pretrain", default="openai", choices=["openai", "none"],
                         help="'openai': read --clip_ckpt; 'none': random weights (tests, demo)")
@@ -119,9 +118,10 @@ def add_common_args(parser, obj: str, batch_size: int = INFERENCE_BATCH) -> None
     parser.add_argument("--obj", default=obj, help="dataset: Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, "
                                                    "Histopathology")
     parser.add_argument("--data_path", default="./data/", help="folder holding {obj}_AD/ in BMAD's layout")
-    parser.add_argument("--batch_size", type=positive_int, default=batch_size,
+    parser.add_argument("--batch_size", type=positive_int, default=1,
                         help="images per forward of test and memory-bank passes (train_zero: also the size of its "
-                             "training groups, reference default 1)")
+                             "training groups); above 1 faster (8: ~1.3x on 2 CPU cores), not the reference's last "
+                             "bits")
     parser.add_argument("--img_size", type=int, default=240, help="input resolution")
     parser.add_argument("--features_list", type=int, nargs="+", default=[6, 12, 18, 24],
                         help="1-based ViT block numbers followed by adapters")
@@ -130,6 +130,9 @@ def add_common_args(parser, obj: str, batch_size: int = INFERENCE_BATCH) -> None
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="'auto': fp16 autocast on CUDA as the reference, fp32 on the CPU; 'bf16' for GPUs and "
                              "CPUs with bf16 instructions (AVX512-BF16/AMX; slower than fp32 on other CPUs)")
+    parser.add_argument("--fast", action="store_true",
+                        help="fused attention, text prompts run over their own length: the same maths, faster, not "
+                             "the reference's last bits (printed 4-decimal results can move where scores nearly tie)")
     parser.add_argument("--quick_gelu", action="store_true",
                         help="fix: use QuickGELU, the activation the CLIP weights were trained with (reference: GELU)")
     parser.add_argument("--clip_normalize", action="store_true",
@@ -247,7 +250,7 @@ def build_model(args, device: torch.device):
     """CLIP (frozen, eval mode) with fresh adapters after `--features_list`, on `device`."""
     from CLIP import CLIP_Inplanted, create_model
     clip = create_model(args.model_name, args.img_size, args.pretrain, device, checkpoint=args.clip_ckpt,
-                        quick_gelu=args.quick_gelu)
+                        quick_gelu=args.quick_gelu, fused=args.fast)
     clip.requires_grad_(False)  # deviation: the reference asks gradients for the frozen backbone too (spec Q10)
     return CLIP_Inplanted(clip, args.features_list).to(device)
 

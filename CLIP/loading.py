@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .init_draws import advance, reference_init_draws
 from .model import CLIP, init_parameters
 
 CLIP_DIR = Path(__file__).resolve().parent
@@ -172,13 +173,13 @@ def load_strict(model: torch.nn.Module, sd: dict, source: str) -> None:
 
 def create_model(model_name: str = "ViT-L-14-336", img_size: int = 240, pretrained: str = "openai",
                  device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
-                 quick_gelu: bool = False, **_ignored) -> CLIP:
+                 quick_gelu: bool = False, fused: bool = False, **_ignored) -> CLIP:
     """The reference's call: the CLIP of `model_name` at `img_size`, with OpenAI's weights, in eval mode.
 
     `pretrained='openai'` reads `checkpoint` (default `CLIP/ckpt/<OpenAI file name>`); `pretrained='none'` builds
     random weights (tests, demo). The architecture comes from `CLIP/model_configs/<model_name>.json` when it exists,
     else from the checkpoint's shapes. Exact GELU by default, as the reference runs it; `quick_gelu=True` uses the
-    activation the weights were trained with.
+    activation the weights were trained with. `fused=True`: fused attention (see `CLIP.set_fused`).
     """
     if pretrained not in ("openai", "none"):
         raise ValueError(f"--pretrain {pretrained!r} is not supported: use 'openai' (with --clip_ckpt for a file)")
@@ -194,10 +195,19 @@ def create_model(model_name: str = "ViT-L-14-336", img_size: int = 240, pretrain
             raise ValueError(f"{path}: no {e} tensor - not CLIP weights") from None
     if config is None:
         raise ValueError(f"unknown --model_name {model_name!r}: no CLIP/model_configs/{model_name}.json and no weights")
-    config["vision_cfg"] = {**config["vision_cfg"], "image_size": img_size}
-    model = CLIP(**config, quick_gelu=quick_gelu)
+    # The reference builds a throw-away CLIP at the checkpoint's resolution, then its own at img_size, both with
+    # torch's default initialisation: draw what they draw (spec 8.2), so that the adapters built next start from
+    # the reference's values; our model is built on the meta device and draws nothing.
+    patch = config["vision_cfg"]["patch_size"]
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5) if sd else None
+    throwaway = {**config, "vision_cfg": {**config["vision_cfg"], "image_size": grid * patch}} if grid else config
+    config = {**config, "vision_cfg": {**config["vision_cfg"], "image_size": img_size}}
+    advance(reference_init_draws(throwaway) + reference_init_draws(config))
+    with torch.device("meta"):
+        model = CLIP(**config, quick_gelu=quick_gelu)
+    model.to_empty(device=device)
     if sd is None:
         init_parameters(model, torch.Generator().manual_seed(0))
     else:
-        load_strict(model, resize_pos_embed(sd, img_size // model.visual.patch_size, device), str(path))
-    return model.to(device).eval()
+        load_strict(model, resize_pos_embed(sd, img_size // patch, device), str(path))
+    return model.set_fused(fused).eval()

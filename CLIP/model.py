@@ -24,20 +24,31 @@ class QuickGELU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention on OpenAI's packed `in_proj` weights, through the fused SDPA kernel.
+    """Multi-head self-attention on OpenAI's packed `in_proj` weights.
 
-    deviation: the reference asks nn.MultiheadAttention for the (unused) attention weights, which forces the
-    explicit path; the fused path computes the same outputs within float rounding (spec Q22).
+    By default torch's own multi-head attention with its explicit product path, as the reference calls it
+    (need_weights=True; the weights are dropped): its trajectory in training amplifies last-bit differences, so only
+    the same operations reproduce it. `fused=True` (--fast) takes the fused SDPA kernel: the same outputs within
+    float rounding (spec Q22), faster, not the same last bits.
     """
 
     def __init__(self, width: int, heads: int):
         super().__init__()
-        self.heads = heads
+        self.heads, self.fused = heads, False
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, sequence_first: bool = False) -> torch.Tensor:
+        """x [B, L, C] ([L, B, C] with sequence_first, the reference's layout) -> the same shape."""
+        if not self.fused:
+            y = x if sequence_first else x.transpose(0, 1)  # [L, B, C]
+            n = y.shape[0]
+            mask = torch.full((n, n), float("-inf"), device=x.device).triu_(1).to(x.dtype) if causal else None
+            out = F.multi_head_attention_forward(y, y, y, y.shape[-1], self.heads, self.in_proj_weight,
+                                                 self.in_proj_bias, None, None, False, 0.0, self.out_proj.weight,
+                                                 self.out_proj.bias, need_weights=True, attn_mask=mask)[0]
+            return out if sequence_first else out.transpose(0, 1)
         B, L, C = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3C]
         q, k, v = qkv.view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, C/H]
@@ -56,8 +67,8 @@ class ResidualAttentionBlock(nn.Module):
         act = QuickGELU() if quick_gelu else nn.GELU()
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, hidden), gelu=act, c_proj=nn.Linear(hidden, width)))
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal)
+    def forward(self, x: torch.Tensor, causal: bool = False, sequence_first: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal, sequence_first)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -66,9 +77,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, sequence_first: bool = False) -> torch.Tensor:
         for block in self.resblocks:
-            x = block(x, causal)
+            x = block(x, causal, sequence_first)
         return x
 
 
@@ -121,17 +132,33 @@ class CLIP(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(images)
 
+    def set_fused(self, fused: bool) -> "CLIP":
+        """fused=True (--fast): fused attention, and text rows of equal length run over their own positions only."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fused = fused
+        return self
+
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [N, context] -> projected EOT features [N, E].
 
-        Only the positions up to the last EOT are run: under the causal mask the others cannot change the EOT
-        token, so the result is the full pass's (the reference runs all 77).
+        As the reference: all rows in one batch over all positions, sequence-first (the layout decides the last bits
+        of its products). Fused: rows grouped by EOT position, each group run up to it; under the causal mask the
+        other positions cannot change the EOT token, so the result is the same within float rounding.
         """
         eot = ids.argmax(dim=-1)  # the EOT id is the largest in the vocabulary
-        n_ctx = int(eot.max()) + 1
-        x = self.token_embedding(ids[:, :n_ctx]) + self.positional_embedding[:n_ctx]  # [N, n_ctx, W]
-        x = self.ln_final(self.transformer(x, causal=True))
-        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # [N, E]
+        if not self.transformer.resblocks[0].attn.fused:
+            x = (self.token_embedding(ids) + self.positional_embedding).permute(1, 0, 2)  # [context, N, W]
+            x = self.ln_final(self.transformer(x, causal=True, sequence_first=True).permute(1, 0, 2))  # [N, ctx, W]
+            return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # [N, E]
+        out = None
+        for length in eot.unique():
+            rows = (eot == length).nonzero().squeeze(1)
+            x = self.token_embedding(ids[rows, :length + 1]) + self.positional_embedding[:length + 1]  # [n, len, W]
+            features = self.ln_final(self.transformer(x, causal=True))[:, -1] @ self.text_projection  # [n, E]
+            out = features.new_empty(ids.shape[0], features.shape[1]) if out is None else out
+            out[rows] = features
+        return out
 
 
 def init_parameters(model: CLIP, generator: torch.Generator | None = None) -> CLIP:

@@ -26,7 +26,7 @@ from CLIP import CLIP_Inplanted, create_model, tokenize  # noqa: E402
 from prompt import encode_text_with_prompt_ensemble, prompt_sentences  # noqa: E402
 from utils import autocast, augment  # noqa: E402
 
-STAGES = ("load", "text", "forward", "memory_bank", "train_step", "train_step_unfrozen", "metrics")
+STAGES = ("init_draws", "load", "text", "forward", "memory_bank", "train_step", "train_step_unfrozen", "metrics")
 
 
 def vision_gflops(model: CLIP_Inplanted, img_size: int) -> float:
@@ -72,6 +72,14 @@ def peak_mb(device: torch.device) -> float:
 def run_stage(args) -> dict:
     """One stage, in this process; returns its figures."""
     device, stage, prec = torch.device(args.device), args.stage, args.precision
+    if stage == "init_draws":  # what create_model draws for the reference's two CLIP constructions (spec 8.2)
+        from CLIP.init_draws import advance, reference_init_draws
+        from CLIP.loading import load_config
+        config = load_config(args.model_name)
+        used = {**config, "vision_cfg": {**config["vision_cfg"], "image_size": args.img_size}}
+        start = time.perf_counter()
+        advance(reference_init_draws(config) + reference_init_draws(used))
+        return {"seconds": time.perf_counter() - start}
     if stage == "load":
         start = time.perf_counter()
         create_model(args.model_name, args.img_size, "openai" if args.clip_ckpt else "none", device,

@@ -16,9 +16,9 @@ import pytest
 from conftest import REFERENCE, REPO, require_reference
 
 
-def recorded_runs() -> list[tuple[str, list[str]]]:
-    """[(command, printed lines)] from the reference's transcript."""
-    path = REFERENCE / "reference_outputs_seed0.txt"
+def recorded_runs(transcript: str = "reference_outputs_seed0.txt") -> list[tuple[str, list[str]]]:
+    """[(command, printed lines)] from one of the reference's transcripts."""
+    path = REFERENCE / transcript
     if not path.is_file():
         return []
     runs = []
@@ -78,3 +78,25 @@ def test_paper_tables_cell_equals_recorded_line(user_checkout):
     assert rows["few_shot"]["HIS"]["image_auroc_ours"] == "-"
     assert "Histopathology few-shot: not run, adapter checkpoint not found" in out.stdout
     assert "## Zero-shot (AUROC, %)" in (out_dir / "tables.md").read_text()
+
+
+def result_lines(lines: list[str]) -> list[str]:
+    """Every evaluation's printed metrics and the zero-shot selection messages, in order."""
+    return [line for line in lines if " AUC : " in line or " pAUC : " in line or line.startswith("best epoch found")]
+
+
+@pytest.mark.parametrize("command,expected", recorded_runs("reference_training_seed0.txt") or [pytest.param(
+    "", [], marks=pytest.mark.skip(reason=f"reference training transcript not found in {REFERENCE}"))])
+def test_training_from_scratch_prints_the_recorded_lines(user_checkout, tmp_path, command, expected):
+    """The same command, seed and inputs as the reference's one-epoch trainings: adapters initialised from the same
+    generator state, the same shuffles, so the same evaluations (zero-shot: five in the epoch) and mean loss."""
+    require_reference()
+    out = subprocess.run([sys.executable, *command.split(), "--save_path", str(tmp_path / "ckpt"),
+                          "--out_dir", str(tmp_path / "results")],
+                         cwd=user_checkout, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    printed = out.stdout.splitlines()
+    assert result_lines(printed) == result_lines(expected)
+    recorded_loss = float(next(line for line in expected if line.startswith("Loss:")).split()[-1])
+    loss = float(next(line for line in printed if line.startswith("epoch 0 loss ")).split()[-1])
+    assert loss == pytest.approx(recorded_loss, rel=1e-4)
