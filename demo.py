@@ -7,18 +7,17 @@ Without the OpenAI weights (CLIP/ckpt/ViT-L-14-336px.pt) it uses a small random-
 (./data/{obj}_AD) it generates a small synthetic benchmark in BMAD's layout. Then the numbers mean nothing: the demo
 shows that the pipeline runs and what it writes.
 """
-import argparse
 from pathlib import Path
 
-import test_few
-import train_few
+import fewshot
 from CLIP.loading import default_checkpoint
+from cli import new_parser, run_main
 from dataset import CLASS_NAMES
 from dataset.synth import make_synthetic_bmad
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser(__doc__)
     p.add_argument("--obj", default="Brain", choices=CLASS_NAMES, help="dataset to train and test on")
     p.add_argument("--shot", type=int, default=2, help="support images per class")
     p.add_argument("--epoch", type=int, default=2, help="training epochs")
@@ -45,8 +44,9 @@ def main(argv=None) -> int:
               "--out_dir", str(out / "results"), "--precision", args.precision, *model]
     if seed_dir:
         common += ["--seed_dir", str(seed_dir)]
-    train_few.main(common + ["--epoch", str(args.epoch), "--overwrite", "--shot_in_name"])
-    test_few.main(common + ["--shot_in_name"])
+    run_main(fewshot.train, fewshot.train_parser(),
+             common + ["--epoch", str(args.epoch), "--overwrite", "--shot_in_name"])
+    run_main(fewshot.test, fewshot.test_parser(), common + ["--shot_in_name"])
     print(f"checkpoint: {out / 'ckpt'}, run records: {out / 'results'}")
     return 0
 

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import metrics
-from scoring import few_shot_distances, few_shot_map, minmax, unit_rows, zero_shot_image_score, zero_shot_logits, \
-    zero_shot_map
+from scoring import few_shot_distances, few_shot_map, minmax, patches, unit_rows, zero_shot_image_score, \
+    zero_shot_logits, zero_shot_map
 from utils import autocast
 
 CHUNK = 16  # images per recomputed block of full-size maps
@@ -31,9 +31,9 @@ def build_memory(model, images: torch.Tensor, device: torch.device, precision: s
     with autocast(device, "fp32" if precision in ("auto", "amp") else precision):
         for batch in tqdm(images.split(batch_size), desc="memory bank", leave=False):
             _, seg, det = model(batch.to(device))
-            first = 0 if keep_cls else 1
-            seg_rows.append([t[:, first:].flatten(0, 1) for t in seg])  # per layer [b * (1+HW), D]
-            det_rows.append([t[:, first:].flatten(0, 1) for t in det])
+            seg, det = (seg, det) if keep_cls else (patches(seg), patches(det))
+            seg_rows.append([t.flatten(0, 1) for t in seg])  # per layer [b * (1+HW), D] ([b * HW, D] without CLS)
+            det_rows.append([t.flatten(0, 1) for t in det])
     return ([unit_rows(torch.cat(layer).float()) for layer in zip(*seg_rows)],
             [unit_rows(torch.cat(layer).float()) for layer in zip(*det_rows)])
 
@@ -52,14 +52,20 @@ class Collected:
 
 
 @torch.no_grad()
-def collect(model, loader: DataLoader, text_features: torch.Tensor, device: torch.device, has_masks: bool,
-            memory: tuple | None = None, precision: str = "auto", img_size: int = 240,
+def collect(model, loader: DataLoader, text_features: torch.Tensor, device: torch.device, *, has_masks: bool,
+            memory: tuple | None = None, precision: str = "auto", img_size: int = 240, head: str = "seg",
             desc: str = "test") -> Collected:
-    """One pass over the test set; memory = (seg bank, det bank) for few-shot scoring, None for zero-shot."""
+    """One pass over the test set; memory = (seg bank, det bank) for few-shot scoring, None for zero-shot.
+
+    head='det': the pixel-map material comes from the det head's tokens and bank (maps of image-only datasets).
+    """
     out = Collected(has_masks, img_size)
+    if head == "det" and memory is not None:
+        memory = (memory[1], memory[1])
     for images, labels, masks in tqdm(loader, desc=desc, leave=False):
         with autocast(device, precision):
             _, seg, det = model(images.to(device))
+            seg = det if head == "det" else seg
             if memory is not None:  # before the in-place normalisations of the zero-shot scoring (spec 6.6)
                 distances = few_shot_distances(memory[0] if has_masks else memory[1], seg if has_masks else det)
             out.zero_image += zero_shot_image_score(zero_shot_logits(det, text_features)).float().cpu().tolist()
@@ -130,7 +136,7 @@ class PixelMaps:
                                for s in range(0, len(self.c.labels), CHUNK)])
 
 
-def evaluate(c: Collected, fewshot: bool, device: torch.device, precision: str = "auto",
+def evaluate(c: Collected, *, fewshot: bool, device: torch.device, precision: str = "auto",
              pixel_extras: bool = True) -> dict:
     """The reference's metrics (`auroc`, and `pixel_auroc` for datasets with masks) plus AP, F1-max and AUPRO.
 

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from scoring import text_logits, upsample
+from scoring import patches, text_logits, upsample
 
 
 def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
@@ -31,13 +31,12 @@ def detection_loss(det_tokens: list[torch.Tensor], text_features: torch.Tensor, 
                    bce_on_probability: bool = False) -> torch.Tensor:
     """Sum over layers of BCE-with-logits between the mean abnormal probability of the patches and the label.
 
-    det_tokens: per layer [B, 1+HW, D] (CLS dropped here); labels [B] float. As the reference, the probability is
+    det_tokens: per layer [B, 1+HW, D]; labels [B] float. As the reference, the probability is
     passed where a logit is expected (spec Q9), so the loss never goes below log(1 + e^-1) for an abnormal label.
     bce_on_probability=True (fix) takes the plain BCE of the probability instead, in fp32 outside autocast.
     """
     loss = 0
-    for tokens in det_tokens:
-        tokens = tokens[:, 1:]  # [B, HW, D]
+    for tokens in patches(det_tokens):  # [B, HW, D]
         score = text_logits(tokens / tokens.norm(dim=-1, keepdim=True), text_features).softmax(-1)[..., 1].mean(-1)
         if bce_on_probability:
             with torch.autocast(score.device.type, enabled=False):  # BCE on probabilities is unsafe under autocast
@@ -51,8 +50,7 @@ def segmentation_loss(seg_tokens: list[torch.Tensor], text_features: torch.Tenso
                       img_size: int) -> torch.Tensor:
     """Sum over layers of focal + dice between the upsampled zero-shot pixel probabilities and {0,1} masks [B, H, W]."""
     loss = 0
-    for tokens in seg_tokens:
-        tokens = tokens[:, 1:]  # [B, HW, D]
+    for tokens in patches(seg_tokens):  # [B, HW, D]
         logits = text_logits(tokens / tokens.norm(dim=-1, keepdim=True), text_features)  # [B, HW, 2]
         prob = upsample(logits, img_size).softmax(dim=1)  # [B, 2, H, W]
         loss = loss + focal_loss(prob, masks) + dice_loss(prob[:, 1], masks)

@@ -6,7 +6,6 @@ AUPRO is evaluated at a fixed number of FPR-spaced thresholds taken from the neg
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -33,22 +32,6 @@ def _numpy(a) -> np.ndarray:
     return np.asarray(a)
 
 
-def normalize_minmax(a, lo=None, hi=None) -> np.ndarray:
-    """(a - min) / (max - min) over the whole array, in a's dtype (float16 stays float16, spec Q7).
-
-    lo / hi: the global min / max when a is one chunk of a larger set. max == min gives NaN as in the reference
-    (Q32), with a warning.
-    """
-    a = _numpy(a)
-    lo = a.min() if lo is None else np.asarray(lo, dtype=a.dtype)
-    hi = a.max() if hi is None else np.asarray(hi, dtype=a.dtype)
-    if hi == lo:
-        warnings.warn(f"normalize_minmax: all scores are equal ({lo}); the normalised scores are NaN as in the "
-                      "reference", RuntimeWarning, stacklevel=2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (a - lo) / (hi - lo)
-
-
 def _check_both_classes(n_pos: int, n_neg: int, what: str) -> None:
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"AUROC is undefined: the test set has only normal (or only abnormal) {what} "
@@ -68,7 +51,7 @@ def image_metrics(labels, scores) -> dict[str, float]:
     if y.shape != s.shape:
         raise ValueError(f"image_metrics: {y.size} labels but {s.size} scores; pass one score per test image")
     if np.isnan(s).any():
-        raise ValueError("image_metrics: the scores contain NaN (normalize_minmax of constant scores?)")
+        raise ValueError("image_metrics: the scores contain NaN (min-max of constant scores?)")
     _check_both_classes(int(y.sum()), int((~y).sum()), "images")
     precision, recall, _ = precision_recall_curve(y, s)
     return {"auroc": float(roc_auc_score(y, s)), "ap": float(average_precision_score(y, s)),
@@ -102,7 +85,7 @@ def _count(chunks: Chunks) -> tuple[int, int, np.dtype]:
     for s, m in _blocks(chunks):
         dtype = np.result_type(dtype, s.dtype)
         if s.dtype.kind == "f" and np.isnan(s).any():
-            raise ValueError("pixel_metrics: the scores contain NaN (normalize_minmax of constant maps?)")
+            raise ValueError("pixel_metrics: the scores contain NaN (min-max of constant maps?)")
         k = int(np.count_nonzero(m))
         n_pos, n_neg = n_pos + k, n_neg + m.size - k
     return n_pos, n_neg, dtype

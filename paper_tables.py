@@ -9,12 +9,15 @@ import argparse
 import csv
 from pathlib import Path
 
-import test_few
-import test_zero
+import fewshot
+import zeroshot
+from CLIP import build_model
+from cli import new_parser, run_main
 from dataset import dataset_root
-from utils import build_model, checkpoint_path, resolve_device, run_main
+from records import checkpoint_path
+from utils import resolve_device
 
-SETTINGS = {"zero-shot": test_zero, "few-shot": test_few}
+SETTINGS = {"zero-shot": zeroshot, "few-shot": fewshot}
 # the paper's row order: (our dataset name, the paper's label)
 ROWS = (("Histopathology", "HIS"), ("Chest", "ChestXray"), ("Retina_OCT2017", "OCT17"), ("Brain", "BrainMRI"),
         ("Liver", "LiverCT"), ("Retina_RESC", "RESC"))
@@ -55,7 +58,7 @@ PASS_ON = {"--data_path": {}, "--clip_ckpt": {}, "--device": {}, "--precision": 
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser(__doc__)
     p.add_argument("--objs", nargs="+", default=[obj for obj, _ in ROWS], choices=[obj for obj, _ in ROWS],
                    help="datasets to run (default all six; the others get rows of '-')")
     p.add_argument("--zero_dir", default=None, help="zero-shot adapter checkpoints {obj}.pth (default: test_zero.py's "
@@ -74,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def script_args(args) -> dict[tuple[str, str], argparse.Namespace]:
-    """(setting, obj) -> the arguments test_zero.py / test_few.py get for that run, parsed by their own parsers."""
+    """(setting, obj) -> the arguments test_zero.py / test_few.py get for that run, parsed by their parsers."""
     common = ["--out_dir", str(Path(args.out) / "runs")]
     for flag, options in PASS_ON.items():
         value = getattr(args, flag[2:], None)
@@ -84,7 +87,7 @@ def script_args(args) -> dict[tuple[str, str], argparse.Namespace]:
              "few-shot": ["--shot", "4", "--iterate", "0", *(["--save_path", args.few_dir] if args.few_dir else []),
                           *(["--seed_dir", args.seed_dir] if args.seed_dir else []),
                           *(["--memory_no_cls"] if args.memory_no_cls else [])]}
-    return {(setting, obj): module.parser().parse_args(["--obj", obj, *common, *extra[setting]])
+    return {(setting, obj): module.test_parser().parse_args(["--obj", obj, *common, *extra[setting]])
             for setting, module in SETTINGS.items() for obj, _ in ROWS if obj in args.objs}
 
 
@@ -117,7 +120,7 @@ def run_all(args) -> tuple[dict[str, dict], list[str]]:
     for (setting, obj), sargs in runs.items():
         print(f"--- {obj} {setting}")
         try:
-            results[setting][obj] = SETTINGS[setting].run(sargs, model)
+            results[setting][obj] = SETTINGS[setting].test(sargs, model)
         except (FileNotFoundError, ValueError) as e:
             if args.strict:
                 raise
@@ -139,7 +142,7 @@ def _mean(values: list) -> float | None:
 def table(setting: str, ours: dict[str, dict]) -> list[dict]:
     """Rows in the paper's order plus 'Average': {'dataset': label, COLUMNS...: % with two decimals or None}.
 
-    `ours`: dataset -> a result of test_zero.run / test_few.run (AUROC as fractions); absent datasets get None.
+    `ours`: dataset -> a result of zeroshot.test / fewshot.test (AUROC as fractions); absent datasets get None.
     Differences are taken on the rounded values, so they equal the printed ones. The average runs over the datasets
     we have, and the paper's and implementation's over the same ones (all of them: the published averages).
     """

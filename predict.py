@@ -23,67 +23,18 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
-from dataset import CLIP_MEAN, CLIP_STD, DATASETS, IMAGE_EXTENSIONS, check_obj, list_images, load_image
-from evaluate import Collected, PixelMaps, build_memory, collect, raw_maps
+from CLIP import build_model
+from cli import add_model_args, new_parser, run_main
+from dataset import DATASETS, IMAGE_EXTENSIONS, check_obj, list_images
+from dataset.medical_few import ImageItems
+from dataset.transforms import load_input, read_image
+from evaluate import Collected, PixelMaps, build_memory, raw_maps
 from prompt import text_features_for
-from utils import add_common_args, augment, build_model, resolve_device, run_main
-from visualize import overlay, save_maps
+from utils import augment, resolve_device
+from visualize import collect_maps, overlay
 
-MODEL_FLAGS = ("model_name", "pretrain", "clip_ckpt", "img_size", "features_list", "device", "precision",
-               "batch_size", "fast", "quick_gelu", "clip_normalize")
-SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL opens 16-bit grey PNG/TIFF as I;16* (older: I)
-
-
-# ---- reading images of any depth ----
-
-def _open(path: Path) -> tuple[np.ndarray, bool]:
-    """(pixels [H, W, C] float32 in [0, 1], C = 1 or 3; True if the file is 8-bit) with errors naming the file."""
-    try:
-        with Image.open(path) as img:
-            if img.mode in SIXTEEN_BIT:
-                a = np.asarray(img).astype(np.float64)  # I;16B arrives big-endian: astype takes care of it
-                if a.min() < 0 or a.max() > 65535:
-                    raise ValueError(f"image {path}: 32-bit integer values outside 0..65535; save it as 8- or 16-bit")
-                return (a / 65535).astype(np.float32)[..., None], False
-            if img.mode == "F":
-                a = np.asarray(img, dtype=np.float32)
-                if a.min() < 0 or a.max() > 1:
-                    raise ValueError(f"image {path}: float values in [{a.min():g}, {a.max():g}], [0, 1] expected; "
-                                     f"rescale it or save it as 8- or 16-bit")
-                return a[..., None], False
-            return np.asarray(img.convert("RGB"), dtype=np.float32) / 255, True  # L, P, RGBA, 1, CMYK, ...
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    except (OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {path}: {err} (corrupt or not an image; replace or remove it)") from None
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """[H, W, 3] float32 in [0, 1] at the file's own size: 8-bit / 255, 16-bit grey levels / 65535, float as is."""
-    a, _ = _open(Path(path))
-    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a
-
-
-def load_input(path: str | Path, img_size: int) -> torch.Tensor:
-    """[3, img_size, img_size] float32 in [0, 1]: 8-bit files exactly as the test datasets load them, deeper ones
-    resized in floating point (bicubic, clipped to [0, 1] as the 8-bit path clips)."""
-    a, eight_bit = _open(Path(path))
-    if eight_bit:
-        return load_image(str(path), img_size)
-    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(a[..., c])).resize(  # mode 'F' per channel
-        (img_size, img_size), Image.Resampling.BICUBIC)) for c in range(a.shape[2])]
-    x = torch.from_numpy(np.clip(np.stack(planes), 0, 1))  # [C, S, S]
-    return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
-
-
-def clip_normalize(x: torch.Tensor) -> torch.Tensor:
-    """--clip_normalize: CLIP's mean/std on [3, H, W] (as dataset.load_image(normalize=True))."""
-    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
 
 
 def list_inputs(path: str | Path, flag: str) -> list[Path]:
@@ -101,53 +52,12 @@ def list_inputs(path: str | Path, flag: str) -> list[Path]:
     return [p]
 
 
-class ImageFiles(Dataset):
-    """Image files as a test dataset: `.items` (path, label 0, no mask); item = (model input [3, S, S], 0, zeros)."""
-
-    def __init__(self, paths: list[Path], img_size: int, normalize: bool = False):
-        self.items = [(str(p), 0, None) for p in paths]
-        self.img_size, self.normalize, self.has_masks = img_size, normalize, False
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-        x = load_input(self.items[i][0], self.img_size)
-        return (clip_normalize(x) if self.normalize else x), 0, torch.zeros(1, self.img_size, self.img_size)
-
-
-# ---- maps ----
-
-class DetHead(nn.Module):
-    """The model seen through its det head: det tokens in both slots, so that evaluate.collect, which builds pixel
-    maps from the seg slot, builds det-head maps (and still takes the image score from the det head)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor):
-        pooled, _, det = self.model(images)
-        return pooled, det, det
-
-
 def pick_head(obj: str | None, head: str = "auto") -> str:
     """'auto': the det head for image-only datasets (their few-shot checkpoints never train the seg adapters),
     else the seg head."""
     if head != "auto":
         return head
-    return "det" if obj is not None and not DATASETS[obj][1] else "seg"
-
-
-def collect_maps(model, dataset: Dataset, text: torch.Tensor, device: torch.device, head: str = "seg",
-                 memory: tuple | None = None, precision: str = "auto", batch_size: int = 1,
-                 num_workers: int = 0) -> Collected:
-    """evaluate.collect over `dataset` keeping the pixel-map material of `head` ('seg' or 'det'); memory = the
-    (seg bank, det bank) of build_memory for few-shot maps, None for zero-shot."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    if head == "det":
-        model, memory = DetHead(model), None if memory is None else (memory[1], memory[1])
-    return collect(model, loader, text, device, True, memory, precision, dataset.img_size, desc="maps")
+    return "det" if obj is not None and not DATASETS[obj].has_masks else "seg"
 
 
 def pool_scores(c: Collected, fewshot: bool, device: torch.device,
@@ -165,26 +75,10 @@ def pool_scores(c: Collected, fewshot: bool, device: torch.device,
     return np.array([score], dtype=np.float32), lambda start, stop: display[start:stop]
 
 
-def save_test_maps(out_dir: str | Path, dataset, collected: Collected, scores, model, text: torch.Tensor,
-                   device: torch.device, args, memory: tuple | None = None) -> list[Path]:
-    """--save_maps of test_few.py / test_zero.py: per test image the normalised map the pixel metrics used.
-
-    Image-only datasets have no pixel map in the reference; for them one more pass builds the det head's maps (the
-    spatial breakdown of their image scores), fused and min-max normalised over the test set in the same way.
-    """
-    fewshot = memory is not None
-    what = ("0.5/0.5 zero-/few-shot" if fewshot else "zero-shot") + ("" if collected.has_masks else " det-head")
-    if not collected.has_masks:
-        collected = collect_maps(model, dataset, text, device, "det", memory, args.precision, args.batch_size,
-                                 args.num_workers)
-    maps = PixelMaps(collected, device, args.precision, fewshot)
-    return save_maps(out_dir, dataset, maps.chunk, scores, args.grid_n, f"{what} map, min-max over the test set")
-
-
 # ---- command line ----
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser(__doc__)
     p.add_argument("--input", required=True, help="an image file or a folder of images (png, jpg, jpeg, bmp, tif)")
     p.add_argument("--ckpt", required=True, help="adapter checkpoint (.pth of train_few.py / train_zero.py)")
     name = p.add_mutually_exclusive_group(required=True)
@@ -201,17 +95,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="./predictions/", help="folder for scores.csv and the heat-map PNGs")
     p.add_argument("--save_npy", action="store_true",
                    help="also write each heat map at the input's own size as float32 .npy, values as drawn")
-    common = argparse.ArgumentParser(add_help=False)
-    add_common_args(common, obj="Brain")
-    for action in common._actions:  # argparse has no public way to take a subset of another parser's flags
-        if action.dest in MODEL_FLAGS:
-            p._add_action(action)
+    add_model_args(p)
     return p
 
 
 def support_memory(model, paths: list[Path], args, device: torch.device) -> tuple:
     """Memory banks of the augmented support images (11 views each), as test_few.py builds them."""
-    images = torch.stack([ImageFiles(paths, args.img_size, args.clip_normalize)[i][0] for i in range(len(paths))])
+    images = torch.stack([load_input(p, args.img_size, args.clip_normalize) for p in paths])  # [k, 3, S, S]
     return build_memory(model, augment(images)[0], device, args.precision, args.batch_size)
 
 
@@ -258,7 +148,7 @@ def run(args) -> list[dict]:
     name = obj or args.prompt_name
     text = text_features_for(model.clipmodel, [name], device, args.precision)[name]
     memory = support_memory(model, support, args, device) if support else None
-    pool = ImageFiles(normals + inputs, args.img_size, args.clip_normalize)
+    pool = ImageItems([(str(p), 0, None) for p in normals + inputs], args.img_size, args.clip_normalize)
     c = collect_maps(model, pool, text, device, pick_head(obj, args.head), memory, args.precision, args.batch_size)
     scores, maps_fn = pool_scores(c, memory is not None, device, args.precision)
     threshold = float(np.quantile(scores[:len(normals)], 1 - args.fpr)) if normals else None

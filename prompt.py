@@ -1,17 +1,9 @@
-"""Prompt names of the six datasets and the prompt-ensemble text features (spec section 4)."""
+"""The prompt ensemble and its text features (spec section 4)."""
 import torch
 
 from CLIP import tokenize
-
-# dataset -> the object name put into the prompts (Retina_RESC and Retina_OCT2017 share one, spec Q26)
-PROMPT_NAMES = {
-    "Brain": "Brain",
-    "Liver": "Liver",
-    "Retina_RESC": "retinal OCT",
-    "Retina_OCT2017": "retinal OCT",
-    "Chest": "Chest X-ray film",
-    "Histopathology": "histopathological image",
-}
+from dataset import DATASETS
+from utils import autocast
 
 NORMAL_STATES = ["{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
                  "{} without damage"]
@@ -39,7 +31,7 @@ def prompt_sentences(name: str) -> tuple[list[str], list[str]]:
 
 def prompt_name(obj_or_name: str) -> str:
     """A dataset name maps to its prompt name; anything else is used as the object name itself."""
-    return PROMPT_NAMES.get(obj_or_name, obj_or_name)
+    return DATASETS[obj_or_name].prompt_name if obj_or_name in DATASETS else obj_or_name
 
 
 @torch.no_grad()
@@ -60,7 +52,6 @@ def encode_text_with_prompt_ensemble(clip_model, name: str, device: str | torch.
 
 def text_features_for(clip_model, objs, device: torch.device, precision: str = "auto") -> dict[str, torch.Tensor]:
     """{obj: [E, 2]} for each dataset (or prompt name), each distinct prompt name encoded once, under autocast."""
-    from utils import autocast
     cache = {}
     with autocast(device, precision):
         for name in {prompt_name(o) for o in objs}:

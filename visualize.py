@@ -1,6 +1,5 @@
-"""Drawing anomaly maps (matplotlib, no pyplot state, no display): one overlay per image, the paper's grid, and the
-test scripts' `--save_maps` loop that writes both for a whole test set."""
-import argparse
+"""Anomaly maps: drawing (matplotlib, no pyplot state, no display) one overlay per image and the paper's grid, the
+maps of a test set from its collected scores, and the test scripts' `--save_maps` loop that writes both."""
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -11,7 +10,10 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from dataset import load_image, load_mask
+from torch.utils.data import DataLoader
+
+from dataset import load_input, load_mask
+from evaluate import Collected, PixelMaps, collect
 
 CMAP, ALPHA, OUTLINE = "jet", 0.5, "magenta"  # magenta: absent from jet and from grey-level scans
 LABELS = {0: "normal", 1: "abnormal"}
@@ -145,22 +147,6 @@ def grid_selection(labels: Sequence[int], scores: Sequence[float], n: int) -> li
     return abnormal[:take_a] + normal[:n - take_a]
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def add_map_args(parser) -> None:
-    """--save_maps and --grid_n of test_few.py and test_zero.py."""
-    parser.add_argument("--save_maps", default=None, metavar="DIR",
-                        help="after evaluation write per test image DIR/{index:05d}_{label}_{stem}.png (normalised "
-                             "anomaly map, ground-truth outline, image score) and DIR/grid.png")
-    parser.add_argument("--grid_n", type=_positive, default=8,
-                        help="rows of DIR/grid.png: the top-scoring abnormal images, then the top-scoring normal ones")
-
-
 def save_maps(out_dir: str | Path, dataset, maps_fn: Callable[[int, int], torch.Tensor | None],
               scores: Sequence[float], grid_n: int = 8, caption: str = "anomaly map (0-1)",
               chunk: int = 16) -> list[Path]:
@@ -181,7 +167,7 @@ def save_maps(out_dir: str | Path, dataset, maps_fn: Callable[[int, int], torch.
         maps = maps_fn(start, min(start + chunk, len(items)))
         for k, (path, label, mask_path) in enumerate(items[start:start + chunk]):
             i = start + k
-            image = load_image(path, size)
+            image = load_input(path, size)
             mask = load_mask(mask_path, size)[0] if mask_path else (np.zeros((size, size)) if dataset.has_masks
                                                                     else None)
             heat = None if maps is None else maps[k]
@@ -193,3 +179,29 @@ def save_maps(out_dir: str | Path, dataset, maps_fn: Callable[[int, int], torch.
                 rows[i] = Row(image, mask, heat, scores[i], title)
     written.append(grid([rows[i] for i in chosen], out_dir / "grid.png", caption))
     return written
+
+
+def collect_maps(model, dataset, text: torch.Tensor, device: torch.device, head: str = "seg",
+                 memory: tuple | None = None, precision: str = "auto", batch_size: int = 1,
+                 num_workers: int = 0) -> Collected:
+    """evaluate.collect over `dataset` keeping the pixel-map material of `head` ('seg' or 'det'); memory = the
+    (seg bank, det bank) of build_memory for few-shot maps, None for zero-shot."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return collect(model, loader, text, device, has_masks=True, memory=memory, precision=precision,
+                   img_size=dataset.img_size, head=head, desc="maps")
+
+
+def save_test_maps(out_dir: str | Path, dataset, collected: Collected, scores, model, text: torch.Tensor,
+                   device: torch.device, args, memory: tuple | None = None) -> list[Path]:
+    """--save_maps of test_few.py / test_zero.py: per test image the normalised map the pixel metrics used.
+
+    Image-only datasets have no pixel map in the reference; for them one more pass builds the det head's maps (the
+    spatial breakdown of their image scores), fused and min-max normalised over the test set in the same way.
+    """
+    fewshot = memory is not None
+    what = ("0.5/0.5 zero-/few-shot" if fewshot else "zero-shot") + ("" if collected.has_masks else " det-head")
+    if not collected.has_masks:
+        collected = collect_maps(model, dataset, text, device, "det", memory, args.precision, args.batch_size,
+                                 args.num_workers)
+    maps = PixelMaps(collected, device, args.precision, fewshot)
+    return save_maps(out_dir, dataset, maps.chunk, scores, args.grid_n, f"{what} map, min-max over the test set")

@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .loading import check_keys
+from .loading import check_keys, create_model
 from .model import CLIP
 
 
@@ -87,3 +87,12 @@ class CLIP_Inplanted(nn.Module):
                        "was it trained with another --features_list?")
             modules.load_state_dict(ckpt[name], strict=True)
         return ckpt
+
+
+def build_model(args, device: torch.device) -> CLIP_Inplanted:
+    """CLIP (frozen, eval mode) with fresh adapters after `--features_list`, on `device`, from the scripts' flags
+    (model_name, img_size, pretrain, clip_ckpt, quick_gelu, fast, features_list)."""
+    clip = create_model(args.model_name, args.img_size, args.pretrain, device, checkpoint=args.clip_ckpt,
+                        quick_gelu=args.quick_gelu, fused=args.fast)
+    clip.requires_grad_(False)  # deviation: the reference asks gradients for the frozen backbone too (spec Q10)
+    return CLIP_Inplanted(clip, args.features_list).to(device)

@@ -129,9 +129,3 @@ def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH, trunc
             ids[-1] = EOT_ID
         out[row, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
     return out
-
-
-def max_length(texts: str | list[str]) -> int:
-    """Longest tokenized length incl. SOT/EOT (0 for no texts): the text positions worth running."""
-    tokenizer = get_tokenizer()
-    return max((len(tokenizer.encode(text)) + 2 for text in _as_list(texts)), default=0)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli import new_parser  # noqa: E402
 from metrics import pixel_metrics  # noqa: E402
 
 SIZE = 240
@@ -108,7 +109,7 @@ def worker_evaluate(n: int, seed: int) -> dict:
         c.zero_logits.append(torch.randn(4, 289, 2, generator=g))  # [layers, HW, 2]
         c.few_distances.append(torch.rand(4, 289, generator=g))  # [layers, HW]
     gen_s = time.perf_counter() - t0
-    res = evaluate(c, True, torch.device("cpu"))
+    res = evaluate(c, fewshot=True, device=torch.device("cpu"))
     return {"n": n, "pixels": n * SIZE * SIZE, "positives": positives, "passes": "-", "gen_s": gen_s,
             "wall_s": time.perf_counter() - t0 - gen_s, "peak_increase": _status("VmHWM") - base,
             "peak_reset": reset, "auroc": res["pixel_auroc"], "aupro": res["pixel_aupro"]}
@@ -126,7 +127,7 @@ def _row(r: dict) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser(__doc__)
     p.add_argument("--n", type=int, nargs="+", default=[500, 4000], help="numbers of 240x240 images, one run each")
     p.add_argument("--chunk", type=int, default=16, help="images per streamed chunk")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic maps")

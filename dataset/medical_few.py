@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from . import DATASETS, check_obj, dataset_root, list_images, load_image, load_mask, pair_masks
+from . import DATASETS, check_obj, dataset_root, list_images, load_input, load_mask, pair_masks
 
 # deviation: the reference opens ./dataset/fewshot_seed relative to the working directory (Q28); this is the folder
 # next to this package, whatever the working directory.
@@ -20,37 +20,45 @@ LISTS_HINT = ("the paper's lists are published in the authors' repository (Media
               "dataset/fewshot_seed/); `--iterate -1 --seed N` draws a support set instead")
 
 
-def list_test_items(data_path: str, obj: str, split: str = 'test') -> list[tuple[str, int, str | None]]:
-    """(image path, label, mask path or None) of a split: sorted normal (0), then sorted abnormal (1)."""
+def list_test_items(data_path: str, obj: str, split: str = 'test',
+                    sort: bool = True) -> list[tuple[str, int, str | None]]:
+    """(image path, label, mask path or None) of a split: normal (0), then abnormal (1), each sorted by name or, with
+    sort=False, in os.listdir order (Q16)."""
     root = dataset_root(data_path, obj)
-    normal = list_images(os.path.join(root, split, 'good', 'img'))
-    abnormal = list_images(os.path.join(root, split, 'Ungood', 'img'))
-    if DATASETS[obj][1]:
+    normal = list_images(os.path.join(root, split, 'good', 'img'), sort)
+    abnormal = list_images(os.path.join(root, split, 'Ungood', 'img'), sort)
+    if DATASETS[obj].has_masks:
         masks = pair_masks(abnormal, os.path.join(root, split, 'Ungood', 'anomaly_mask'))
     else:
         masks = [None] * len(abnormal)
     return [(p, 0, None) for p in normal] + [(p, 1, m) for p, m in zip(abnormal, masks)]
 
 
-class MedTestDataset(Dataset):
-    """A split of `obj` (the test split by default); item i = (image [3,H,W], label int, mask [1,H,W]; zeros if
-    normal or image-only)."""
+class ImageItems(Dataset):
+    """Items (image path, label, mask path or None); item i = (image [3,H,W], label int, mask [1,H,W]; zeros if
+    none). Images of any depth (8-bit as the reference loads them, 16-bit, float)."""
 
-    def __init__(self, data_path: str, obj: str, img_size: int = 240, normalize: bool = False, split: str = 'test'):
-        self.obj = check_obj(obj)
-        self.has_masks = DATASETS[obj][1]
-        self.img_size, self.normalize = img_size, normalize
-        self.items = list_test_items(data_path, obj, split)
+    def __init__(self, items: list[tuple[str, int, str | None]], img_size: int = 240, normalize: bool = False,
+                 has_masks: bool = False):
+        self.items, self.img_size, self.normalize, self.has_masks = items, img_size, normalize, has_masks
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         path, label, mask = self.items[i]
-        img = load_image(path, self.img_size, self.normalize)
+        img = load_input(path, self.img_size, self.normalize)
         if mask is None:
             return img, label, torch.zeros(1, self.img_size, self.img_size)
         return img, label, load_mask(mask, self.img_size)
+
+
+class MedTestDataset(ImageItems):
+    """A split of `obj` (the test split by default): sorted normal images, then sorted abnormal ones."""
+
+    def __init__(self, data_path: str, obj: str, img_size: int = 240, normalize: bool = False, split: str = 'test'):
+        self.obj = check_obj(obj)
+        super().__init__(list_test_items(data_path, obj, split), img_size, normalize, DATASETS[obj].has_masks)
 
 
 class Support(NamedTuple):
@@ -113,11 +121,11 @@ def load_support(data_path: str, obj: str, img_size: int = 240, shot: int = 4, i
     normal_paths = [os.path.join(good, n) for n in normal]
     abnormal_paths = [os.path.join(bad, n) for n in abnormal]
     masks = None
-    if DATASETS[obj][1]:
+    if DATASETS[obj].has_masks:
         mask_paths = pair_masks(abnormal_paths, os.path.join(root, 'valid', 'Ungood', 'anomaly_mask'), False)
         masks = torch.stack([load_mask(p, img_size) for p in mask_paths])  # [k, 1, H, W]
-    return Support(normal=torch.stack([load_image(p, img_size, normalize) for p in normal_paths]),  # [k, 3, H, W]
-                   abnormal=torch.stack([load_image(p, img_size, normalize) for p in abnormal_paths]),
+    return Support(normal=torch.stack([load_input(p, img_size, normalize) for p in normal_paths]),  # [k, 3, H, W]
+                   abnormal=torch.stack([load_input(p, img_size, normalize) for p in abnormal_paths]),
                    abnormal_masks=masks, normal_files=normal, abnormal_files=abnormal)
 
 

@@ -2,14 +2,13 @@
 
 `MedTestDataset` is the few-shot test set (same list, same items), re-exported here.
 """
-import os
 import random
 
 import torch
 from torch.utils.data import Dataset
 
-from . import CLASS_NAMES, DATASETS, check_obj, dataset_root, list_images, load_image, load_mask, pair_masks
-from .medical_few import MedTestDataset
+from . import CLASS_NAMES, DATASETS, check_obj, load_input, load_mask
+from .medical_few import MedTestDataset, list_test_items
 
 __all__ = ['MedTrainDataset', 'MedTestDataset']
 
@@ -32,29 +31,19 @@ class MedTrainDataset(Dataset):
         self.sort_listing, self.normalize = sort_listing, normalize
         self.data = self._build()
 
-    def _class_items(self, name: str) -> list[tuple[str, int, str | None]]:
-        """(path, label, mask) of one dataset's test split: normal then abnormal, each in os.listdir order (Q16)."""
-        root = dataset_root(self.data_path, name)
-        normal = list_images(os.path.join(root, 'test', 'good', 'img'), sort=self.sort_listing)
-        abnormal = list_images(os.path.join(root, 'test', 'Ungood', 'img'), sort=self.sort_listing)
-        masks = [None] * len(abnormal)
-        if DATASETS[name][1]:
-            masks = pair_masks(abnormal, os.path.join(root, 'test', 'Ungood', 'anomaly_mask'))
-        return [(p, 0, None) for p in normal] + [(p, 1, m) for p, m in zip(abnormal, masks)]
-
     def _build(self) -> list[Group]:
         """Shuffle each other dataset's list, cut it into groups, shuffle the groups (spec 7.1; Q23: test splits)."""
         per_class = []
         for name in CLASS_NAMES:
             if name != self.obj:
-                items = self._class_items(name)
+                items = list_test_items(self.data_path, name, sort=self.sort_listing)
                 random.shuffle(items)
                 per_class.append((name, items))
         groups = []
         for name, items in per_class:
             for start in range(0, len(items), self.batch_size):
                 paths, labels, masks = zip(*items[start:start + self.batch_size])
-                groups.append((paths, labels, masks if DATASETS[name][1] else None, name))
+                groups.append((paths, labels, masks if DATASETS[name].has_masks else None, name))
         random.shuffle(groups)
         return groups
 
@@ -68,7 +57,7 @@ class MedTrainDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
         paths, labels, masks, name = self.data[i]
         size = self.img_size
-        imgs = torch.stack([load_image(p, size, self.normalize) for p in paths])  # [B, 3, H, W]
+        imgs = torch.stack([load_input(p, size, self.normalize) for p in paths])  # [B, 3, H, W]
         y = torch.tensor(labels, dtype=torch.float32)  # [B]
         if masks is None:
             return imgs, y, torch.zeros(1, size, size), name  # image-only dataset: the reference's (1, H, W)

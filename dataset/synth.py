@@ -105,7 +105,7 @@ def make_synthetic_bmad(root: str, n_per_split: int = 6, seed: int = 0, img_size
     i < `iterations`, for every k in `shots` not above `n_per_split`."""
     data, seed_root = os.path.join(root, 'data'), seed_root or os.path.join(root, 'dataset', 'fewshot_seed')
     for obj in objs:
-        folder, has_masks = DATASETS[check_obj(obj)]
+        folder, has_masks, _ = DATASETS[check_obj(obj)]
         ext, oi = ('.jpeg' if obj == 'Retina_OCT2017' else '.png'), CLASS_NAMES.index(obj)
         for fi, (split, state) in enumerate(FOLDERS):
             base = os.path.join(data, folder, split, state)

@@ -43,7 +43,7 @@ def _names(paths):
 
 def test_table_and_check_obj():
     assert tuple(DATASETS) == CLASS_NAMES
-    assert [k for k, (_, m) in DATASETS.items() if m] == ['Brain', 'Liver', 'Retina_RESC']
+    assert [k for k, d in DATASETS.items() if d.has_masks] == ['Brain', 'Liver', 'Retina_RESC']
     assert check_obj('Chest') == 'Chest'
     with pytest.raises(ValueError, match="unknown --obj 'brain': choose one of Brain, Liver, Retina_RESC, "
                                          "Retina_OCT2017, Chest, Histopathology"):
@@ -53,7 +53,7 @@ def test_table_and_check_obj():
 @pytest.mark.parametrize('obj', ['Brain', 'Chest'])
 def test_reference_test_list_order_labels_masks(reference_assets, obj):
     data = str(reference_assets / 'data')
-    folder, has_masks = DATASETS[obj]
+    folder, has_masks, _ = DATASETS[obj]
     ds = MedTestDataset(data, obj, img_size=32)
     good, bad = (os.path.join(data, folder, 'test', s, 'img') for s in ('good', 'Ungood'))
     assert [p for p, _, _ in ds.items] == ([os.path.join(good, n) for n in sorted(os.listdir(good))]
@@ -120,13 +120,13 @@ def test_support_from_reference_lists(reference_assets, obj, iterate):
         table = {line.split()[0]: line.split()[1:] for line in f.read().splitlines() if line.strip()}
     sup = load_support(data, obj, img_size=32, shot=4, iterate=iterate, seed_root=seeds)
     assert sup.normal_files == table[f'n-{iterate}:'][:4] and sup.abnormal_files == table[f'a-{iterate}:'][:4]
-    valid = os.path.join(data, DATASETS[obj][0], 'valid')
+    valid = os.path.join(data, DATASETS[obj].folder, 'valid')
     assert sup.normal.shape == sup.abnormal.shape == (4, 3, 32, 32)
     for j in range(4):
         assert torch.equal(sup.normal[j], load_image(os.path.join(valid, 'good', 'img', sup.normal_files[j]), 32))
         assert torch.equal(sup.abnormal[j], load_image(os.path.join(valid, 'Ungood', 'img', sup.abnormal_files[j]),
                                                        32))
-    if DATASETS[obj][1]:
+    if DATASETS[obj].has_masks:
         masks = [load_mask(os.path.join(valid, 'Ungood', 'anomaly_mask', n), 32) for n in sup.abnormal_files]
         assert torch.equal(sup.abnormal_masks, torch.stack(masks))
     else:
@@ -247,7 +247,7 @@ def _reference_groups(data, obj, bs):
         if name != obj:
             items = []
             for state, label in (('good', 0), ('Ungood', 1)):
-                d = os.path.join(data, DATASETS[name][0], 'test', state, 'img')
+                d = os.path.join(data, DATASETS[name].folder, 'test', state, 'img')
                 items += [(os.path.join(d, f), label) for f in os.listdir(d)]
             random.shuffle(items)
             per_class.append((name, items))
@@ -257,7 +257,7 @@ def _reference_groups(data, obj, bs):
             chunk = items[s:s + bs]
             gts = tuple(data + p[len(data):].replace('img', 'anomaly_mask') if y else None for p, y in chunk)
             groups.append((tuple(p for p, _ in chunk), tuple(y for _, y in chunk),
-                           gts if DATASETS[name][1] else None, name))
+                           gts if DATASETS[name].has_masks else None, name))
     random.shuffle(groups)
     return groups
 
@@ -284,12 +284,12 @@ def test_zero_shot_train_items_and_determinism(synth):
     assert MedTrainDataset(synth.data, 'Retina_RESC', img_size=SMALL, batch_size=4).data == ds.data
     every = sorted(p for g in ds.data for p in g[0])
     want = sorted(p for n in CLASS_NAMES if n != 'Retina_RESC' for s in ('good', 'Ungood')
-                  for p in list_images(os.path.join(synth.data, DATASETS[n][0], 'test', s, 'img')))
+                  for p in list_images(os.path.join(synth.data, DATASETS[n].folder, 'test', s, 'img')))
     assert every == want and len(ds) == 15
     for paths, labels, masks, name in ds.data:
-        assert all(f'{DATASETS[name][0]}{os.sep}test{os.sep}' in p for p in paths)
+        assert all(f'{DATASETS[name].folder}{os.sep}test{os.sep}' in p for p in paths)
         assert list(labels) == [int('Ungood' in p) for p in paths]
-        if DATASETS[name][1]:
+        if DATASETS[name].has_masks:
             assert [m and os.path.basename(m) for m in masks] == [os.path.basename(p) if y else None
                                                                  for p, y in zip(paths, labels)]
         else:
@@ -309,7 +309,7 @@ def test_zero_shot_hidden_files_do_not_change_groups(tmp_path):
     random.seed(0)
     before = MedTrainDataset(paths.data, 'Chest', img_size=16, batch_size=3).data
     for n in CLASS_NAMES:
-        (Path(paths.data) / DATASETS[n][0] / 'test' / 'good' / 'img' / '.DS_Store').write_bytes(b'x')
+        (Path(paths.data) / DATASETS[n].folder / 'test' / 'good' / 'img' / '.DS_Store').write_bytes(b'x')
     random.seed(0)
     assert MedTrainDataset(paths.data, 'Chest', img_size=16, batch_size=3).data == before
 
@@ -317,7 +317,7 @@ def test_zero_shot_hidden_files_do_not_change_groups(tmp_path):
 # ---------------------------------------------------------------- synthetic generator
 
 def test_synth_layout(synth):
-    for obj, (folder, has_masks) in DATASETS.items():
+    for obj, (folder, has_masks, _) in DATASETS.items():
         ext = '.jpeg' if obj == 'Retina_OCT2017' else '.png'
         for split in ('valid', 'test'):
             for state in ('good', 'Ungood'):
@@ -365,5 +365,5 @@ def test_synth_readable_by_datasets(synth):
         assert len(ds) == 12 and ds.support.normal.shape == (4, 3, 32, 32)
         img, y, mask = ds[11]
         assert y == 1 and img.shape == (3, 32, 32)
-        assert (mask.sum() > 0) == DATASETS[obj][1]
-        assert (ds.support.abnormal_masks is not None) == DATASETS[obj][1]
+        assert (mask.sum() > 0) == DATASETS[obj].has_masks
+        assert (ds.support.abnormal_masks is not None) == DATASETS[obj].has_masks

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 import dataset.files
+import fewshot
 import loss
 import test_few
 import train_few
 import train_zero
+import training
+import zeroshot
 from dataset.medical_zero import MedTrainDataset
 from test_scripts import TINY, cached_text, one_thread, script_args, synth  # noqa: F401
 from utils import setup_seed
@@ -77,7 +80,7 @@ def test_bce_flag_reaches_every_training_step(module, obj, flag, synth, tmp_path
         return real(det, text, labels, bce_on_probability)
 
     real = loss.detection_loss
-    monkeypatch.setattr(train_few, "detection_loss", spy)
+    monkeypatch.setattr(training, "detection_loss", spy)
     extra = ["--epoch", "1", "--select", "last", "--save_model", "0", *(["--bce_on_probability"] if flag else [])]
     seed_dir = synth.seed_root if module is train_few else None
     if module is train_few:
@@ -97,7 +100,7 @@ def drawn_support(synth, *flags: str) -> tuple[list[str], list[str]]:
     args = test_few.parser().parse_args([*TINY, "--obj", "Liver", "--data_path", synth.data, "--shot", "2",
                                          "--iterate", "-1", *flags])
     setup_seed(args.seed)
-    support = test_few.load_fewshot_data(args, -1).support
+    support = fewshot.load_fewshot_data(args, -1).support
     return support.normal_files, support.abnormal_files
 
 
@@ -131,7 +134,7 @@ def test_train_zero_sort_listing_groups(synth, monkeypatch):
         made.append(kwargs.get("sort_listing"))
         raise Stop
 
-    monkeypatch.setattr(train_zero, "MedTrainDataset", spy)
+    monkeypatch.setattr(zeroshot, "MedTrainDataset", spy)
     for flags, expected in (([], False), (["--sort_listing"], True)):
         with pytest.raises(Stop):
             train_zero.run(train_zero.parser().parse_args([*TINY, "--data_path", synth.data, *flags]))

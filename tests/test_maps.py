@@ -9,14 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
+import fewshot
 import predict
 import prompt
 import test_few
 import test_zero
 import visualize
+import zeroshot
+from CLIP import build_model
 from dataset import load_image
+from dataset.medical_few import ImageItems
 from dataset.synth import make_synthetic_bmad
-from utils import build_model
 
 SIZE = 56  # model input: a 4x4 patch grid keeps the tiny CLIP fast
 TINY = ["--model_name", "demo-tiny", "--pretrain", "none", "--features_list", "3", "6", "9", "12",
@@ -38,7 +41,7 @@ def fast():
         return cache[tuple(objs)]
 
     with pytest.MonkeyPatch.context() as mp:
-        for module in (test_few, test_zero, predict):
+        for module in (fewshot, zeroshot, predict):
             mp.setattr(module, "text_features_for", cached)
         yield
     torch.set_num_threads(threads)
@@ -197,9 +200,9 @@ def test_predict_maps_at_the_input_size(setup, inputs, tmp_path):
     args = predict.parser().parse_args(TINY + ["--input", str(folder), "--ckpt", str(ckpt), "--obj", "Brain"])
     model = build_model(args, torch.device("cpu"))
     model.load_adapters(ckpt)
-    pool = predict.ImageFiles(predict.list_inputs(folder, "--input"), SIZE)
+    pool = ImageItems([(str(p), 0, None) for p in predict.list_inputs(folder, "--input")], SIZE)
     text = predict.text_features_for(model.clipmodel, ["Brain"], torch.device("cpu"))["Brain"]
-    c = predict.collect_maps(model, pool, text, torch.device("cpu"), "seg")
+    c = visualize.collect_maps(model, pool, text, torch.device("cpu"), "seg")
     scores, maps_fn = predict.pool_scores(c, False, torch.device("cpu"))
     np.testing.assert_allclose(square, maps_fn(1, 2)[0].numpy(), atol=1e-6)  # equal size: the map itself
     model_map = maps_fn(0, 1)[0].numpy()

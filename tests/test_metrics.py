@@ -1,4 +1,6 @@
 """metrics.py: known answers, equality with sklearn over many chunkings, AUPRO against an exact implementation."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 import metrics
-from metrics import image_metrics, normalize_minmax, pixel_metrics
+from metrics import _numpy, image_metrics, pixel_metrics
 
 
 def _one(scores, masks):
@@ -82,6 +84,23 @@ def test_image_metrics_errors():
 
 
 # ---- normalisation -------------------------------------------------------------------------------------------------
+
+# a numpy version of scoring.minmax with its NaN warning, as the reference's numpy normalisation (spec Q7, Q32)
+def normalize_minmax(a, lo=None, hi=None) -> np.ndarray:
+    """(a - min) / (max - min) over the whole array, in a's dtype (float16 stays float16, spec Q7).
+
+    lo / hi: the global min / max when a is one chunk of a larger set. max == min gives NaN as in the reference
+    (Q32), with a warning.
+    """
+    a = _numpy(a)
+    lo = a.min() if lo is None else np.asarray(lo, dtype=a.dtype)
+    hi = a.max() if hi is None else np.asarray(hi, dtype=a.dtype)
+    if hi == lo:
+        warnings.warn(f"normalize_minmax: all scores are equal ({lo}); the normalised scores are NaN as in the "
+                      "reference", RuntimeWarning, stacklevel=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (a - lo) / (hi - lo)
+
 
 def test_normalize_minmax_values_dtype_and_chunks():
     a = np.array([[2.0, 4.0], [3.0, 6.0]], np.float16)

@@ -5,8 +5,11 @@ from pathlib import Path
 
 import torch
 
+import fewshot
 import train_few
 import train_zero
+import training
+import zeroshot
 from test_scripts import (adapter_state, cached_text, call, ckpt_state, expected_lines, load_ckpt,  # noqa: F401
                           one_thread, only_record, reads, result_lines, same_weights, script_args, split_files,
                           split_of, synth)
@@ -22,7 +25,7 @@ def first_test_read(log: list, folder: str) -> int:
 
 
 def fake_step(model, *args, **kwargs) -> float:
-    """Stands in for train_few.train_step: moves every adapter weight a little, so each step's weights differ."""
+    """Stands in for training.train_step: moves every adapter weight a little, so each step's weights differ."""
     with torch.no_grad():
         for p in model.seg_adapters.parameters():
             p.add_(1e-3)
@@ -32,12 +35,12 @@ def fake_step(model, *args, **kwargs) -> float:
 
 
 class Spies:
-    """Wraps a script's save_checkpoint and evaluation function, recording each call with the weights at that time;
-    `scripted` (a list of metric dicts), if given, replaces the evaluation's results in turn."""
+    """Wraps save_checkpoint and a protocol module's evaluation function, recording each call with the weights at
+    that time; `scripted` (a list of metric dicts), if given, replaces the evaluation's results in turn."""
 
     def __init__(self, monkeypatch, module, evaluation: str, scripted: list | None = None):
         self.saves, self.evals, self.scripted = [], [], scripted
-        save, evaluate = module.save_checkpoint, getattr(module, evaluation)
+        save, evaluate = training.save_checkpoint, getattr(module, evaluation)
 
         def spy_save(model, path, extras):
             self.saves.append((extras, adapter_state(model)))
@@ -49,7 +52,7 @@ class Spies:
                 return self.scripted.pop(0)
             return evaluate(args, model, dataset, *rest, **kwargs)
 
-        monkeypatch.setattr(module, "save_checkpoint", spy_save)
+        monkeypatch.setattr(training, "save_checkpoint", spy_save)
         monkeypatch.setattr(module, evaluation, spy_evaluate)
 
 
@@ -60,7 +63,7 @@ def splits(dataset) -> set:
 # ---------------------------------------------------------------- few-shot
 
 def test_fewshot_val_never_reads_the_test_set_before_the_final_pass(synth, tmp_path, reads, monkeypatch):
-    spies = Spies(monkeypatch, train_few, "evaluate_fewshot")  # records, and runs the real evaluation
+    spies = Spies(monkeypatch, fewshot, "evaluate_fewshot")  # records, and runs the real evaluation
     out = call(train_few, script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--epoch", "2", "--select", "val",
                                       seed_dir=synth.seed_root))
     start = first_test_read(reads, "Brain_AD")
@@ -84,8 +87,8 @@ def test_fewshot_val_never_reads_the_test_set_before_the_final_pass(synth, tmp_p
 
 
 def test_fewshot_last_saves_once_with_the_final_weights(synth, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_few, "train_step", fake_step)
-    spies = Spies(monkeypatch, train_few, "evaluate_fewshot")
+    monkeypatch.setattr(fewshot, "train_step", fake_step)
+    spies = Spies(monkeypatch, fewshot, "evaluate_fewshot")
     out = call(train_few, script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--epoch", "3", "--select",
                                       "last", seed_dir=synth.seed_root))
     assert len(spies.saves) == 1 and spies.saves[0][0]["epoch"] == 2 and spies.saves[0][0]["selection"] == "last"
@@ -100,8 +103,8 @@ def test_fewshot_test_selection_saves_on_strict_improvement(synth, tmp_path, mon
     """Reference (spec 6.4, Q4): after each epoch, on the test set; saved when pAUC + AUC > the best so far."""
     scores = [(0.5, 0.75), (0.75, 0.5), (0.75, 0.75), (0.25, 0.25)]  # sums 1.25, 1.25 (equal: no save), 1.5, 0.5
     scripted = [{"image_auroc": a, "pixel_auroc": p, "image_scores": [0.0] * 6} for a, p in scores]
-    monkeypatch.setattr(train_few, "train_step", fake_step)
-    spies = Spies(monkeypatch, train_few, "evaluate_fewshot", list(scripted))
+    monkeypatch.setattr(fewshot, "train_step", fake_step)
+    spies = Spies(monkeypatch, fewshot, "evaluate_fewshot", list(scripted))
     out = call(train_few, script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--epoch", "4",
                                       seed_dir=synth.seed_root))
     assert [extras["epoch"] for extras, _ in spies.saves] == [0, 2]
@@ -122,8 +125,8 @@ def test_zeroshot_test_selection_saves_on_non_strict_improvement(synth, tmp_path
     the score is >= the best so far."""
     aucs = [0.5, 0.5, 0.25, 0.75, 0.75, 0.75, 0.5, 0.5, 0.5, 0.5]  # two epochs of 5 groups (one per other dataset)
     scripted = [{"image_auroc": a, "image_scores": [0.0] * 6} for a in aucs]
-    monkeypatch.setattr(train_zero, "train_step", fake_step)
-    spies = Spies(monkeypatch, train_zero, "evaluate_zeroshot", list(scripted))
+    monkeypatch.setattr(zeroshot, "train_step", fake_step)
+    spies = Spies(monkeypatch, zeroshot, "evaluate_zeroshot", list(scripted))
     out = call(train_zero, script_args(synth.data, tmp_path, "Chest", "--epoch", "2", "--batch_size", "6"))
     saved_at = [(0, 0), (0, 1), (0, 3), (0, 4), (1, 0)]
     assert [(e["epoch"], e["batch"]) for e, _ in spies.saves] == saved_at
@@ -137,7 +140,7 @@ def test_zeroshot_test_selection_saves_on_non_strict_improvement(synth, tmp_path
 
 
 def test_zeroshot_val_uses_the_valid_split_only(synth, tmp_path, reads, monkeypatch):
-    spies = Spies(monkeypatch, train_zero, "evaluate_zeroshot")
+    spies = Spies(monkeypatch, zeroshot, "evaluate_zeroshot")
     out = call(train_zero, script_args(synth.data, tmp_path, "Brain", "--epoch", "1", "--batch_size", "6",
                                        "--select", "val"))
     evaluated = [p for module, p in reads if module == "dataset.medical_few"]  # selection passes, then the test pass
@@ -158,8 +161,8 @@ def test_zeroshot_val_uses_the_valid_split_only(synth, tmp_path, reads, monkeypa
 
 
 def test_zeroshot_last_saves_once_with_the_final_weights(synth, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_zero, "train_step", fake_step)
-    spies = Spies(monkeypatch, train_zero, "evaluate_zeroshot")
+    monkeypatch.setattr(zeroshot, "train_step", fake_step)
+    spies = Spies(monkeypatch, zeroshot, "evaluate_zeroshot")
     call(train_zero, script_args(synth.data, tmp_path, "Chest", "--epoch", "2", "--batch_size", "6",
                                  "--select", "last"))
     assert [(e["epoch"], e["selection"]) for e, _ in spies.saves] == [(1, "last")]
@@ -170,8 +173,8 @@ def test_zeroshot_last_saves_once_with_the_final_weights(synth, tmp_path, monkey
 
 def test_fewshot_score_never_above_zero_saves_nothing_and_says_so(synth, tmp_path, monkeypatch):
     """An AUROC of 0 in every epoch (tiny test sets): no checkpoint, as the reference, and a run record without one."""
-    monkeypatch.setattr(train_few, "train_step", fake_step)
-    spies = Spies(monkeypatch, train_few, "evaluate_fewshot",
+    monkeypatch.setattr(fewshot, "train_step", fake_step)
+    spies = Spies(monkeypatch, fewshot, "evaluate_fewshot",
                   [{"image_auroc": 0.0, "pixel_auroc": 0.0, "image_scores": [0.0] * 6}] * 2)
     out = call(train_few, script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--epoch", "2",
                                       seed_dir=synth.seed_root))

@@ -22,7 +22,7 @@ import test_few
 import test_zero
 import train_few
 import train_zero
-import utils
+import records
 from dataset import CLASS_NAMES, DATASETS
 from dataset.synth import make_synthetic_bmad
 
@@ -109,7 +109,7 @@ def result_lines(out: str, obj: str) -> list[str]:
 def expected_lines(obj: str, metrics: dict, fewshot: bool) -> list[str]:
     """What the reference prints for these full-precision metrics: round(x, 4), pAUC first only in few-shot."""
     auc = f"{obj} AUC : {round(metrics['image_auroc'], 4)}"
-    if not DATASETS[obj][1]:
+    if not DATASETS[obj].has_masks:
         return [auc]
     pauc = f"{obj} pAUC : {round(metrics['pixel_auroc'], 4)}"
     return [pauc, auc] if fewshot else [auc, pauc]
@@ -142,14 +142,14 @@ def copy_data(synth, tmp: Path, objs=CLASS_NAMES) -> Path:
     """A private copy of the synthetic data (of `objs`) that a test may damage."""
     data = tmp / "data"
     for obj in objs:
-        shutil.copytree(Path(synth.data) / DATASETS[obj][0], data / DATASETS[obj][0])
+        shutil.copytree(Path(synth.data) / DATASETS[obj].folder, data / DATASETS[obj].folder)
     return data
 
 
 def empty_test_split(data: Path, obj: str, states=("good", "Ungood")) -> None:
     for state in states:
         for sub in ("img", "anomaly_mask"):
-            folder = data / DATASETS[obj][0] / "test" / state / sub
+            folder = data / DATASETS[obj].folder / "test" / state / sub
             for f in folder.glob("*") if folder.is_dir() else []:
                 f.unlink()
 
@@ -177,7 +177,7 @@ def split_of(path: str) -> tuple[str, str]:
 
 def split_files(data, obj: str) -> list[str]:
     """Every image and mask file of obj's test split."""
-    root = Path(data) / DATASETS[obj][0] / "test"
+    root = Path(data) / DATASETS[obj].folder / "test"
     return sorted(os.path.normpath(p) for p in root.glob("*/*/*"))
 
 
@@ -327,14 +327,14 @@ def test_test_zero_reproduces_the_saved_evaluation(zero_brain, tmp_path, synth, 
 @pytest.mark.parametrize("obj", CLASS_NAMES)
 def test_train_zero_leave_one_out_on_every_dataset(obj, synth, tmp_path, reads):
     out = call(train_zero, script_args(synth.data, tmp_path, obj, "--epoch", "1", "--batch_size", "6"))
-    assert len(result_lines(out, obj)) == 5 * (2 if DATASETS[obj][1] else 1)  # before each of the 5 steps
+    assert len(result_lines(out, obj)) == 5 * (2 if DATASETS[obj].has_masks else 1)  # before each of the 5 steps
     assert "epoch 0 loss" in out and (tmp_path / "ckpt" / f"{obj}.pth").is_file()
     record = only_record(tmp_path / "results")
-    assert set(record["metrics"]) >= ({"image_auroc", "pixel_auroc"} if DATASETS[obj][1] else {"image_auroc"})
+    assert set(record["metrics"]) >= ({"image_auroc", "pixel_auroc"} if DATASETS[obj].has_masks else {"image_auroc"})
     trained = sorted(path for module, path in reads if module == "dataset.medical_zero")
     assert trained == sorted(p for other in CLASS_NAMES if other != obj for p in split_files(synth.data, other))
     assert {split_of(path) for module, path in reads if module != "dataset.medical_zero"} == \
-           {(DATASETS[obj][0], "test")}  # the evaluations: the target's test split
+           {(DATASETS[obj].folder, "test")}  # the evaluations: the target's test split
 
 
 # ---------------------------------------------------------------- the demo
@@ -493,7 +493,7 @@ def test_missing_adapter_checkpoint_names_the_path(synth, tmp_path, capsys):
 
 def test_run_records_of_one_second_do_not_replace_each_other(tmp_path):
     args = train_zero.parser().parse_args(["--obj", "Chest"])
-    paths = [utils.write_record(str(tmp_path), "test_zero", args, {"image_auroc": v}, {}) for v in (0.25, 0.5)]
+    paths = [records.write_record(str(tmp_path), "test_zero", args, {"image_auroc": v}, {}) for v in (0.25, 0.5)]
     assert paths[0] != paths[1]
     assert [json.loads(p.read_text())["metrics"]["image_auroc"] for p in paths] == [0.25, 0.5]
 

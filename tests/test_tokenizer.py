@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from CLIP.tokenizer import EOT_ID, SOT_ID, SimpleTokenizer, bytes_to_unicode, get_tokenizer, max_length, tokenize
+from CLIP.tokenizer import EOT_ID, SOT_ID, SimpleTokenizer, bytes_to_unicode, get_tokenizer, tokenize
 
 # Spec section 4.1, verbatim.
 NORMAL_STATES = ["{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
@@ -26,6 +26,11 @@ SENTENCES = [
 ]
 # name -> longest prompt incl. SOT/EOT (spec sections 2 and 4)
 PROMPT_LENGTHS = {"Brain": 16, "Liver": 16, "retinal OCT": 18, "Chest X-ray film": 20, "histopathological image": 21}
+
+
+def max_length(texts: list[str]) -> int:
+    """Longest tokenized length incl. SOT/EOT (0 for no texts)."""
+    return max((len(get_tokenizer().encode(text)) + 2 for text in texts), default=0)
 
 
 def prompts(name: str) -> list[str]:

@@ -1,0 +1,85 @@
+"""Adapter checkpoints (the released layout, written atomically, never replacing a file unasked) and the JSON
+record of every run (metrics, arguments, checksums, library versions)."""
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from CLIP.loading import default_checkpoint
+
+
+def checkpoint_path(save_path: str, obj: str, shot: int | None = None) -> Path:
+    """`{save_path}/{obj}.pth` as the reference, or `{obj}_{shot}shot.pth` when the shot goes in the name."""
+    return Path(save_path) / (f"{obj}.pth" if shot is None else f"{obj}_{shot}shot.pth")
+
+
+def check_writable(path: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to replace a checkpoint that exists already (a downloaded one, say)."""
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists already: pass --overwrite to replace it, or choose another "
+                              f"--save_path")
+
+
+def save_checkpoint(model, path: Path, extras: dict) -> None:
+    """The released layout plus extra keys, written atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {name: {k: v.cpu() for k, v in sd.items()} for name, sd in model.adapter_state().items()}
+    torch.save({**state, **extras}, tmp)
+    os.replace(tmp, path)
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions(device: torch.device | None = None) -> dict:
+    """Library versions; on a CUDA `device` (the run's) also what its fp16 autocast does to upsampling."""
+    import PIL
+    import sklearn
+    return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
+            "scikit-learn": sklearn.__version__, "Pillow": PIL.__version__,
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+            "cuda_autocast_upsample": autocast_upsample_dtype(device) if device and device.type == "cuda" else None}
+
+
+def autocast_upsample_dtype(device: torch.device) -> str:
+    """What fp16 bilinear upsampling gives under the device's fp16 autocast, the reference's (spec Q7): on CUDA
+    'torch.float16' in the torch releases of the paper's time (then its few-shot maps are float16), 'torch.float32'
+    in recent ones."""
+    x = torch.zeros(1, 1, 2, 2, device=device, dtype=torch.float16)
+    with torch.autocast(device.type, dtype=torch.float16):
+        return str(F.interpolate(x, size=4, mode="bilinear", align_corners=True).dtype)
+
+
+def write_record(out_dir: str, script: str, args, result: dict, files: dict,
+                 device: torch.device | None = None) -> Path:
+    """A JSON per run: full-precision metrics, arguments, checksums of the weights used, library versions (and, on
+    a CUDA `device`, what its autocast does to upsampling)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = out / f"{script}_{args.obj}_{stamp}_{os.getpid()}.json"
+    n = 1
+    while path.exists():  # a second run of the same script and dataset within the second, in one process
+        n += 1
+        path = out / f"{script}_{args.obj}_{stamp}_{os.getpid()}-{n}.json"
+    record = {"script": script, "time": stamp, "args": vars(args), "metrics": result,
+              "files": {name: {"path": str(p), "sha256": sha256(p)} for name, p in files.items() if p},
+              "versions": versions(device)}
+    path.write_text(json.dumps(record, indent=1, default=str))
+    return path
+
+
+def clip_file(args) -> Path | None:
+    return None if args.pretrain == "none" else Path(args.clip_ckpt or default_checkpoint(args.model_name))
