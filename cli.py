@@ -27,7 +27,10 @@ def positive_int(text: str) -> int:
 def add_common_args(parser, obj: str) -> None:
     """The flags every script takes, with the reference's names and defaults (spec section 0)."""
     parser.add_argument("--obj", default=obj, help="dataset: Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, "
-                                                   "Histopathology")
+                                                   "Histopathology, or one's own in BMAD's layout (a folder path, or "
+                                                   "a folder name under --data_path; needs --prompt_name)")
+    parser.add_argument("--prompt_name", default=None,
+                        help="object name in the text prompts, e.g. 'knee MRI' (default: the BMAD dataset's)")
     parser.add_argument("--data_path", default="./data/", help="folder holding {obj}_AD/ in BMAD's layout")
     parser.add_argument("--seed", type=int, default=111, help="random seed")
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
@@ -68,7 +71,8 @@ def add_fewshot_args(parser, several: bool = False) -> None:
                         help="support list n-/a-{iterate} of dataset/fewshot_seed/{obj}/{shot}-shot.txt; -1 draws "
                              "a support set with --seed" + ("; several values report mean ± std" if several else ""))
     parser.add_argument("--seed_dir", default=None,
-                        help="folder of the support lists (default: dataset/fewshot_seed in this repository)")
+                        help="folder of the support lists {obj}/{shot}-shot.txt (default: dataset/fewshot_seed in "
+                             "this repository), or one list file in their format")
     parser.add_argument("--memory_no_cls", action="store_true",
                         help="fix: leave the CLS token out of the memory bank (the reference keeps it)")
     add_sort_listing_arg(parser, "the --iterate -1 draws of support images")

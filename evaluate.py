@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import metrics
+from dataset import dataset_name
 from scoring import few_shot_distances, few_shot_map, minmax, patches, unit_rows, zero_shot_image_score, \
     zero_shot_logits, zero_shot_map
 from utils import autocast
@@ -162,6 +163,7 @@ def evaluate(c: Collected, *, fewshot: bool, device: torch.device, precision: st
 
 def result_lines(obj: str, result: dict, fewshot: bool) -> list[str]:
     """The reference's printed lines, in its order (few-shot: pAUC first; zero-shot: AUC first)."""
+    obj = dataset_name(obj)
     auc = f"{obj} AUC : {round(result['image_auroc'], 4)}"
     if "pixel_auroc" not in result:
         return [auc]

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from CLIP import build_model
 from cli import add_fewshot_args, add_map_args, add_training_args, new_parser
-from dataset import DATASETS, check_obj, dataset_root
+from dataset import dataset_root, has_masks, prompt_of
 from dataset.medical_few import MedDataset, MedTestDataset
 from evaluate import build_memory, collect, evaluate, result_lines
 from prompt import text_features_for
@@ -42,7 +42,7 @@ def train_parser(description: str = __doc__) -> argparse.ArgumentParser:
 
 
 def load_fewshot_data(args, iterate: int) -> MedDataset:
-    check_obj(args.obj)
+    prompt_of(args.obj, args.prompt_name)  # one's own dataset needs a prompt name: checked before any work
     # iterate < 0 draws with the global `random` seeded by setup_seed(--seed), as the reference; successive draws
     # of one run therefore differ
     return MedDataset(args.data_path, args.obj, args.img_size, args.shot, iterate, seed=None,
@@ -63,7 +63,7 @@ def evaluate_fewshot(args, model, dataset, support: torch.Tensor, text: torch.Te
     draw_as_loader(shuffle=True)  # the reference reads the support images through a shuffling loader
     memory = build_memory(model, support, device, args.precision, args.batch_size, keep_cls=not args.memory_no_cls)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
-    collected = collect(model, loader, text, device, has_masks=DATASETS[args.obj].has_masks, memory=memory,
+    collected = collect(model, loader, text, device, has_masks=dataset.has_masks, memory=memory,
                         precision=args.precision, img_size=args.img_size)
     result = evaluate(collected, fewshot=True, device=device, precision=args.precision, pixel_extras=pixel_extras)
     if maps_dir:
@@ -79,7 +79,8 @@ def test(args, model=None) -> dict:
     ckpt = args.ckpt or checkpoint_path(args.save_path, args.obj, args.shot if args.shot_in_name else None)
     model = build_model(args, device) if model is None else model
     model.load_adapters(ckpt)
-    text = text_features_for(model.clipmodel, [args.obj], device, args.precision)[args.obj]
+    prompt = prompt_of(args.obj, args.prompt_name)
+    text = text_features_for(model.clipmodel, [prompt], device, args.precision)[prompt]
     results = []
     for i, (iterate, dataset) in enumerate(zip(args.iterate, draws)):
         support, _ = augment(dataset.support.normal)  # [11k, 3, H, W]
@@ -133,12 +134,13 @@ def train(args) -> dict:
     selection_data = selection_set(args, data)
     loader = DataLoader(fewshot_training_set(data.support), batch_size=1, shuffle=True)
     support, _ = augment(data.support.normal)  # memory-bank images [11k, 3, H, W]
-    text = text_features_for(model.clipmodel, [args.obj], device, args.precision)[args.obj]
+    prompt = prompt_of(args.obj, args.prompt_name)
+    text = text_features_for(model.clipmodel, [prompt], device, args.precision)[prompt]
     selection = Selection(args, model, target, device, fewshot=True, evaluate=lambda: evaluate_fewshot(
         args, model, selection_data, support, text, device, pixel_extras=False))
 
     def step(images, masks, labels):
-        return train_step(model, images, labels, masks, text, has_masks=DATASETS[args.obj].has_masks,
+        return train_step(model, images, labels, masks, text, has_masks=data.has_masks,
                           seg_opt=seg_opt, det_opt=det_opt, device=device, precision=args.precision,
                           img_size=args.img_size, bce_on_probability=args.bce_on_probability)
 

@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from CLIP.loading import default_checkpoint
+from dataset import dataset_name
 
 
 def checkpoint_path(save_path: str, obj: str, shot: int | None = None) -> Path:
     """`{save_path}/{obj}.pth` as the reference, or `{obj}_{shot}shot.pth` when the shot goes in the name."""
-    return Path(save_path) / (f"{obj}.pth" if shot is None else f"{obj}_{shot}shot.pth")
+    name = dataset_name(obj)
+    return Path(save_path) / (f"{name}.pth" if shot is None else f"{name}_{shot}shot.pth")
 
 
 def check_writable(path: Path, overwrite: bool) -> None:
@@ -69,11 +71,11 @@ def write_record(out_dir: str, script: str, args, result: dict, files: dict,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = out / f"{script}_{args.obj}_{stamp}_{os.getpid()}.json"
+    path = out / f"{script}_{dataset_name(args.obj)}_{stamp}_{os.getpid()}.json"
     n = 1
     while path.exists():  # a second run of the same script and dataset within the second, in one process
         n += 1
-        path = out / f"{script}_{args.obj}_{stamp}_{os.getpid()}-{n}.json"
+        path = out / f"{script}_{dataset_name(args.obj)}_{stamp}_{os.getpid()}-{n}.json"
     record = {"script": script, "time": stamp, "args": vars(args), "metrics": result,
               "files": {name: {"path": str(p), "sha256": sha256(p)} for name, p in files.items() if p},
               "versions": versions(device)}

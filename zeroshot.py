@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from CLIP import build_model
 from cli import add_map_args, add_sort_listing_arg, add_training_args, new_parser
-from dataset import CLASS_NAMES, DATASETS, check_obj
+from dataset import CLASS_NAMES, DATASETS, prompt_of
 from dataset.medical_zero import MedTestDataset, MedTrainDataset
 from evaluate import collect, evaluate, result_lines
 from prompt import text_features_for
@@ -34,7 +34,7 @@ def train_parser(description: str = __doc__) -> argparse.ArgumentParser:
 
 
 def load_test_data(args) -> MedTestDataset:
-    check_obj(args.obj)
+    prompt_of(args.obj, args.prompt_name)  # one's own dataset needs a prompt name: checked before any work
     return MedTestDataset(args.data_path, args.obj, args.img_size, normalize=args.clip_normalize)
 
 
@@ -42,7 +42,7 @@ def evaluate_zeroshot(args, model, dataset: MedTestDataset, text: torch.Tensor, 
                       pixel_extras: bool = True, maps_dir: str | None = None) -> dict:
     """One scored pass over `dataset`; with `maps_dir`, the anomaly maps are drawn there."""
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
-    collected = collect(model, loader, text, device, has_masks=DATASETS[args.obj].has_masks,
+    collected = collect(model, loader, text, device, has_masks=dataset.has_masks,
                         precision=args.precision, img_size=args.img_size)
     result = evaluate(collected, fewshot=False, device=device, precision=args.precision, pixel_extras=pixel_extras)
     if maps_dir:
@@ -58,7 +58,8 @@ def test(args, model=None) -> dict:
     ckpt = args.ckpt or checkpoint_path(args.save_path, args.obj)
     model = build_model(args, device) if model is None else model
     model.load_adapters(ckpt)
-    text = text_features_for(model.clipmodel, [args.obj], device, args.precision)[args.obj]  # this dataset's only
+    prompt = prompt_of(args.obj, args.prompt_name)
+    text = text_features_for(model.clipmodel, [prompt], device, args.precision)[prompt]  # this dataset's only
     result = evaluate_zeroshot(args, model, dataset, text, device, maps_dir=args.save_maps)
     print("\n".join(result_lines(args.obj, result, fewshot=False)))
     write_record(args.out_dir, "test_zero", args, result, {"clip": clip_file(args), "adapters": ckpt}, device)
@@ -69,21 +70,21 @@ def train(args) -> dict:
     """train_zero.py: the adapters trained on the other five datasets, selected 5-6 times per epoch (spec 7.4)."""
     device = resolve_device(args.device)
     setup_seed(args.seed, args.deterministic)
-    check_obj(args.obj)
+    test_set = load_test_data(args)
     train_set = MedTrainDataset(args.data_path, args.obj, args.img_size, args.batch_size,
                                 sort_listing=args.sort_listing, normalize=args.clip_normalize)
     if len(train_set) == 0:
         raise ValueError(f"no zero-shot training images: the test splits of the other datasets under "
-                         f"{args.data_path} are empty (training uses the five datasets other than --obj {args.obj})")
-    test_set = load_test_data(args)
+                         f"{args.data_path} are empty (training uses the BMAD datasets other than --obj {args.obj})")
     # deviation (--select val): the target's valid split, never its test split
     selection_data = test_set if args.select != "val" else MedTestDataset(args.data_path, args.obj, args.img_size,
                                                                           args.clip_normalize, "valid")
     target = checkpoint_path(args.save_path, args.obj)
     model, seg_opt, det_opt = training_model(args, device, target)
-    texts = text_features_for(model.clipmodel, CLASS_NAMES, device, args.precision)
+    prompt = prompt_of(args.obj, args.prompt_name)
+    texts = text_features_for(model.clipmodel, [*CLASS_NAMES, prompt], device, args.precision)
     selection = Selection(args, model, target, device, fewshot=False, evaluate=lambda: evaluate_zeroshot(
-        args, model, selection_data, texts[args.obj], device, pixel_extras=False))
+        args, model, selection_data, texts[prompt], device, pixel_extras=False))
 
     def batches(epoch: int) -> DataLoader:
         if epoch > 0:  # the reference regroups after every epoch (fresh listing, fresh shuffles)
@@ -98,5 +99,5 @@ def train(args) -> dict:
 
     every = max(1, len(train_set) // 5)  # deviation: the reference divides by zero below 5 groups (spec Q24)
     train_epochs(args, batches, step, selection, every)
-    return selection.finish("train_zero", lambda: evaluate_zeroshot(args, model, test_set, texts[args.obj], device),
+    return selection.finish("train_zero", lambda: evaluate_zeroshot(args, model, test_set, texts[prompt], device),
                             device)

@@ -1,4 +1,5 @@
-"""The six BMAD datasets (name -> folder, has_masks, prompt name) and the helpers every dataset module shares.
+"""The six BMAD datasets (name -> folder, has_masks, prompt name), one's own datasets in BMAD's layout, and the
+helpers every dataset module shares.
 
 Import the datasets themselves from `dataset.medical_few`, `dataset.medical_zero`; `dataset.synth` writes a small
 synthetic benchmark in the same layout.
@@ -30,6 +31,7 @@ DATASETS: dict[str, Dataset] = {
 CLASS_NAMES: tuple[str, ...] = ('Brain', 'Liver', 'Retina_RESC', 'Retina_OCT2017', 'Chest', 'Histopathology')
 
 __all__ = ['DATASETS', 'CLASS_NAMES', 'IMAGE_EXTENSIONS', 'CLIP_MEAN', 'CLIP_STD', 'check_obj', 'dataset_root',
+           'dataset_name', 'has_masks', 'prompt_of',
            'list_images', 'pair_masks', 'load_image', 'load_input', 'load_mask']
 
 
@@ -41,11 +43,41 @@ def check_obj(name: str) -> str:
 
 
 def dataset_root(data_path: str, obj: str) -> str:
-    """`{data_path}/{obj}_AD`, checked to exist (FileNotFoundError saying where the BMAD data must go)."""
-    folder = DATASETS[check_obj(obj)].folder
+    """A BMAD dataset's `{data_path}/{obj}_AD`; one's own dataset: `obj` itself if it is a folder, else
+    `{data_path}/{obj}`. Checked to exist (FileNotFoundError saying where the data must go)."""
+    if obj not in DATASETS:
+        for root in (obj, os.path.join(data_path, obj)):
+            if os.path.isdir(os.path.join(root, 'test')):
+                return root
+        raise ValueError(f"unknown --obj {obj!r}: choose one of {', '.join(CLASS_NAMES)}, or give one's own dataset "
+                         f"in BMAD's layout as a folder path or a folder name under --data_path {data_path} (no "
+                         f"{os.path.join(data_path, obj, 'test')} there)")
+    folder = DATASETS[obj].folder
     root = os.path.join(data_path, folder)
     if not os.path.isdir(root):
         raise FileNotFoundError(
             f"dataset folder not found: {root}; the BMAD data must be placed as data/{folder}/{{valid,test}}/"
             f"{{good,Ungood}}/img/ (masks in Ungood/anomaly_mask/), or pass --data_path to the folder holding it")
     return root
+
+
+def dataset_name(obj: str) -> str:
+    """The name in file names and printed lines: a BMAD name, or the folder name of one's own dataset."""
+    return obj if obj in DATASETS else os.path.basename(os.path.normpath(obj))
+
+
+def has_masks(data_path: str, obj: str) -> bool:
+    """BMAD: from the table; one's own dataset: whether its test split has an `Ungood/anomaly_mask` folder."""
+    if obj in DATASETS:
+        return DATASETS[obj].has_masks
+    return os.path.isdir(os.path.join(dataset_root(data_path, obj), 'test', 'Ungood', 'anomaly_mask'))
+
+
+def prompt_of(obj: str, prompt_name: str | None = None) -> str:
+    """The object name put into the prompts: --prompt_name if given, else the BMAD dataset's (spec 4.1)."""
+    if prompt_name:
+        return prompt_name
+    if obj not in DATASETS:
+        raise ValueError(f"--prompt_name is needed for --obj {obj}, which is not one of BMAD's six: the object named "
+                         f"in the text prompts, e.g. --prompt_name 'knee MRI'")
+    return DATASETS[obj].prompt_name

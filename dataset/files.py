@@ -1,6 +1,8 @@
 """Listing the image files of a BMAD folder and pairing abnormal images with their masks by file name."""
 import os
 
+from PIL import Image
+
 IMAGE_EXTENSIONS: tuple[str, ...] = ('.png', '.jpeg', '.jpg', '.bmp', '.tif', '.tiff')
 
 
@@ -30,7 +32,9 @@ def pair_masks(img_paths: list[str], mask_dir: str, require_all: bool = True) ->
     for path in img_paths:
         name = os.path.basename(path)
         if name not in masks:
-            raise ValueError(f"no mask for image {path}: expected {os.path.join(mask_dir, name)}")
+            raise ValueError(f"no mask for image {path}: expected {os.path.join(mask_dir, name)} (with masks, "
+                             f"every abnormal image needs one)")
+        check_same_size(path, masks[name])
         paired.append(masks[name])
     if require_all:
         extra = sorted(set(masks) - {os.path.basename(p) for p in img_paths})
@@ -38,3 +42,15 @@ def pair_masks(img_paths: list[str], mask_dir: str, require_all: bool = True) ->
             raise ValueError(f"mask {masks[extra[0]]} has no image of the same name "
                              f"({len(extra)} unpaired mask(s); masks are paired with images by file name)")
     return paired
+
+
+def check_same_size(image: str, mask: str) -> None:
+    """A mask must have its image's size (read from the file headers only)."""
+    try:
+        with Image.open(image) as a, Image.open(mask) as b:
+            sizes = a.size, b.size
+    except OSError:
+        return  # unreadable files get their own error when they are loaded
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"mask {mask} is {sizes[1][0]}x{sizes[1][1]} but its image {image} is "
+                         f"{sizes[0][0]}x{sizes[0][1]}: a mask must have its image's size")

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from . import DATASETS, check_obj, dataset_root, list_images, load_input, load_mask, pair_masks
+from . import dataset_name, dataset_root, has_masks, list_images, load_input, load_mask, pair_masks
 
 # deviation: the reference opens ./dataset/fewshot_seed relative to the working directory (Q28); this is the folder
 # next to this package, whatever the working directory.
@@ -27,7 +27,7 @@ def list_test_items(data_path: str, obj: str, split: str = 'test',
     root = dataset_root(data_path, obj)
     normal = list_images(os.path.join(root, split, 'good', 'img'), sort)
     abnormal = list_images(os.path.join(root, split, 'Ungood', 'img'), sort)
-    if DATASETS[obj].has_masks:
+    if has_masks(data_path, obj):
         masks = pair_masks(abnormal, os.path.join(root, split, 'Ungood', 'anomaly_mask'))
     else:
         masks = [None] * len(abnormal)
@@ -57,8 +57,8 @@ class MedTestDataset(ImageItems):
     """A split of `obj` (the test split by default): sorted normal images, then sorted abnormal ones."""
 
     def __init__(self, data_path: str, obj: str, img_size: int = 240, normalize: bool = False, split: str = 'test'):
-        self.obj = check_obj(obj)
-        super().__init__(list_test_items(data_path, obj, split), img_size, normalize, DATASETS[obj].has_masks)
+        self.obj = obj
+        super().__init__(list_test_items(data_path, obj, split), img_size, normalize, has_masks(data_path, obj))
 
 
 class Support(NamedTuple):
@@ -86,8 +86,10 @@ def _tagged_names(lines: list[str], tag: str, shot: int, path: str) -> list[str]
 
 
 def read_support_list(obj: str, shot: int, iterate: int, seed_root: str | None = None) -> tuple[list[str], list[str]]:
-    """(normal names, abnormal names) of iteration `iterate` in `{seed_root}/{obj}/{shot}-shot.txt`."""
-    path = os.path.join(seed_root or DEFAULT_SEED_ROOT, obj, f'{shot}-shot.txt')
+    """(normal names, abnormal names) of iteration `iterate` in `{seed_root}/{obj}/{shot}-shot.txt`, or in the file
+    `seed_root` itself (a list of one's own)."""
+    path = seed_root if seed_root and os.path.isfile(seed_root) else \
+        os.path.join(seed_root or DEFAULT_SEED_ROOT, dataset_name(obj), f'{shot}-shot.txt')
     if not os.path.isfile(path):
         raise FileNotFoundError(f"support list not found: {path}; {LISTS_HINT}")
     with open(path, encoding='utf-8') as f:
@@ -121,7 +123,7 @@ def load_support(data_path: str, obj: str, img_size: int = 240, shot: int = 4, i
     normal_paths = [os.path.join(good, n) for n in normal]
     abnormal_paths = [os.path.join(bad, n) for n in abnormal]
     masks = None
-    if DATASETS[obj].has_masks:
+    if has_masks(data_path, obj):
         mask_paths = pair_masks(abnormal_paths, os.path.join(root, 'valid', 'Ungood', 'anomaly_mask'), False)
         masks = torch.stack([load_mask(p, img_size) for p in mask_paths])  # [k, 1, H, W]
     return Support(normal=torch.stack([load_input(p, img_size, normalize) for p in normal_paths]),  # [k, 3, H, W]
