@@ -90,6 +90,9 @@ def add_training_args(p, lr: float, save_path: str) -> None:
     p.add_argument("--save_model", type=int, default=1, choices=[0, 1], help="1: save the selected adapters")
     p.add_argument("--save_path", default=save_path, help="folder the adapter checkpoint {obj}.pth is saved in")
     p.add_argument("--overwrite", action="store_true", help="allow replacing a checkpoint that existed before the run")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the training state beside the checkpoint ({obj}.pth.state), written after "
+                        "every epoch and on SIGTERM / SIGUSR1 / SIGUSR2; without one, start from the beginning")
     p.add_argument("--init_ckpt", default=None, help="start from these adapters (released layout) instead of random")
     p.add_argument("--select", default="test", choices=SELECTIONS,
                    help="checkpoint selection: 'test' scores on the test set as the reference; 'val' on held-out "

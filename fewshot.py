@@ -12,12 +12,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from CLIP import build_model
 from cli import add_fewshot_args, add_map_args, add_training_args, new_parser
-from dataset import dataset_root, has_masks, prompt_of
+from dataset import check_target, dataset_root, prompt_of
 from dataset.medical_few import MedDataset, MedTestDataset
 from evaluate import build_memory, collect, evaluate, result_lines
 from prompt import text_features_for
 from records import checkpoint_path, clip_file, write_record
-from training import Selection, train_epochs, train_step, training_model
+from training import Training, train_step, training_model
 from utils import augment, draw_as_loader, resolve_device, setup_seed
 from visualize import save_test_maps
 
@@ -42,7 +42,7 @@ def train_parser(description: str = __doc__) -> argparse.ArgumentParser:
 
 
 def load_fewshot_data(args, iterate: int) -> MedDataset:
-    prompt_of(args.obj, args.prompt_name)  # one's own dataset needs a prompt name: checked before any work
+    check_target(args.data_path, args.obj, args.prompt_name)
     # iterate < 0 draws with the global `random` seeded by setup_seed(--seed), as the reference; successive draws
     # of one run therefore differ
     return MedDataset(args.data_path, args.obj, args.img_size, args.shot, iterate, seed=None,
@@ -136,7 +136,7 @@ def train(args) -> dict:
     support, _ = augment(data.support.normal)  # memory-bank images [11k, 3, H, W]
     prompt = prompt_of(args.obj, args.prompt_name)
     text = text_features_for(model.clipmodel, [prompt], device, args.precision)[prompt]
-    selection = Selection(args, model, target, device, fewshot=True, evaluate=lambda: evaluate_fewshot(
+    run = Training(args, model, (seg_opt, det_opt), target, device, fewshot=True, evaluate=lambda: evaluate_fewshot(
         args, model, selection_data, support, text, device, pixel_extras=False))
 
     def step(images, masks, labels):
@@ -144,5 +144,5 @@ def train(args) -> dict:
                           seg_opt=seg_opt, det_opt=det_opt, device=device, precision=args.precision,
                           img_size=args.img_size, bce_on_probability=args.bce_on_probability)
 
-    train_epochs(args, lambda epoch: loader, step, selection)
-    return selection.finish("train_few", lambda: evaluate_fewshot(args, model, data, support, text, device), device)
+    run.fit(lambda epoch: loader, step)
+    return run.finish("train_few", lambda: evaluate_fewshot(args, model, data, support, text, device))

@@ -1,5 +1,11 @@
 """Adapter training shared by train_few.py and train_zero.py: optimisers, one step, the epoch loop with checkpoint
-selection, and the final test of the chosen weights (spec 5.4, 6.4, 7.4, Q4, Q11)."""
+selection, the training state that --resume continues from, and the final test of the chosen weights (spec 5.4,
+6.4, 7.4, Q4, Q11)."""
+import os
+import random
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -19,10 +25,15 @@ def optimizers(model, lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
             torch.optim.Adam(model.det_adapters.parameters(), lr=lr, betas=(0.5, 0.999)))
 
 
+def state_file(target: Path) -> Path:
+    """Where the training state of the run saving `target` is kept: beside it, never in its place."""
+    return target.with_name(target.name + ".state")
+
+
 def training_model(args, device: torch.device, target: Path) -> tuple:
-    """An existing checkpoint at `target` is refused first; then the model (adapters from --init_ckpt if given)
-    and its seg and det optimisers."""
-    if args.save_model:
+    """An existing checkpoint at `target` is refused first (unless --resume continues the run that wrote it); then
+    the model (adapters from --init_ckpt if given) and its seg and det optimisers."""
+    if args.save_model and not (args.resume and state_file(target).is_file()):
         check_writable(target, args.overwrite)
     model = build_model(args, device)
     if args.init_ckpt:
@@ -53,34 +64,137 @@ def adapter_copy(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(adapters)}
 
 
-class Selection:
-    """Checkpoint selection during training: evaluate, print the reference's lines, keep and save the best weights.
+def rng_states() -> dict:
+    """Every generator a training run draws from."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(), "random": random.getstate()}
 
-    Few-shot keeps a score only above the best so far (strict, as the reference), zero-shot also when equal.
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["random"])
+
+
+class Training:
+    """One training run: the epoch loop with checkpoint selection (evaluate, print the reference's lines, keep and
+    save the best weights), its state for --resume, and the final test of the chosen weights.
+
+    Few-shot keeps a score only above the best so far (strict, as the reference), zero-shot also when equal. The
+    state (adapters, optimisers, generators, position, selection, printed lines) is written atomically beside the
+    checkpoint after every epoch and when SIGTERM, SIGUSR1 or SIGUSR2 arrives (SLURM's preemption and time-limit
+    signals).
     """
 
-    def __init__(self, args, model, target: Path, device: torch.device, evaluate: Callable[[], dict],
-                 fewshot: bool):
-        self.args, self.model, self.target, self.evaluate, self.fewshot = args, model, target, evaluate, fewshot
+    def __init__(self, args, model, optimizers: tuple, target: Path, device: torch.device,
+                 evaluate: Callable[[], dict], fewshot: bool):
+        self.args, self.model, self.optimizers, self.target = args, model, optimizers, target
+        self.evaluate, self.fewshot, self.device = evaluate, fewshot, device
         self.extras = {"args": vars(args), "versions": versions(device)}
         self.best, self.result, self.state = 0.0, {}, None
+        self.lines, self.signalled = [], None
 
-    def __call__(self, epoch: int, batch: int | None = None) -> None:
+    def say(self, text: str) -> None:
+        print(text)
+        self.lines.extend(text.splitlines())
+
+    def select(self, epoch: int, batch: int | None = None) -> None:
         result = self.evaluate()
         prefix = "[valid] " if self.args.select == "val" else ""
-        print("\n".join(prefix + line for line in result_lines(self.args.obj, result, self.fewshot)))
+        self.say("\n".join(prefix + line for line in result_lines(self.args.obj, result, self.fewshot)))
         score = selection_score(result)
         if score > self.best or (not self.fewshot and score == self.best):
             self.best, self.result, self.state = score, result, adapter_copy(self.model)
             where = {"epoch": epoch} if batch is None else {"epoch": epoch, "batch": batch}
             if batch is not None:
-                print(f"best epoch found: epoch {epoch} batch {batch}")
+                self.say(f"best epoch found: epoch {epoch} batch {batch}")
             if self.args.save_model:
                 save_checkpoint(self.model, self.target, {**self.extras, **where, "selection": self.args.select})
 
-    def finish(self, script: str, test: Callable[[], dict], device: torch.device) -> dict:
+    def fit(self, batches: Callable[[int], Iterable], step: Callable[..., float], every: int | None = None) -> None:
+        """args.epoch epochs of `step(*batch)` over `batches(epoch)`; selection after each epoch (every=None,
+        few-shot) or before steps 0, every, 2 every, ... of each epoch (zero-shot, spec 7.4)."""
+        saved = self.load_state() if self.args.resume else None
+        start, position = (saved["epoch"], saved["position"]) if saved else (0, 0)
+        previous = self.catch_signals()
+        try:
+            for epoch in range(start, self.args.epoch):
+                inside = saved is not None and epoch == start and position > 0
+                if inside:  # the epoch's shuffles again from its start, then the generators as they were left
+                    set_rng_states(saved["epoch_rng"])
+                epoch_rng, losses = rng_states(), list(saved["losses"]) if inside else []
+                for idx, batch in enumerate(tqdm(batches(epoch), desc=f"epoch {epoch}")):
+                    if inside and idx < position:
+                        if idx == position - 1:
+                            set_rng_states(saved["rng"])
+                        continue
+                    if every and self.args.select != "last" and idx % every == 0:  # before the step, as the reference
+                        self.select(epoch, idx)
+                    losses.append(step(*batch))
+                    if self.signalled:
+                        self.stop(epoch, idx + 1, losses, epoch_rng)
+                self.say(f"epoch {epoch} loss {np.mean(losses):.4f}")
+                if not every and self.args.select != "last":
+                    self.select(epoch)
+                self.save_state(epoch + 1, 0, [], None)
+                if self.signalled:
+                    self.stop(epoch + 1, 0, [], None)
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def catch_signals(self) -> dict:
+        """SIGTERM / SIGUSR1 / SIGUSR2 (SLURM's and submitit's) ask the run to stop after the current step;
+        returns the handlers they replace."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(number, frame):
+            self.signalled = number
+        return {n: signal.signal(n, handler) for n in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+
+    def stop(self, epoch: int, position: int, losses: list, epoch_rng: dict | None) -> None:
+        self.save_state(epoch, position, losses, epoch_rng)
+        raise SystemExit(f"interrupted by signal {self.signalled}: training state saved to {state_file(self.target)}; "
+                         f"run the same command with --resume to continue")
+
+    def save_state(self, epoch: int, position: int, losses: list, epoch_rng: dict | None) -> None:
+        """Everything the run needs to go on from step `position` of `epoch`, written atomically."""
+        path = state_file(self.target)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"mvfa_training_state": 1, "epoch": epoch, "position": position, "losses": losses,
+                 "rng": rng_states(), "epoch_rng": epoch_rng, "adapters": adapter_copy(self.model),
+                 "optimizers": [o.state_dict() for o in self.optimizers], "best": self.best, "result": self.result,
+                 "best_adapters": self.state, "lines": self.lines}
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load_state(self) -> dict | None:
+        """The saved state, put back into this run (its printed lines printed again); None if there is none."""
+        path = state_file(self.target)
+        if not path.is_file():
+            print(f"--resume: no training state at {path} yet: starting from the beginning", file=sys.stderr)
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(saved, dict) or "mvfa_training_state" not in saved:
+            raise ValueError(f"{path} is not a training state of this code; move it away or run without --resume")
+        self.model.load_state_dict(saved["adapters"], strict=False)
+        for optimizer, state in zip(self.optimizers, saved["optimizers"]):
+            optimizer.load_state_dict(state)
+        self.best, self.result, self.state = saved["best"], saved["result"], saved["best_adapters"]
+        set_rng_states(saved["rng"])
+        print(f"--resume: continuing from {path} at epoch {saved['epoch']}, step {saved['position']}",
+              file=sys.stderr)
+        for line in saved["lines"]:
+            self.say(line)
+        return saved
+
+    def finish(self, script: str, test: Callable[[], dict]) -> dict:
         """--select last saves the final weights; val and last report the chosen weights on the test set, which
-        selection never saw; then the run record."""
+        selection never saw; then the run record, and the training state is removed."""
         args = self.args
         if args.select == "last" and args.save_model:
             save_checkpoint(self.model, self.target, {**self.extras, "epoch": args.epoch - 1, "selection": "last"})
@@ -89,25 +203,11 @@ class Selection:
             if self.state is not None:
                 self.model.load_state_dict(self.state, strict=False)
             result = test()
-            print("test set:\n" + "\n".join(result_lines(args.obj, result, self.fewshot)))
+            self.say("test set:\n" + "\n".join(result_lines(args.obj, result, self.fewshot)))
         saved = args.save_model and (self.state is not None or args.select == "last")
         if args.save_model and not saved:  # the score never rose above 0 (an AUROC of 0): the reference saves nothing
-            print(f"no checkpoint saved: the selection score never rose above 0; {self.target} was not written")
+            self.say(f"no checkpoint saved: the selection score never rose above 0; {self.target} was not written")
         write_record(args.out_dir, script, args, result, {"clip": clip_file(args),
-                                                          "adapters": self.target if saved else None}, device)
+                                                          "adapters": self.target if saved else None}, self.device)
+        state_file(self.target).unlink(missing_ok=True)
         return result
-
-
-def train_epochs(args, batches: Callable[[int], Iterable], step: Callable[..., float], selection: Selection,
-                 every: int | None = None) -> None:
-    """args.epoch epochs of `step(*batch)` over `batches(epoch)`; selection after each epoch (every=None, few-shot)
-    or before steps 0, every, 2 every, ... of each epoch (zero-shot, spec 7.4)."""
-    for epoch in range(args.epoch):
-        losses = []
-        for idx, batch in enumerate(tqdm(batches(epoch), desc=f"epoch {epoch}")):
-            if every and args.select != "last" and idx % every == 0:  # evaluated before the step, as the reference
-                selection(epoch, idx)
-            losses.append(step(*batch))
-        print(f"epoch {epoch} loss {np.mean(losses):.4f}")
-        if not every and args.select != "last":
-            selection(epoch)

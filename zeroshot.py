@@ -8,12 +8,12 @@ from torch.utils.data import DataLoader
 
 from CLIP import build_model
 from cli import add_map_args, add_sort_listing_arg, add_training_args, new_parser
-from dataset import CLASS_NAMES, DATASETS, prompt_of
+from dataset import CLASS_NAMES, DATASETS, check_target, prompt_of
 from dataset.medical_zero import MedTestDataset, MedTrainDataset
 from evaluate import collect, evaluate, result_lines
 from prompt import text_features_for
 from records import checkpoint_path, clip_file, write_record
-from training import Selection, train_epochs, train_step, training_model
+from training import Training, train_step, training_model
 from utils import resolve_device, setup_seed
 from visualize import save_test_maps
 
@@ -34,7 +34,7 @@ def train_parser(description: str = __doc__) -> argparse.ArgumentParser:
 
 
 def load_test_data(args) -> MedTestDataset:
-    prompt_of(args.obj, args.prompt_name)  # one's own dataset needs a prompt name: checked before any work
+    check_target(args.data_path, args.obj, args.prompt_name)
     return MedTestDataset(args.data_path, args.obj, args.img_size, normalize=args.clip_normalize)
 
 
@@ -70,12 +70,13 @@ def train(args) -> dict:
     """train_zero.py: the adapters trained on the other five datasets, selected 5-6 times per epoch (spec 7.4)."""
     device = resolve_device(args.device)
     setup_seed(args.seed, args.deterministic)
-    test_set = load_test_data(args)
+    check_target(args.data_path, args.obj, args.prompt_name)
     train_set = MedTrainDataset(args.data_path, args.obj, args.img_size, args.batch_size,
                                 sort_listing=args.sort_listing, normalize=args.clip_normalize)
     if len(train_set) == 0:
         raise ValueError(f"no zero-shot training images: the test splits of the other datasets under "
                          f"{args.data_path} are empty (training uses the BMAD datasets other than --obj {args.obj})")
+    test_set = load_test_data(args)
     # deviation (--select val): the target's valid split, never its test split
     selection_data = test_set if args.select != "val" else MedTestDataset(args.data_path, args.obj, args.img_size,
                                                                           args.clip_normalize, "valid")
@@ -83,7 +84,7 @@ def train(args) -> dict:
     model, seg_opt, det_opt = training_model(args, device, target)
     prompt = prompt_of(args.obj, args.prompt_name)
     texts = text_features_for(model.clipmodel, [*CLASS_NAMES, prompt], device, args.precision)
-    selection = Selection(args, model, target, device, fewshot=False, evaluate=lambda: evaluate_zeroshot(
+    run = Training(args, model, (seg_opt, det_opt), target, device, fewshot=False, evaluate=lambda: evaluate_zeroshot(
         args, model, selection_data, texts[prompt], device, pixel_extras=False))
 
     def batches(epoch: int) -> DataLoader:
@@ -98,6 +99,5 @@ def train(args) -> dict:
                           img_size=args.img_size, bce_on_probability=args.bce_on_probability)
 
     every = max(1, len(train_set) // 5)  # deviation: the reference divides by zero below 5 groups (spec Q24)
-    train_epochs(args, batches, step, selection, every)
-    return selection.finish("train_zero", lambda: evaluate_zeroshot(args, model, test_set, texts[prompt], device),
-                            device)
+    run.fit(batches, step, every)
+    return run.finish("train_zero", lambda: evaluate_zeroshot(args, model, test_set, texts[prompt], device))

@@ -31,7 +31,7 @@ DATASETS: dict[str, Dataset] = {
 CLASS_NAMES: tuple[str, ...] = ('Brain', 'Liver', 'Retina_RESC', 'Retina_OCT2017', 'Chest', 'Histopathology')
 
 __all__ = ['DATASETS', 'CLASS_NAMES', 'IMAGE_EXTENSIONS', 'CLIP_MEAN', 'CLIP_STD', 'check_obj', 'dataset_root',
-           'dataset_name', 'has_masks', 'prompt_of',
+           'check_target', 'dataset_name', 'has_masks', 'prompt_of',
            'list_images', 'pair_masks', 'load_image', 'load_input', 'load_mask']
 
 
@@ -49,9 +49,10 @@ def dataset_root(data_path: str, obj: str) -> str:
         for root in (obj, os.path.join(data_path, obj)):
             if os.path.isdir(os.path.join(root, 'test')):
                 return root
-        raise ValueError(f"unknown --obj {obj!r}: choose one of {', '.join(CLASS_NAMES)}, or give one's own dataset "
-                         f"in BMAD's layout as a folder path or a folder name under --data_path {data_path} (no "
-                         f"{os.path.join(data_path, obj, 'test')} there)")
+        if os.sep not in obj and "/" not in obj:
+            check_obj(obj)  # a bare name that is no folder: most likely a misspelt BMAD name
+        raise FileNotFoundError(f"--obj {obj}: no dataset in BMAD's layout there (no {os.path.join(obj, 'test')} "
+                                f"folder); see README 'Your own data'")
     folder = DATASETS[obj].folder
     root = os.path.join(data_path, folder)
     if not os.path.isdir(root):
@@ -71,6 +72,13 @@ def has_masks(data_path: str, obj: str) -> bool:
     if obj in DATASETS:
         return DATASETS[obj].has_masks
     return os.path.isdir(os.path.join(dataset_root(data_path, obj), 'test', 'Ungood', 'anomaly_mask'))
+
+
+def check_target(data_path: str, obj: str, prompt_name: str | None = None) -> str:
+    """The prompt name of --obj, checked before any work: a BMAD name, or one's own dataset with --prompt_name."""
+    if obj not in DATASETS:
+        dataset_root(data_path, obj)
+    return prompt_of(obj, prompt_name)
 
 
 def prompt_of(obj: str, prompt_name: str | None = None) -> str:

@@ -32,8 +32,7 @@ def pair_masks(img_paths: list[str], mask_dir: str, require_all: bool = True) ->
     for path in img_paths:
         name = os.path.basename(path)
         if name not in masks:
-            raise ValueError(f"no mask for image {path}: expected {os.path.join(mask_dir, name)} (with masks, "
-                             f"every abnormal image needs one)")
+            raise ValueError(f"no mask for image {path}: expected {os.path.join(mask_dir, name)}")
         check_same_size(path, masks[name])
         paired.append(masks[name])
     if require_all:

@@ -117,9 +117,12 @@ def test_missing_prompt_name(own, tmp_path, capsys):
 
 
 def test_unknown_dataset_folder(own, capsys):
-    err = expect_error(test_zero, [*TINY, "--obj", "ankle", "--data_path", str(own / "data"), "--prompt_name", "x"],
-                       capsys)
-    assert "unknown --obj 'ankle'" in err and "BMAD's layout" in err
+    ankle = own / "data" / "ankle"
+    err = expect_error(test_zero, [*TINY, "--obj", str(ankle), "--prompt_name", "x"], capsys)
+    assert err == f"error: --obj {ankle}: no dataset in BMAD's layout there (no {ankle / 'test'} folder); see README " \
+                  f"'Your own data'"
+    err = expect_error(test_zero, [*TINY, "--obj", "ankle", "--data_path", str(own / "data")], capsys)
+    assert err.startswith("error: unknown --obj 'ankle': choose one of Brain, Liver,")  # a bare name: a BMAD typo?
 
 
 def test_missing_split_or_class_folder(own, tmp_path, capsys):

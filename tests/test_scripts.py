@@ -161,7 +161,7 @@ def reads(monkeypatch):
     import dataset.medical_zero as zero
     log = []
     for module in (few, zero):
-        for name in ("load_image", "load_mask"):
+        for name in ("load_input", "load_mask"):
             def spy(path, *a, _load=getattr(module, name), _tag=module.__name__, **k):
                 log.append((_tag, os.path.normpath(path)))
                 return _load(path, *a, **k)

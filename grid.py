@@ -1,0 +1,242 @@
+"""The paper's grid as jobs: expansion (datasets x settings x support draws x protocols), one job's run (train with
+--resume, then test the chosen weights, each a subprocess of this repository's scripts), their status, and the
+tables over their records (pandas). Executors are existing engines: a thread pool of subprocesses, or submitit.
+"""
+import hashlib
+import json
+import os
+import queue
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dataset import CLASS_NAMES
+from published import PUBLISHED, ROWS
+
+REPO = Path(__file__).resolve().parent
+SHOTS = (2, 4, 8, 16)  # the authors' support lists
+# test images of BMAD's splits (normal + abnormal), for cost estimates where the data is not at hand
+TEST_IMAGES = {"Brain": 3715, "Liver": 1493, "Retina_RESC": 1805, "Retina_OCT2017": 1000, "Chest": 3000,
+               "Histopathology": 2000}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training and its test: setting 'zero' or the shot count, draw 0 = the listed support (--iterate 0),
+    draw d > 0 = drawn with --iterate -1 --seed d; select = the checkpoint-selection protocol."""
+    obj: str
+    setting: str
+    draw: int
+    select: str
+    epoch: int = 50
+    extra: tuple[str, ...] = ()  # flags given to every script (data, weights, epochs, precision, ...)
+    seed_dir: str | None = None  # the few-shot support lists, where not in dataset/fewshot_seed
+
+    @property
+    def key(self) -> str:
+        digest = hashlib.sha256(json.dumps(asdict(self)).encode()).hexdigest()[:8]  # other flags: another job
+        return f"{self.setting}-{self.obj}-draw{self.draw}-{self.select}-{digest}"
+
+    def commands(self, folder: Path) -> list[list[str]]:
+        """The train command (always --resume) and the test command, as argument lists."""
+        few = self.setting != "zero"
+        support = (["--shot", self.setting] + (["--iterate", "0"] if self.draw == 0 else
+                                               ["--iterate", "-1", "--seed", str(self.draw)])
+                   + (["--seed_dir", self.seed_dir] if self.seed_dir else [])) if few else []
+        where = ["--obj", self.obj, "--save_path", str(folder / "ckpt"), "--out_dir", str(folder / "records")]
+        train, test = ("train_few.py", "test_few.py") if few else ("train_zero.py", "test_zero.py")
+        training = ["--select", self.select, "--epoch", str(self.epoch), "--resume"]
+        return [[train, *where, *support, *training, *self.extra],
+                [test, *where, *support, *self.extra]]
+
+
+def expand(objs, settings, draws: int, protocols, epoch: int = 50, extra=(),
+           seed_dir: str | None = None) -> list[Job]:
+    """Datasets x settings ('zero', shot counts) x draws (zero-shot has none) x protocols, in that nesting."""
+    return [Job(obj, str(setting), draw, select, epoch, tuple(extra), seed_dir) for obj in objs
+            for setting in settings for draw in range(1 if setting == "zero" else draws) for select in protocols]
+
+
+def run_job(job: Job, out: str, env: dict | None = None) -> dict:
+    """Train, then test, each as a subprocess (environment `env`) logging to the job's folder; done.json marks
+    success, failed.txt holds the last error line. Raises RuntimeError naming the job and that line."""
+    folder = Path(out) / "jobs" / job.key
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "failed.txt").unlink(missing_ok=True)
+    (folder / "running").write_text(f"{os.uname().nodename} {os.getpid()}\n")
+    try:
+        for command in job.commands(folder):
+            with open(folder / "log.txt", "a") as log:
+                log.write(f"$ python {' '.join(command)}\n")
+                log.flush()
+                done = subprocess.run([sys.executable, str(REPO / command[0]), *command[1:]], stdout=log,
+                                      stderr=subprocess.STDOUT, cwd=folder, env=env)
+            if done.returncode:
+                last = last_error_line(folder / "log.txt")
+                (folder / "failed.txt").write_text(last + "\n")
+                raise RuntimeError(f"{job.key}: {command[0]} exited with {done.returncode}: {last}")
+        record = {"job": asdict(job), "commands": job.commands(folder), "test": latest_record(folder, "test")}
+        (folder / "done.json").write_text(json.dumps(record, indent=1))
+        return record
+    finally:
+        (folder / "running").unlink(missing_ok=True)
+
+
+def last_error_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def latest_record(folder: Path, kind: str) -> dict:
+    path = max((folder / "records").glob(f"{kind}_*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(path.read_text())
+
+
+def is_done(job: Job, out: str) -> bool:
+    return (Path(out) / "jobs" / job.key / "done.json").is_file()
+
+
+class Runner:
+    """submitit's job function: run_job, requeued with the same job when SLURM preempts it or its time runs out
+    (the training resumes from its state)."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def __call__(self, job: Job) -> dict:
+        return run_job(job, self.out)
+
+    def checkpoint(self, job: Job):
+        import submitit
+        return submitit.helpers.DelayedSubmission(self, job)
+
+
+def run_local(jobs: list[Job], out: str, gpus: list[str], workers: int) -> list[str]:
+    """Jobs in a thread pool, each a subprocess that sees one GPU of `gpus` (or, without GPUs, none: `workers` at
+    a time on the CPU); returns the failures' messages. One failure never stops the others."""
+    slots = queue.Queue()
+    for slot in gpus or [""] * workers:
+        slots.put(slot)
+
+    def one(job: Job) -> None:
+        slot = slots.get()
+        try:
+            run_job(job, out, {**os.environ, "CUDA_VISIBLE_DEVICES": slot})
+        finally:
+            slots.put(slot)
+
+    failures = []
+    with ThreadPoolExecutor(max_workers=len(gpus) or workers) as pool:
+        for job, future in [(job, pool.submit(one, job)) for job in jobs]:
+            if future.exception():
+                failures.append(str(future.exception()))
+    return failures
+
+
+def slurm_parameters(partition: str | None, minutes: int, gpus: int, cpus: int, parallel: int,
+                     sbatch: dict) -> dict:
+    """SlurmExecutor parameters of one job: a node's share, a time limit, an array of at most `parallel` at a time,
+    and SIGUSR2 90 s before the limit (submitit then requeues the job, which resumes)."""
+    return {"partition": partition, "time": minutes, "gpus_per_node": gpus, "cpus_per_task": cpus, "nodes": 1,
+            "ntasks_per_node": 1, "array_parallelism": parallel, "signal_delay_s": 90, "job_name": "mvfa",
+            "additional_parameters": sbatch}
+
+
+def submit(jobs: list[Job], out: str, executor) -> list[str]:
+    """Jobs as one submitit array; waits for them; returns the failures' messages."""
+    futures = executor.map_array(Runner(out), jobs)
+    failures = []
+    for job, future in zip(jobs, futures):
+        try:
+            future.result()
+        except Exception as e:  # noqa: BLE001 - one failure never stops the others
+            failures.append(f"{job.key}: {str(e).strip().splitlines()[-1]}")
+    return failures
+
+
+def status(jobs: list[Job], out: str) -> pd.DataFrame:
+    """done / failed (with its last error line) / running / pending per job."""
+    rows = []
+    for job in jobs:
+        folder = Path(out) / "jobs" / job.key
+        state = ("done" if (folder / "done.json").is_file() else "failed" if (folder / "failed.txt").is_file()
+                 else "running" if (folder / "running").is_file() else "pending")
+        error = (folder / "failed.txt").read_text().strip() if state == "failed" else ""
+        rows.append({"job": job.key, "state": state, "error": error})
+    return pd.DataFrame(rows)
+
+
+def results(jobs: list[Job], out: str) -> pd.DataFrame:
+    """One row per finished job: its grid coordinates and the test record's AUROCs in %."""
+    rows = []
+    for job in jobs:
+        path = Path(out) / "jobs" / job.key / "done.json"
+        if path.is_file():
+            metrics = json.loads(path.read_text())["test"]["metrics"]
+            metrics = metrics.get("draws", [metrics])[0]  # test_few with one draw records it directly
+            rows.append({"setting": job.setting, "obj": job.obj, "draw": job.draw, "select": job.select,
+                         **{m: 100 * metrics[m] for m in ("image_auroc", "pixel_auroc") if m in metrics}})
+    return pd.DataFrame(rows, columns=["setting", "obj", "draw", "select", "image_auroc", "pixel_auroc"])
+
+
+def setting_table(frame: pd.DataFrame, setting: str) -> pd.DataFrame:
+    """Datasets (the paper's rows) x metric and protocol: mean and std (ddof 0) over the draws, with the paper's
+    and the authors' implementation's numbers where published (zero-shot and k = 4)."""
+    part = frame[frame["setting"] == setting]
+    stats = part.groupby(["obj", "select"])[["image_auroc", "pixel_auroc"]].agg(["mean", lambda x: np.std(x)])
+    table = pd.DataFrame(index=[label for _, label in ROWS])
+    published = PUBLISHED["zero-shot"] if setting == "zero" else PUBLISHED["few-shot"] if setting == "4" else {}
+    for metric, name in (("image_auroc", "AUC"), ("pixel_auroc", "pAUC")):
+        for select in sorted(part["select"].unique()):
+            table[f"{name} {select}"] = [cell(stats, obj, select, metric) for obj, _ in ROWS]
+        table[f"{name} paper"] = [fmt(published.get(obj, {}).get(metric, (None,))[0]) for obj, _ in ROWS]
+        table[f"{name} impl."] = [fmt(published.get(obj, {}).get(metric, (None, None))[1]) for obj, _ in ROWS]
+    return table
+
+
+def cell(stats: pd.DataFrame, obj: str, select: str, metric: str) -> str:
+    if (obj, select) not in stats.index or np.isnan(stats.loc[(obj, select), (metric, "mean")]):
+        return "-"
+    mean, std = stats.loc[(obj, select), metric]
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def write_tables(frame: pd.DataFrame, out: str) -> str:
+    """tables.md and one CSV per setting in `out`; returns the Markdown."""
+    sections = ["# MVFA reproduced by training: mean ± std over support draws (AUROC, %)"]
+    order = ["zero", *(str(k) for k in SHOTS)]
+    for setting in [s for s in order if s in set(frame["setting"])]:
+        table = setting_table(frame, setting)
+        table.to_csv(Path(out) / f"table_{setting}.csv", index_label="dataset")
+        title = "Zero-shot" if setting == "zero" else f"Few-shot, k = {setting}"
+        header = "| Dataset | " + " | ".join(table.columns) + " |\n|:---|" + "---:|" * len(table.columns)
+        body = "\n".join("| " + " | ".join([name, *row]) + " |" for name, row in zip(table.index, table.values))
+        sections.append(f"## {title}\n\n{header}\n{body}")
+    text = "\n\n".join(sections) + "\n"
+    (Path(out) / "tables.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def cost(job: Job, data_path: str, batch_size: int = 1) -> tuple[int, int]:
+    """(training steps, evaluated images) of a job: few-shot 22k steps and one test pass (11k bank images + the test
+    set) per epoch; zero-shot the other five test sets in groups, 5-6 test passes per epoch; plus the final test.
+    Test-set sizes are counted where the data is, else BMAD's."""
+    def size(obj: str) -> int:
+        root = Path(data_path) / f"{obj}_AD" / "test"
+        found = sum(1 for _ in root.glob("*/img/*")) if root.is_dir() else 0
+        return found or TEST_IMAGES[obj]
+    test, epochs = size(job.obj), job.epoch
+    if job.setting == "zero":
+        groups = -(-sum(size(o) for o in CLASS_NAMES if o != job.obj) // batch_size)
+        return epochs * groups, epochs * (5 + (groups % 5 != 0)) * test + test
+    k = int(job.setting)
+    return epochs * 22 * k, (epochs + 1) * (11 * k + test)

@@ -1,0 +1,120 @@
+"""reproduce.py: the grid's jobs, both executors (a local pool of processes and submitit's local executor, the same
+code path as SLURM without sbatch), rerunning after a kill, the tables against the records, SLURM parameters."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import submitit
+from submitit.slurm.slurm import _make_sbatch_string
+
+import grid
+import reproduce
+from test_scripts import REPO, TINY, synth  # noqa: F401
+
+GRID = ["--objs", "Brain", "Chest", "--settings", "1", "zero", "--epoch", "1", "--batch_size", "6"]
+
+
+def grid_args(synth, out: Path, *more: str) -> list[str]:
+    return [*GRID, "--out", str(out), "--data_path", synth.data, "--seed_dir", synth.seed_root, *TINY, *more]
+
+
+def records(out: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in (out / "jobs").glob("*/done.json")}
+
+
+def test_dry_run_lists_the_paper_grid_without_data(tmp_path, capsys):
+    assert reproduce.main(["--dry_run", "--data_path", str(tmp_path / "none")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    jobs = lines[:-1]
+    assert len(jobs) == 6 * 5 and lines[-1].startswith("30 jobs, ~")
+    assert sum(" zero-shot draw 0 " in line for line in jobs) == 6
+    assert sum(" 16-shot draw 0 (listed) --select test: " in line for line in jobs) == 6
+    assert any(line.startswith("4-Liver-draw0-test-") for line in jobs)
+
+
+@pytest.mark.parametrize("executor", ["local", "submitit-local"])
+def test_grid_runs_jobs_records_and_tables(executor, synth, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # submitit's workers import the job function from here
+    assert reproduce.main(grid_args(synth, tmp_path, "--executor", executor, "--workers", "2")) == 0
+    done = records(tmp_path)
+    assert len(done) == 4
+    for record in done.values():
+        job = grid.Job(**{**record["job"], "extra": tuple(record["job"]["extra"])})
+        assert record["test"]["script"] == ("test_zero" if job.setting == "zero" else "test_few")
+        assert record["test"]["args"]["obj"] == job.obj
+    assert (tmp_path / "tables.md").is_file() and (tmp_path / "table_zero.csv").is_file()
+
+
+def test_tables_are_mean_and_std_of_the_records(synth, tmp_path, capsys):
+    """Two support draws of a few-shot setting: each cell is the mean ± std (ddof 0) of the two records."""
+    args = [*grid_args(synth, tmp_path, "--draws", "2"), "--settings", "1", "--objs", "Brain"]
+    assert reproduce.main(args) == 0
+    values = {m: [] for m in ("image_auroc", "pixel_auroc")}
+    for record in records(tmp_path).values():
+        metrics = record["test"]["metrics"]
+        for m in values:
+            values[m].append(100 * metrics[m])
+    table = grid.setting_table(grid.results([grid.Job(**{**r["job"], "extra": tuple(r["job"]["extra"])})
+                                                   for r in records(tmp_path).values()], str(tmp_path)), "1")
+    for metric, name in (("image_auroc", "AUC"), ("pixel_auroc", "pAUC")):
+        assert table.loc["BrainMRI", f"{name} test"] == f"{np.mean(values[metric]):.2f} ± {np.std(values[metric]):.2f}"
+    csv = (tmp_path / "table_1.csv").read_text()
+    assert f"{np.mean(values['image_auroc']):.2f} ± {np.std(values['image_auroc']):.2f}" in csv
+
+
+def test_killed_run_reruns_only_what_is_missing(synth, tmp_path):
+    command = [sys.executable, str(REPO / "reproduce.py"), *grid_args(synth, tmp_path, "--workers", "1")]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    while proc.poll() is None and not records(tmp_path):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and the job it was in the middle of
+    proc.wait()
+    first = {key: (tmp_path / "jobs" / key / "done.json").stat().st_mtime_ns for key in records(tmp_path)}
+    assert 1 <= len(first) < 4
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"{len(first)} of 4 jobs done already; running {4 - len(first)}" in out.stdout
+    assert len(records(tmp_path)) == 4
+    assert all((tmp_path / "jobs" / key / "done.json").stat().st_mtime_ns == t for key, t in first.items())
+
+
+def test_a_failing_job_never_stops_the_others_and_status_names_it(synth, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synth.data, data)
+    shutil.rmtree(data / "Chest_AD" / "test" / "good")  # Chest's jobs cannot read their test set
+    args = [*GRID, "--out", str(tmp_path / "out"), "--data_path", str(data), "--seed_dir", synth.seed_root, *TINY]
+    assert reproduce.main(args) == 1
+    assert len(records(tmp_path / "out")) == 2  # Brain's two jobs
+    capsys.readouterr()
+    assert reproduce.main(["--status", *args]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" done ") == 2 and out.count(" failed ") == 2
+    assert f"image folder not found: {data / 'Chest_AD' / 'test' / 'good' / 'img'}" in out
+
+
+def test_slurm_submission_parameters(tmp_path, monkeypatch):
+    """Without a cluster: the parameters submitit gets, and the sbatch script they make."""
+    params = grid.slurm_parameters("gpu", 720, 1, 8, 16, {"qos": "high"})
+    script = _make_sbatch_string(command="python -m x", folder=str(tmp_path), map_count=30, **params)
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=720", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --array=0-29%16", "#SBATCH --signal=USR2@90",
+                 "#SBATCH --qos=high"):
+        assert line in script
+    monkeypatch.setattr(submitit.SlurmExecutor, "affinity", staticmethod(lambda: 1))  # pretend srun exists
+    args, _ = reproduce.parser().parse_known_args(["--executor", "slurm", "--partition", "gpu", "--time", "720",
+                                                   "--parallel", "16", "--sbatch", "qos=high"])
+    executor = reproduce.executor(args, tmp_path)
+    assert executor.parameters["partition"] == "gpu" and executor.parameters["time"] == 720
+    assert executor.parameters["additional_parameters"] == {"qos": "high"}
+    assert executor.max_num_timeout == 20  # requeued after timeouts, resuming from the training state
+    job = grid.Job("Brain", "4", 0, "test")
+    requeued = grid.Runner(str(tmp_path)).checkpoint(job)
+    assert isinstance(requeued, submitit.helpers.DelayedSubmission) and requeued.args == (job,)
