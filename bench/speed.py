@@ -78,9 +78,9 @@ def run_stage(args) -> dict:
         from CLIP.loading import load_config
         config = load_config(args.model_name)
         used = {**config, "vision_cfg": {**config["vision_cfg"], "image_size": args.img_size}}
-        start = time.perf_counter()
+        before, start = peak_mb(device), time.perf_counter()
         advance(reference_init_draws(config) + reference_init_draws(used))
-        return {"seconds": time.perf_counter() - start}
+        return {"seconds": time.perf_counter() - start, "peak_increase_mb": peak_mb(device) - before}
     if stage == "load":
         start = time.perf_counter()
         create_model(args.model_name, args.img_size, "openai" if args.clip_ckpt else "none", device,
@@ -175,7 +175,8 @@ def describe(device: torch.device) -> str:
 def format_row(r: dict) -> str:
     g = r.get("gflops")
     frac = f"{g / r['matmul_gflops']:.0%}" if g else ""
-    extra = f"--fast: {r['fast_seconds']:.3f} s ({r['ratio']:.3f} of it)" if "ratio" in r else ""
+    extra = f"--fast: {r['fast_seconds']:.3f} s ({r['ratio']:.3f} of it)" if "ratio" in r else \
+        f"peak increase {r['peak_increase_mb']:.0f} MB" if "peak_increase_mb" in r else ""
     return (f"| {r['stage']} | {r['precision']} | {r['batch']} | {r['seconds']:.3f} | "
             f"{r.get('images_per_s', 0):.2f} | {g or 0:.0f} | {r['matmul_gflops']:.0f} | {frac} | "
             f"{r['peak_mb']:.0f} | {extra} |")

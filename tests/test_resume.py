@@ -18,7 +18,7 @@ import training
 import zeroshot
 from test_scripts import REPO, TINY, cached_text, load_ckpt, one_thread, result_lines, synth  # noqa: F401
 
-CASES = {"few": (train_few, fewshot, "Brain", ["--shot", "1", "--epoch", "3"]),  # 22 steps an epoch
+CASES = {"few": (train_few, fewshot, "Brain", ["--shot", "1", "--epoch", "2"]),  # 22 steps an epoch
          "zero": (train_zero, zeroshot, "Chest", ["--epoch", "2", "--batch_size", "6"])}  # 5 groups, 5 selections
 
 
