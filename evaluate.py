@@ -15,7 +15,7 @@ import metrics
 from dataset import dataset_name
 from scoring import few_shot_distances, few_shot_map, minmax, patches, unit_rows, zero_shot_image_score, \
     zero_shot_logits, zero_shot_map
-from utils import autocast
+from utils import autocast, scoring_autocast, scoring_inputs
 
 CHUNK = 16  # images per recomputed block of full-size maps
 
@@ -63,29 +63,37 @@ def collect(model, loader: DataLoader, text_features: torch.Tensor, device: torc
     out = Collected(has_masks, img_size)
     if head == "det" and memory is not None:
         memory = (memory[1], memory[1])
+    text_features = scoring_inputs([text_features], precision)[0]
     for images, labels, masks in tqdm(loader, desc=desc, leave=False):
         with autocast(device, precision):
             _, seg, det = model(images.to(device))
-            seg = det if head == "det" else seg
-            if memory is not None:  # before the in-place normalisations of the zero-shot scoring (spec 6.6)
-                distances = few_shot_distances(memory[0] if has_masks else memory[1], seg if has_masks else det)
-            out.zero_image += zero_shot_image_score(zero_shot_logits(det, text_features)).float().cpu().tolist()
-            if has_masks:
-                out.zero_logits += list(torch.stack(zero_shot_logits(seg, text_features), 1).cpu())  # B x [L, HW, 2]
-                if memory is not None:
-                    out.few_distances += list(torch.stack(distances, 1).cpu())  # B x [L, HW]
-            elif memory is not None:
-                # the mean of the upsampled 240x240 map, in numpy as the reference (spec Q33)
-                out.few_image += [float(m.mean()) for m in few_shot_map(distances, img_size).float().cpu().numpy()]
+            with scoring_autocast(device, precision):
+                score_batch(out, scoring_inputs(det if head == "det" else seg, precision),
+                            scoring_inputs(det, precision), text_features, memory)
         out.labels += [int(y) for y in labels]
         out.masks += [np.packbits(m.reshape(-1).numpy() > 0.5) for m in masks]
     return out
 
 
+def score_batch(out: Collected, seg: list[torch.Tensor], det: list[torch.Tensor], text_features: torch.Tensor,
+                memory: tuple | None) -> None:
+    """Append one batch's score material to `out` (tokens per layer [B, 1+HW, D]; memory as in `collect`)."""
+    if memory is not None:  # before the in-place normalisations of the zero-shot scoring (spec 6.6)
+        distances = few_shot_distances(memory[0] if out.has_masks else memory[1], seg if out.has_masks else det)
+    out.zero_image += zero_shot_image_score(zero_shot_logits(det, text_features)).float().cpu().tolist()
+    if out.has_masks:
+        out.zero_logits += list(torch.stack(zero_shot_logits(seg, text_features), 1).cpu())  # B x [L, HW, 2]
+        if memory is not None:
+            out.few_distances += list(torch.stack(distances, 1).cpu())  # B x [L, HW]
+    elif memory is not None:
+        # the mean of the upsampled 240x240 map, in numpy as the reference (spec Q33)
+        out.few_image += [float(m.mean()) for m in few_shot_map(distances, out.img_size).float().cpu().numpy()]
+
+
 def raw_maps(c: Collected, start: int, stop: int, device: torch.device, precision: str = "auto",
              fewshot: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Unnormalised full-size zero-shot and few-shot maps [n, H, W] of images start..stop-1 (few: None if absent)."""
-    with torch.no_grad(), autocast(device, precision):
+    with torch.no_grad(), autocast(device, precision), scoring_autocast(device, precision):
         logits = torch.stack(c.zero_logits[start:stop]).to(device)  # [n, L, HW, 2]
         zero = zero_shot_map(list(logits.unbind(1)), c.img_size).float()  # [n, H, W]
         few = None

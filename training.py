@@ -17,7 +17,7 @@ from CLIP import build_model
 from evaluate import result_lines, selection_score
 from loss import detection_loss, segmentation_loss
 from records import check_writable, clip_file, save_checkpoint, versions, write_record
-from utils import autocast
+from utils import autocast, scoring_autocast, scoring_inputs
 
 
 def optimizers(model, lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
@@ -46,10 +46,13 @@ def train_step(model, images, labels, masks, text: torch.Tensor, *, has_masks: b
     """One update (spec 5.4, Q11): det loss always; seg loss on datasets with masks, and only then the seg step."""
     with autocast(device, precision):
         _, seg, det = model(images.to(device))
-        loss = detection_loss(det, text, labels.to(device).float(), bce_on_probability)
-        if has_masks:
-            masks = (masks.to(device) > 0.5).float()
-            loss = segmentation_loss(seg, text, masks, img_size) + loss
+        with scoring_autocast(device, precision):  # the losses in fp32 under bf16
+            seg, det = scoring_inputs(seg, precision), scoring_inputs(det, precision)
+            text = scoring_inputs([text], precision)[0]
+            loss = detection_loss(det, text, labels.to(device).float(), bce_on_probability)
+            if has_masks:
+                masks = (masks.to(device) > 0.5).float()
+                loss = segmentation_loss(seg, text, masks, img_size) + loss
     seg_opt.zero_grad(set_to_none=True)
     det_opt.zero_grad(set_to_none=True)
     loss.backward()

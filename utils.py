@@ -56,6 +56,19 @@ def autocast(device: torch.device, precision: str = "auto"):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def scoring_autocast(device: torch.device, precision: str):
+    """Entered inside a forward's autocast: the context of the maths after the forward (token normalisation, text
+    logits, softmax, memory-bank similarities, upsampling, sums, min-max, losses). Under 'bf16' fp32, as bf16's
+    8-bit significand ties the near-equal similarities of the memory bank (README "bf16 drift"); under any other
+    precision the forward's own context, as the reference."""
+    return torch.autocast(device.type, enabled=False) if precision == "bf16" else contextlib.nullcontext()
+
+
+def scoring_inputs(tensors: list[torch.Tensor], precision: str) -> list[torch.Tensor]:
+    """The forward's outputs as the scoring takes them: float32 under 'bf16' (see scoring_autocast), else as given."""
+    return [t.float() for t in tensors] if precision == "bf16" else tensors
+
+
 def _warp(x: torch.Tensor, matrix: list[list[torch.Tensor]]) -> torch.Tensor:
     """Affine warp of x [N, C, H, W] by one float32 2x3 matrix, bilinear, reflection padding, align_corners False."""
     theta = torch.tensor(matrix, dtype=torch.float32).expand(x.shape[0], 2, 3)  # [N, 2, 3]
