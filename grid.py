@@ -213,8 +213,8 @@ def fmt(value: float | None) -> str:
 def write_tables(frame: pd.DataFrame, out: str) -> str:
     """tables.md and one CSV per setting in `out`; returns the Markdown."""
     sections = ["# MVFA reproduced by training: mean ± std over support draws (AUROC, %)"]
-    order = ["zero", *(str(k) for k in SHOTS)]
-    for setting in [s for s in order if s in set(frame["setting"])]:
+    present = set(frame["setting"])
+    for setting in (["zero"] if "zero" in present else []) + sorted(present - {"zero"}, key=int):
         table = setting_table(frame, setting)
         table.to_csv(Path(out) / f"table_{setting}.csv", index_label="dataset")
         title = "Zero-shot" if setting == "zero" else f"Few-shot, k = {setting}"
