@@ -90,7 +90,8 @@ def test_a_failing_job_never_stops_the_others_and_status_names_it(synth, tmp_pat
     data = tmp_path / "data"
     shutil.copytree(synth.data, data)
     shutil.rmtree(data / "Chest_AD" / "test" / "good")  # Chest's jobs cannot read their test set
-    args = [*GRID, "--out", str(tmp_path / "out"), "--data_path", str(data), "--seed_dir", synth.seed_root, *TINY]
+    args = [*GRID, "--out", str(tmp_path / "out"), "--data_path", str(data), "--seed_dir", synth.seed_root, *TINY,
+            "--settings", "1", "--draws", "2"]  # few-shot only: zero-shot Brain would train on Chest's test set too
     assert reproduce.main(args) == 1
     assert len(records(tmp_path / "out")) == 2  # Brain's two jobs
     capsys.readouterr()
