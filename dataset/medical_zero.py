@@ -7,7 +7,7 @@ import random
 import torch
 from torch.utils.data import Dataset
 
-from . import CLASS_NAMES, DATASETS, load_input, load_mask
+from . import CLASS_NAMES, DATASETS, dataset_root, load_input, load_mask
 from .medical_few import MedTestDataset, list_test_items
 
 __all__ = ['MedTrainDataset', 'MedTestDataset']
@@ -27,6 +27,8 @@ class MedTrainDataset(Dataset):
         if batch_size < 1:
             raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
         self.obj = obj  # a BMAD name (left out of training) or one's own dataset (all six train)
+        if obj not in DATASETS:
+            dataset_root(data_path, obj)  # one's own dataset must exist; an unknown bare name is a misspelt one
         self.data_path, self.img_size, self.batch_size = data_path, img_size, batch_size
         self.sort_listing, self.normalize = sort_listing, normalize
         self.data = self._build()
