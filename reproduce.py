@@ -45,7 +45,7 @@ def parser():
     p.add_argument("--sbatch", nargs="*", default=[], metavar="KEY=VALUE", help="slurm: extra sbatch options")
     p.add_argument("--sec_per_step", type=float, default=2.5, help="cost estimate: seconds per training step "
                                                                    "(default: ViT-L, fp32, measured on 2 CPU cores)")
-    p.add_argument("--sec_per_image", type=float, default=0.5,
+    p.add_argument("--sec_per_image", type=float, default=1.0,
                    help="cost estimate: seconds per evaluated image (default: the same CPU)")
     return p
 
