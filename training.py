@@ -70,13 +70,13 @@ def adapter_copy(model) -> dict:
 def rng_states() -> dict:
     """Every generator a training run draws from."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(), "random": random.getstate()}
+    return {"torch": torch.get_rng_state(), "gpus": cuda, "numpy": np.random.get_state(), "random": random.getstate()}
 
 
 def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["gpus"]:
+        torch.cuda.set_rng_state_all(states["gpus"])
     np.random.set_state(states["numpy"])
     random.setstate(states["random"])
 
