@@ -1,4 +1,5 @@
-"""Per-stage speed of MVFA's pipeline: time, images/s, achieved GFLOP/s against the machine's matrix-product rate.
+"""Per-stage speed of MVFA's pipeline: time, images/s, achieved GFLOP/s against the machine's matrix-product rate;
+the evaluation's time and peak memory for 500 and 4,000 test images (stage metrics, 'batch' = images).
 
     python bench/speed.py                          # CPU: fp32 and bf16, ViT-L/14 at 240 with random weights
     python bench/speed.py --device cuda --precisions fp16 bf16 --batch_sizes 1 32
@@ -72,6 +73,36 @@ def peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_bytes(key: str) -> int:
+    """A /proc/self/status entry (VmRSS, VmHWM) in bytes; Linux only."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def evaluation_figures(n: int, size: int) -> dict:
+    """Time and peak-memory increase of the evaluation of n images from what collect keeps (17x17 material of 4
+    layers, packed masks with 0-3 elliptic lesions on 4 images of 5), and the full-size maps they stand for."""
+    from evaluate import Collected, evaluate
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) := current RSS
+    base = rss_bytes("VmRSS")
+    g, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    c, yy, xx = Collected(True, size), *np.ogrid[:size, :size]
+    for i in range(n):
+        mask = np.zeros((size, size), bool)
+        for _ in range(int(rng.integers(1, 4)) if i % 5 else 0):
+            (cy, cx), (ry, rx) = rng.uniform(0, size, 2), rng.uniform(4, 30, 2)
+            mask |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1  # [H, W]
+        c.labels.append(int(mask.any()))
+        c.masks.append(np.packbits(mask.reshape(-1)))
+        c.zero_image.append(float(torch.rand(1, generator=g)))
+        c.zero_logits.append(torch.randn(4, 289, 2, generator=g))  # [layers, HW, 2]
+        c.few_distances.append(torch.rand(4, 289, generator=g))  # [layers, HW]
+    start = time.perf_counter()
+    result = evaluate(c, fewshot=True, device=torch.device("cpu"))
+    return {"seconds": time.perf_counter() - start, "peak_increase_mb": (rss_bytes("VmHWM") - base) / 2**20,
+            "maps_fp16_mb": n * size * size * 2 / 2**20, "pixel_auroc": result["pixel_auroc"]}
+
+
 def run_stage(args) -> dict:
     """One stage, in this process; returns its figures."""
     device, stage, prec = torch.device(args.device), args.stage, args.precision
@@ -88,6 +119,8 @@ def run_stage(args) -> dict:
         create_model(args.model_name, args.img_size, "openai" if args.clip_ckpt else "none", device,
                      checkpoint=args.clip_ckpt)
         return {"seconds": time.perf_counter() - start}
+    if stage == "metrics":  # evaluate.evaluate (few-shot, masks) on N = --batch_size test images of random scores
+        return evaluation_figures(args.batch_size, args.img_size)
     clip = create_model(args.model_name, args.img_size, "none", device)
     clip.requires_grad_(False)
     model = CLIP_Inplanted(clip).to(device)
@@ -120,19 +153,6 @@ def run_stage(args) -> dict:
                                        det_opt=det_opt, device=device, precision=prec, img_size=args.img_size),
                     args.repeat, device)
         return {"seconds": sec, "images_per_s": args.batch_size / sec}
-    if stage == "metrics":  # the evaluation of 100 test images with masks from low-resolution scores
-        from evaluate import Collected, evaluate
-        g = torch.Generator().manual_seed(0)
-        c = Collected(True, args.img_size)
-        for i in range(100):
-            c.labels.append(i % 2)
-            c.zero_image.append(float(torch.rand(1, generator=g)))
-            c.zero_logits.append(torch.randn(4, 289, 2, generator=g))
-            c.few_distances.append(torch.rand(4, 289, generator=g))
-            m = torch.zeros(args.img_size, args.img_size, dtype=torch.bool)
-            m[100:140, 90:150] = bool(i % 2)
-            c.masks.append(np.packbits(m.reshape(-1).numpy()))
-        return {"seconds": timed(lambda: evaluate(c, fewshot=True, device=torch.device("cpu")), 1), "images": 100}
     raise ValueError(f"unknown --stage {stage}")
 
 
@@ -143,7 +163,10 @@ def driver(args) -> None:
     rows = []
     for prec in args.precisions:
         for stage in args.stages:
-            sizes = args.batch_sizes if stage in ("forward", "memory_bank", "train_step") else [1]
+            sizes = args.batch_sizes if stage in ("forward", "memory_bank", "train_step") else \
+                args.metric_images if stage == "metrics" else [1]
+            if stage in ("init_draws", "metrics") and prec != args.precisions[0]:
+                continue  # no precision of their own
             for bs in sizes:
                 cmd = [sys.executable, __file__, "--stage", stage, "--precision", prec, "--device", args.device,
                        "--batch_size", str(bs), "--repeat", str(args.repeat), "--img_size", str(args.img_size),
@@ -172,7 +195,8 @@ def format_row(r: dict) -> str:
     g = r.get("gflops")
     frac = f"{g / r['matmul_gflops']:.0%}" if g else ""
     extra = f"--fast: {r['fast_seconds']:.3f} s ({r['ratio']:.3f} of it)" if "ratio" in r else \
-        f"peak increase {r['peak_increase_mb']:.0f} MB" if "peak_increase_mb" in r else ""
+        f"peak increase {r['peak_increase_mb']:.1f} MB" + (f" (the maps in float16: {r['maps_fp16_mb']:.1f} MB)"
+                                                          if "maps_fp16_mb" in r else "") if "peak_increase_mb" in r else ""
     return (f"| {r['stage']} | {r['precision']} | {r['batch']} | {r['seconds']:.3f} | "
             f"{r.get('images_per_s', 0):.2f} | {g or 0:.0f} | {r['matmul_gflops']:.0f} | {frac} | "
             f"{r['peak_mb']:.0f} | {extra} |")
@@ -183,6 +207,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="fp32, bf16, fp16, amp")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1], help="batch sizes of the forward, memory-bank and training-step stages")
+    p.add_argument("--metric_images", type=int, nargs="+", default=[500, 4000],
+                   help="test-set sizes of the metrics stage (time and peak memory of the whole evaluation)")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="stages to run")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--img_size", type=int, default=240, help="input resolution")
