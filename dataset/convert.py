@@ -27,8 +27,7 @@ def split(paths: list[str], valid: float, rng: random.Random) -> tuple[list[str]
     return paths[:n], paths[n:]
 
 
-def convert(normal: str, abnormal: str, out: str, masks: str | None = None, valid: float = 0.2,
-            seed: int = 0) -> Path:
+def convert(normal: str, abnormal: str, out: str, masks: str | None = None, valid: float = 0.2, seed: int = 0) -> Path:
     """Copy the images (and masks) into `out` in BMAD's layout; returns `out`."""
     out_dir = Path(out)
     if out_dir.exists():

@@ -21,10 +21,8 @@ def list_images(folder: str, sort: bool = True) -> list[str]:
 
 
 def pair_masks(img_paths: list[str], mask_dir: str, require_all: bool = True) -> list[str]:
-    """Mask path for each image: the file of the same name in `mask_dir`.
-
-    A missing mask is a ValueError; so is, with `require_all`, a mask whose image is not in `img_paths`.
-    """
+    """Mask path for each image: the file of the same name in `mask_dir`. A missing mask is a ValueError; so is, with
+    `require_all`, a mask whose image is not in `img_paths`."""
     # deviation: the reference replaces every 'img' in the path (few-shot) or pairs two sorted listings by position
     # (zero-shot test) (Q15); pairing by name gives the same pairs on valid data and an error otherwise.
     masks = {os.path.basename(p): p for p in list_images(mask_dir)}

@@ -1,7 +1,5 @@
-"""Few-shot data of one BMAD dataset: the test list (sorted normal, then sorted abnormal) and the k-shot support set.
-
-The support set is read from `fewshot_seed/{obj}/{k}-shot.txt` (iterate >= 0) or drawn at random (iterate < 0).
-"""
+"""Few-shot data of one BMAD dataset: the test list (sorted normal, then sorted abnormal) and the k-shot support set,
+read from `fewshot_seed/{obj}/{k}-shot.txt` (iterate >= 0) or drawn at random (iterate < 0)."""
 import os
 import random
 from types import ModuleType
@@ -27,10 +25,8 @@ def list_test_items(data_path: str, obj: str, split: str = 'test',
     root = dataset_root(data_path, obj)
     normal = list_images(os.path.join(root, split, 'good', 'img'), sort)
     abnormal = list_images(os.path.join(root, split, 'Ungood', 'img'), sort)
-    if has_masks(data_path, obj):
-        masks = pair_masks(abnormal, os.path.join(root, split, 'Ungood', 'anomaly_mask'))
-    else:
-        masks = [None] * len(abnormal)
+    masks = (pair_masks(abnormal, os.path.join(root, split, 'Ungood', 'anomaly_mask')) if has_masks(data_path, obj)
+             else [None] * len(abnormal))
     return [(p, 0, None) for p in normal] + [(p, 1, m) for p, m in zip(abnormal, masks)]
 
 
@@ -47,10 +43,9 @@ class ImageItems(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         path, label, mask = self.items[i]
-        img = load_input(path, self.img_size, self.normalize)
-        if mask is None:
-            return img, label, torch.zeros(1, self.img_size, self.img_size)
-        return img, label, load_mask(mask, self.img_size)
+        size = self.img_size
+        img = load_input(path, size, self.normalize)
+        return img, label, torch.zeros(1, size, size) if mask is None else load_mask(mask, size)
 
 
 class MedTestDataset(ImageItems):
@@ -72,13 +67,10 @@ class Support(NamedTuple):
 
 def _tagged_names(lines: list[str], tag: str, shot: int, path: str) -> list[str]:
     """First `shot` .png/.jpeg names of the first line starting with `tag` (e.g. 'n-0:')."""
-    for line in lines:
-        tokens = line.split()
-        if tokens and tokens[0] == tag:
-            names = [t for t in tokens[1:] if t.endswith(SUPPORT_EXTENSIONS)]
-            break
-    else:
+    tokens = next((t for t in map(str.split, lines) if t[:1] == [tag]), None)
+    if tokens is None:
         raise ValueError(f"support list {path} has no line {tag!r}; {LISTS_HINT}")
+    names = [t for t in tokens[1:] if t.endswith(SUPPORT_EXTENSIONS)]
     if len(names) < shot:
         raise ValueError(f"support list {path} has {len(names)} image names after {tag!r}, fewer than --shot "
                          f"{shot}; {LISTS_HINT}")
@@ -94,8 +86,7 @@ def read_support_list(obj: str, shot: int, iterate: int, seed_root: str | None =
         raise FileNotFoundError(f"support list not found: {path}; {LISTS_HINT}")
     with open(path, encoding='utf-8') as f:
         lines = f.read().splitlines()
-    return (_tagged_names(lines, f'n-{iterate}:', shot, path),
-            _tagged_names(lines, f'a-{iterate}:', shot, path))
+    return _tagged_names(lines, f'n-{iterate}:', shot, path), _tagged_names(lines, f'a-{iterate}:', shot, path)
 
 
 def draw_names(pool_dir: str, shot: int, rng: random.Random | ModuleType, sort_listing: bool = False) -> list[str]:
@@ -138,5 +129,4 @@ class MedDataset(MedTestDataset):
                  seed: int | None = None, seed_root: str | None = None, sort_listing: bool = False,
                  normalize: bool = False):
         super().__init__(data_path, obj, img_size, normalize)
-        self.support = load_support(data_path, obj, img_size, shot, iterate, seed, seed_root, sort_listing,
-                                    normalize)
+        self.support = load_support(data_path, obj, img_size, shot, iterate, seed, seed_root, sort_listing, normalize)

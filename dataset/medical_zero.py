@@ -1,7 +1,5 @@
-"""Zero-shot data: leave-one-dataset-out training groups over the other five test splits, and the test set.
-
-`MedTestDataset` is the few-shot test set (same list, same items), re-exported here.
-"""
+"""Zero-shot data: leave-one-dataset-out training groups over the other five test splits, and the test set
+(`MedTestDataset`: the few-shot test set, same list, same items, re-exported here)."""
 import random
 
 import torch
@@ -16,11 +14,9 @@ Group = tuple[tuple[str, ...], tuple[int, ...], tuple[str | None, ...] | None, s
 
 
 class MedTrainDataset(Dataset):
-    """Groups of `batch_size` test images of one other dataset; item = (imgs, labels, masks, dataset name).
-
-    imgs [B,3,H,W], labels float32 [B], masks [B,1,H,W] (zeros for normal images) or zeros(1,H,W) for image-only
-    datasets. Built with the global Python `random`, as the reference (6 shuffles; again in `shuffle_dataset`).
-    """
+    """Groups of `batch_size` test images of one other dataset; item = (imgs [B,3,H,W], labels float32 [B], masks
+    [B,1,H,W] (zeros for normal images) or zeros(1,H,W) for image-only datasets, dataset name). Built with the global
+    Python `random`, as the reference (6 shuffles; again in `shuffle_dataset`)."""
 
     def __init__(self, data_path: str, obj: str, img_size: int = 240, batch_size: int = 1,
                  sort_listing: bool = False, normalize: bool = False):
@@ -31,27 +27,20 @@ class MedTrainDataset(Dataset):
             dataset_root(data_path, obj)  # one's own dataset must exist; an unknown bare name is a misspelt one
         self.data_path, self.img_size, self.batch_size = data_path, img_size, batch_size
         self.sort_listing, self.normalize = sort_listing, normalize
-        self.data = self._build()
+        self.shuffle_dataset()
 
-    def _build(self) -> list[Group]:
-        """Shuffle each other dataset's list, cut it into groups, shuffle the groups (spec 7.1; Q23: test splits)."""
-        per_class = []
-        for name in CLASS_NAMES:
-            if name != self.obj:
-                items = list_test_items(self.data_path, name, sort=self.sort_listing)
-                random.shuffle(items)
-                per_class.append((name, items))
-        groups = []
-        for name, items in per_class:
+    def shuffle_dataset(self) -> None:
+        """Shuffle each other dataset's fresh listing, cut it into groups, shuffle the groups (spec 7.1; Q23: test
+        splits); the reference calls it again after each epoch."""
+        groups: list[Group] = []
+        for name in [n for n in CLASS_NAMES if n != self.obj]:
+            items = list_test_items(self.data_path, name, sort=self.sort_listing)
+            random.shuffle(items)  # the groups draw nothing: the shuffles run in the reference's order
             for start in range(0, len(items), self.batch_size):
                 paths, labels, masks = zip(*items[start:start + self.batch_size])
                 groups.append((paths, labels, masks if DATASETS[name].has_masks else None, name))
         random.shuffle(groups)
-        return groups
-
-    def shuffle_dataset(self) -> None:
-        """Rebuild the groups from a fresh listing with fresh shuffles (called by the reference after each epoch)."""
-        self.data = self._build()
+        self.data = groups
 
     def __len__(self) -> int:
         return len(self.data)

@@ -1,8 +1,6 @@
-"""A small synthetic benchmark in BMAD's layout, for demos and tests when the real data is absent.
-
-Normal images are smooth organ-like scenes (head MRI, abdominal CT, retinal OCT, chest X-ray, colour tissue); abnormal
-ones add one or two random-shaped bright or dark lesions whose union is the mask. Deterministic given the seed.
-"""
+"""A small synthetic benchmark in BMAD's layout, for demos and tests when the real data is absent. Normal images are
+smooth organ-like scenes (head MRI, abdominal CT, retinal OCT, chest X-ray, colour tissue); abnormal ones add one or
+two random-shaped bright or dark lesions whose union is the mask. Deterministic given the seed."""
 import os
 from typing import Iterable, NamedTuple
 
@@ -98,12 +96,11 @@ def _save(img: np.ndarray, path: str) -> None:
 
 
 def make_synthetic_bmad(root: str, n_per_split: int = 6, seed: int = 0, img_size: int = 240,
-                        objs: Iterable[str] = CLASS_NAMES, shots: Iterable[int] = (2, 4, 8, 16),
-                        seed_root: str | None = None, iterations: int = 3) -> SynthPaths:
+                        objs: Iterable[str] = CLASS_NAMES, shots: Iterable[int] = (2, 4, 8, 16)) -> SynthPaths:
     """Write `root`/data/{obj}_AD/{valid,test}/{good,Ungood}/img (+ anomaly_mask for mask datasets) and
-    `seed_root` (default `root`/dataset/fewshot_seed)/{obj}/{k}-shot.txt lists with tags n-i:/a-i: for
-    i < `iterations`, for every k in `shots` not above `n_per_split`."""
-    data, seed_root = os.path.join(root, 'data'), seed_root or os.path.join(root, 'dataset', 'fewshot_seed')
+    `root`/dataset/fewshot_seed/{obj}/{k}-shot.txt lists with tags n-i:/a-i: for i < 3, for every k in `shots` not
+    above `n_per_split`."""
+    data, seed_root = os.path.join(root, 'data'), os.path.join(root, 'dataset', 'fewshot_seed')
     for obj in objs:
         folder, has_masks, _ = DATASETS[check_obj(obj)]
         ext, oi = ('.jpeg' if obj == 'Retina_OCT2017' else '.png'), CLASS_NAMES.index(obj)
@@ -122,18 +119,16 @@ def make_synthetic_bmad(root: str, n_per_split: int = 6, seed: int = 0, img_size
                         _save(mask.astype(np.float32), os.path.join(base, 'anomaly_mask', name))
                 _save(img, os.path.join(base, 'img', name))
         _write_lists(os.path.join(seed_root, obj), [f'{i:05d}{ext}' for i in range(n_per_split)],
-                     np.random.default_rng([seed, oi, len(FOLDERS)]), shots, iterations)
+                     np.random.default_rng([seed, oi, len(FOLDERS)]), shots)
     return SynthPaths(data=data, seed_root=seed_root)
 
 
-def _write_lists(folder: str, names: list[str], rng: np.random.Generator, shots: Iterable[int],
-                 iterations: int) -> None:
-    """{k}-shot.txt files in the format of the paper's lists: 'n-i: ...' and 'a-i: ...' lines, no final newline."""
+def _write_lists(folder: str, names: list[str], rng: np.random.Generator, shots: Iterable[int]) -> None:
+    """{k}-shot.txt files as the paper's lists: lines 'n-i: ...' and 'a-i: ...' for i < 3, no final newline."""
     os.makedirs(folder, exist_ok=True)
     for k in shots:
         if k > len(names):
             continue
-        lines = [f'{tag}-{it}: ' + ' '.join(rng.permutation(names)[:k])
-                 for it in range(iterations) for tag in ('n', 'a')]
+        lines = [f'{tag}-{it}: ' + ' '.join(rng.permutation(names)[:k]) for it in range(3) for tag in ('n', 'a')]
         with open(os.path.join(folder, f'{k}-shot.txt'), 'w', encoding='utf-8', newline='\n') as f:
             f.write('\n'.join(lines))

@@ -35,9 +35,7 @@ def _open(path: str, mode: str | None) -> Image.Image | tuple[np.ndarray, bool]:
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
     """torchvision ToTensor for 8-bit modes: uint8 HWC -> float32 CHW, divided by 255."""
-    arr = np.array(img, dtype=np.uint8, copy=True)  # [H, W] or [H, W, C]
-    if arr.ndim == 2:
-        arr = arr[:, :, None]  # [H, W, 1]
+    arr = np.atleast_3d(np.array(img, dtype=np.uint8, copy=True))  # [H, W] -> [H, W, 1]; [H, W, C] as is
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(torch.float32).div(255)  # [C, H, W]
 
 
@@ -66,11 +64,9 @@ def read_image(path: str | Path) -> np.ndarray:
 def load_input(path: str | Path, img_size: int, normalize: bool = False) -> torch.Tensor:
     """[3, img_size, img_size] float32 in [0, 1] from a file of any depth: 8-bit exactly as `load_image`, deeper ones
     resized in floating point (bicubic, clipped to [0, 1] as the 8-bit path clips); `normalize` as `load_image`."""
-    a, eight_bit = _open(str(path), None)
+    a, eight_bit = _open(str(path), None)  # deeper than 8 bits: grey levels [H, W, 1]
     if eight_bit:
         return load_image(str(path), img_size, normalize)
-    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(a[..., c])).resize(  # mode 'F' per channel
-        (img_size, img_size), Image.Resampling.BICUBIC)) for c in range(a.shape[2])]
-    x = torch.from_numpy(np.clip(np.stack(planes), 0, 1))  # [C, S, S]
-    x = x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+    plane = Image.fromarray(a[..., 0]).resize((img_size, img_size), Image.Resampling.BICUBIC)  # mode 'F'
+    x = torch.from_numpy(np.clip(np.asarray(plane), 0, 1)).expand(3, -1, -1).contiguous()  # [3, S, S]
     return clip_normalize(x) if normalize else x
