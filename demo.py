@@ -25,12 +25,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="./demo/", help="folder for synthetic data, checkpoint and results")
     p.add_argument("--precision", default="auto", help="as in the scripts: auto, fp32, bf16, ...")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    data, seed_dir = Path(args.data_path), None
-    notes = []
+    out, data, seed_list, notes = Path(args.out), Path(args.data_path), [], []
     if not (data / f"{args.obj}_AD").is_dir():
         made = make_synthetic_bmad(str(out), n_per_split=6, seed=0, objs=(args.obj,), shots=(args.shot,))
-        data, seed_dir = Path(made.data), made.seed_root
+        data, seed_list = Path(made.data), ["--seed_dir", made.seed_root]
         notes.append(f"BMAD data not found at {args.data_path}{args.obj}_AD: using synthetic images in {data}")
     clip_weights = default_checkpoint("ViT-L-14-336")
     if clip_weights.is_file():
@@ -41,9 +39,7 @@ def main(argv=None) -> int:
     if notes:
         print("DEMO - the numbers below are meaningless:\n  " + "\n  ".join(notes))
     common = ["--obj", args.obj, "--shot", str(args.shot), "--data_path", str(data), "--save_path", str(out / "ckpt"),
-              "--out_dir", str(out / "results"), "--precision", args.precision, *model]
-    if seed_dir:
-        common += ["--seed_dir", str(seed_dir)]
+              "--out_dir", str(out / "results"), "--precision", args.precision, *model, *seed_list]
     run_main(fewshot.train, fewshot.train_parser(),
              common + ["--epoch", str(args.epoch), "--overwrite", "--shot_in_name"])
     run_main(fewshot.test, fewshot.test_parser(), common + ["--shot_in_name"])

@@ -82,10 +82,9 @@ def run_all(args) -> tuple[dict[str, dict], list[str]]:
     """Run every (setting, dataset) on one CLIP model; returns setting -> dataset -> result, and one-line notes."""
     runs, notes = script_args(args), []
     for (setting, obj), sargs in list(runs.items()):
-        why = missing_input(sargs)
-        if why and args.strict:
-            raise FileNotFoundError(f"{obj} {setting}: {why}")
-        if why:
+        if why := missing_input(sargs):
+            if args.strict:
+                raise FileNotFoundError(f"{obj} {setting}: {why}")
             notes.append(f"{obj} {setting}: not run, {why}")
             del runs[setting, obj]
     skipped = [obj for obj, _ in ROWS if obj not in args.objs]
@@ -117,12 +116,10 @@ def _mean(values: list) -> float | None:
 
 
 def table(setting: str, ours: dict[str, dict]) -> list[dict]:
-    """Rows in the paper's order plus 'Average': {'dataset': label, COLUMNS...: % with two decimals or None}.
-
-    `ours`: dataset -> a result of zeroshot.test / fewshot.test (AUROC as fractions); absent datasets get None.
-    Differences are taken on the rounded values, so they equal the printed ones. The average runs over the datasets
-    we have, and the paper's and implementation's over the same ones (all of them: the published averages).
-    """
+    """Rows in the paper's order plus 'Average': {'dataset': label, COLUMNS...: % with two decimals or None}. `ours`:
+    dataset -> a result of zeroshot.test / fewshot.test (AUROC as fractions); absent datasets get None. Differences
+    are taken on the rounded values, so they equal the printed ones. The average runs over the datasets we have, and
+    the paper's and implementation's over the same ones (all of them: the published averages)."""
     rows = []
     for obj, label in ROWS:
         row, result = {"dataset": label}, ours.get(obj) or {}
@@ -173,20 +170,14 @@ def markdown(setting: str, rows: list[dict]) -> str:
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else []))
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        out = csv.writer(f)
-        out.writerow(["dataset", *COLUMNS])
-        out.writerows(printed(rows))
-
-
 def write_tables(results: dict[str, dict], notes: list[str], out: Path) -> str:
     """Write tables.md and one CSV per setting into `out`; return the Markdown."""
     out.mkdir(parents=True, exist_ok=True)
     sections = ["# MVFA: ours vs the paper (CVPR 2024) and the authors' implementation (README)"]
     for setting in SETTINGS:
         rows = table(setting, results.get(setting, {}))
-        write_csv(out / f"{setting.replace('-', '_')}.csv", rows)
+        with open(out / f"{setting.replace('-', '_')}.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([["dataset", *COLUMNS], *printed(rows)])
         sections.append(markdown(setting, rows))
     if notes:
         sections.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes))

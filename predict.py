@@ -7,14 +7,12 @@ of normal support images (memory bank of their augmentations, as test_few.py).
         --calibrate normal_xrays/ --fpr 0.05 --out pred/
 
 Writes OUT/scores.csv (file, score, and decision with --calibrate) and OUT/{index:05d}_{stem}.png per input: the
-image at its own size beside the heat map resized onto it (--save_npy: that map as .npy too).
-Score, zero-shot: the det head's image score before the reference's test-set min-max (absolute, comparable across
-runs). Score, few-shot: the max of the 0.5/0.5 fusion of the zero-shot and memory-bank maps. The reference min-max
-normalises each map over the test set, which has no meaning for one image: here the pool of the run (the inputs plus
-the --calibrate images) stands in for the test set, so few-shot scores are relative to that pool. A single image
-without --calibrate: the raw maps are fused (score = their max) and the map is scaled to [0, 1] by its own range, for
-display only. --calibrate scores normal images in the same pool and puts the threshold at the (1 - fpr) quantile of
-their scores. Images may be 8-bit, 16-bit (divided by 65535) or float in [0, 1], grey or colour, of any size.
+image at its own size beside the heat map resized onto it (--save_npy: that map as .npy too). Score, zero-shot: the
+det head's image score before the reference's test-set min-max (absolute). Score, few-shot: the max of the 0.5/0.5
+fused zero-shot and memory-bank maps, min-max normalised over the run's pool (the inputs and the --calibrate images)
+standing in for the test set: relative to that pool. One input without --calibrate: its raw maps fused (few-shot
+score: their max), the map scaled by its own range for display only. --calibrate: threshold at the (1 - fpr)
+quantile of the normal images' scores. Images: 8-bit, 16-bit (/ 65535) or float in [0, 1], grey or colour, any size.
 """
 import argparse
 import csv
@@ -36,7 +34,6 @@ from utils import augment, resolve_device
 from visualize import collect_maps, overlay
 
 
-
 def list_inputs(path: str | Path, flag: str) -> list[Path]:
     """An image file, or the image files of a folder (sorted), checked to exist."""
     p = Path(path)
@@ -50,14 +47,6 @@ def list_inputs(path: str | Path, flag: str) -> list[Path]:
     if not p.name.lower().endswith(IMAGE_EXTENSIONS):
         raise ValueError(f"{flag} {p}: not an image file name (expected {', '.join(IMAGE_EXTENSIONS)})")
     return [p]
-
-
-def pick_head(obj: str | None, head: str = "auto") -> str:
-    """'auto': the det head for image-only datasets (their few-shot checkpoints never train the seg adapters),
-    else the seg head."""
-    if head != "auto":
-        return head
-    return "det" if obj is not None and not DATASETS[obj].has_masks else "seg"
 
 
 def pool_scores(c: Collected, fewshot: bool, device: torch.device,
@@ -74,8 +63,6 @@ def pool_scores(c: Collected, fewshot: bool, device: torch.device,
     display = (fused - fused.min()) / (fused.max() - fused.min()).clamp_min(1e-12)  # display only
     return np.array([score], dtype=np.float32), lambda start, stop: display[start:stop]
 
-
-# ---- command line ----
 
 def parser() -> argparse.ArgumentParser:
     p = new_parser(__doc__)
@@ -99,17 +86,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def support_memory(model, paths: list[Path], args, device: torch.device) -> tuple:
-    """Memory banks of the augmented support images (11 views each), as test_few.py builds them."""
-    images = torch.stack([load_input(p, args.img_size, args.clip_normalize) for p in paths])  # [k, 3, S, S]
-    return build_memory(model, augment(images)[0], device, args.precision, args.batch_size)
-
-
-def map_at_input_size(heat: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[S, S] map of the model's square input -> [height, width] over the original image (bilinear, corners kept)."""
-    return F.interpolate(heat[None, None].float(), size=(height, width), mode="bilinear", align_corners=True)[0, 0]
-
-
 def write_outputs(out: Path, inputs: list[Path], offset: int, scores: np.ndarray, maps_fn, threshold: float | None,
                   caption: str, save_npy: bool = False) -> list[dict]:
     """scores.csv and one overlay per input, drawn at the input's own size; pool entries offset.. are the inputs."""
@@ -123,7 +99,8 @@ def write_outputs(out: Path, inputs: list[Path], offset: int, scores: np.ndarray
             row["decision"] = "abnormal" if score > threshold else "normal"
             title += f": {row['decision']} (threshold {threshold:.4f})"
         image = read_image(path)  # [H, W, 3]
-        heat = map_at_input_size(maps_fn(offset + j, offset + j + 1)[0], *image.shape[:2])  # [H, W]
+        heat = maps_fn(offset + j, offset + j + 1)[None].float()  # [1, 1, S, S]: the model's square input
+        heat = F.interpolate(heat, size=image.shape[:2], mode="bilinear", align_corners=True)[0, 0]  # [H, W]
         overlay(image.transpose(2, 0, 1), heat, None, score, title, out / f"{j:05d}_{path.stem}.png", caption)
         if save_npy:
             np.save(out / f"{j:05d}_{path.stem}.npy", heat.numpy())
@@ -147,9 +124,14 @@ def run(args) -> list[dict]:
     model.load_adapters(args.ckpt)
     name = obj or args.prompt_name
     text = text_features_for(model.clipmodel, [name], device, args.precision)[name]
-    memory = support_memory(model, support, args, device) if support else None
+    memory = None
+    if support:  # memory banks of the augmented support images (11 views each), as test_few.py builds them
+        images = torch.stack([load_input(p, args.img_size, args.clip_normalize) for p in support])  # [k, 3, S, S]
+        memory = build_memory(model, augment(images)[0], device, args.precision, args.batch_size)
     pool = ImageItems([(str(p), 0, None) for p in normals + inputs], args.img_size, args.clip_normalize)
-    c = collect_maps(model, pool, text, device, pick_head(obj, args.head), memory, args.precision, args.batch_size)
+    # auto: the det head for image-only datasets (their few-shot checkpoints never train the seg adapters)
+    head = ("det" if obj and not DATASETS[obj].has_masks else "seg") if args.head == "auto" else args.head
+    c = collect_maps(model, pool, text, device, head, memory, args.precision, args.batch_size)
     scores, maps_fn = pool_scores(c, memory is not None, device, args.precision)
     threshold = float(np.quantile(scores[:len(normals)], 1 - args.fpr)) if normals else None
     if normals and len(normals) < 1 / args.fpr:

@@ -24,8 +24,7 @@ def checkpoint_path(save_path: str, obj: str, shot: int | None = None) -> Path:
 def check_writable(path: Path, overwrite: bool) -> None:
     """Refuse, before any work, to replace a checkpoint that exists already (a downloaded one, say)."""
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists already: pass --overwrite to replace it, or choose another "
-                              f"--save_path")
+        raise FileExistsError(f"{path} exists already: pass --overwrite to replace it, or choose another --save_path")
 
 
 def save_checkpoint(model, path: Path, extras: dict) -> None:
@@ -38,11 +37,8 @@ def save_checkpoint(model, path: Path, extras: dict) -> None:
 
 
 def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def versions(device: torch.device | None = None) -> dict:
@@ -56,9 +52,8 @@ def versions(device: torch.device | None = None) -> dict:
 
 
 def autocast_upsample_dtype(device: torch.device) -> str:
-    """What fp16 bilinear upsampling gives under the device's fp16 autocast, the reference's (spec Q7): on CUDA
-    'torch.float16' in the torch releases of the paper's time (then its few-shot maps are float16), 'torch.float32'
-    in recent ones."""
+    """The dtype of fp16 bilinear upsampling under the device's fp16 autocast (the reference's, spec Q7): on CUDA
+    'torch.float16' in torch of the paper's time (its few-shot maps then float16), 'torch.float32' in recent torch."""
     x = torch.zeros(1, 1, 2, 2, device=device, dtype=torch.float16)
     with torch.autocast(device.type, dtype=torch.float16):
         return str(F.interpolate(x, size=4, mode="bilinear", align_corners=True).dtype)
@@ -66,16 +61,15 @@ def autocast_upsample_dtype(device: torch.device) -> str:
 
 def write_record(out_dir: str, script: str, args, result: dict, files: dict,
                  device: torch.device | None = None) -> Path:
-    """A JSON per run: full-precision metrics, arguments, checksums of the weights used, library versions (and, on
-    a CUDA `device`, what its autocast does to upsampling)."""
+    """A JSON per run: full-precision metrics, arguments, checksums of the weights used, `versions(device)`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = out / f"{script}_{dataset_name(args.obj)}_{stamp}_{os.getpid()}.json"
-    n = 1
+    stem = f"{script}_{dataset_name(args.obj)}_{stamp}_{os.getpid()}"
+    path, n = out / f"{stem}.json", 1
     while path.exists():  # a second run of the same script and dataset within the second, in one process
         n += 1
-        path = out / f"{script}_{dataset_name(args.obj)}_{stamp}_{os.getpid()}-{n}.json"
+        path = out / f"{stem}-{n}.json"
     record = {"script": script, "time": stamp, "args": vars(args), "metrics": result,
               "files": {name: {"path": str(p), "sha256": sha256(p)} for name, p in files.items() if p},
               "versions": versions(device)}

@@ -9,7 +9,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-
 from torch.utils.data import DataLoader
 
 from dataset import load_input, load_mask
@@ -28,28 +27,24 @@ class Row(NamedTuple):
     title: str
 
 
-def _hwc(image) -> np.ndarray:
-    """[3, H, W] (or [1, H, W]) float in [0, 1] or uint8 -> [H, W, 3] float in [0, 1] for imshow."""
-    a = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+def _numpy(a) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def _arrays(image, heat, mask) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """image [3, H, W] (or [1, H, W]) float in [0, 1] or uint8 -> [H, W, 3] float in [0, 1] for imshow; heat and
+    mask ([1, H, W] too) -> float [H, W] or None. Maps are drawn pixel on pixel: their size must be the image's."""
+    a = _numpy(image)
     a = a.astype(np.float32) / 255 if a.dtype == np.uint8 else a.astype(np.float32)
     if a.ndim != 3 or a.shape[0] not in (1, 3):
         raise ValueError(f"image of shape {a.shape}: [3, H, W] or [1, H, W] expected")
-    return np.clip(np.repeat(a, 3, 0) if a.shape[0] == 1 else a, 0, 1).transpose(1, 2, 0)  # [H, W, 3]
-
-
-def _plain(a) -> np.ndarray | None:
-    """A [H, W] map as float numpy (None stays None)."""
-    if a is None:
-        return None
-    a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-    return a.reshape(a.shape[-2:]).astype(np.float32)  # [1, H, W] masks included
-
-
-def _check_shapes(img: np.ndarray, *maps: np.ndarray | None) -> None:
-    """Maps are drawn pixel on pixel over the image: their size must be the image's."""
+    img = np.clip(np.repeat(a, 3, 0) if a.shape[0] == 1 else a, 0, 1).transpose(1, 2, 0)  # [H, W, 3]
+    maps = [None if m is None else _numpy(m) for m in (heat, mask)]
+    maps = [None if m is None else m.reshape(m.shape[-2:]).astype(np.float32) for m in maps]  # [1, H, W] masks too
     for m in maps:
         if m is not None and m.shape != img.shape[:2]:
             raise ValueError(f"map or mask of size {m.shape} over an image of size {img.shape[:2]}: resize one of them")
+    return img, *maps
 
 
 def _outline(ax, mask: np.ndarray | None) -> None:
@@ -58,15 +53,15 @@ def _outline(ax, mask: np.ndarray | None) -> None:
         ax.contour(mask > 0.5, levels=[0.5], colors=OUTLINE, linewidths=1.2)
 
 
-def _heat(ax, image: np.ndarray, heat: np.ndarray) -> None:
-    """The image in grey levels under the heat map, on the fixed scale 0..1."""
+def _heat(ax, image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None) -> None:
+    """The image in grey levels under the heat map, on the fixed scale 0..1, and the ground-truth outline."""
     ax.imshow(image.mean(axis=2), cmap="gray", vmin=0, vmax=1)
     ax.imshow(np.clip(heat, 0, 1), cmap=CMAP, vmin=0, vmax=1, alpha=ALPHA)
+    _outline(ax, mask)
 
 
 def _colorbar(fig: Figure, ax, caption: str, length: float = 1.0) -> None:
-    """The colour scale at full opacity (a bar taken from the translucent layer would look washed out); `length`
-    in axes heights."""
+    """The colour scale at full opacity (a translucent layer's would look washed out); `length` in axes heights."""
     bar = fig.colorbar(ScalarMappable(Normalize(0, 1), CMAP), ax=ax, fraction=0.046, pad=0.03, aspect=20 * length)
     bar.set_label(caption, fontsize=9)
 
@@ -78,15 +73,10 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def overlay(image, heat, mask, score: float, title: str, path: str | Path,
-            caption: str = "anomaly map (0-1)") -> Path:
-    """PNG at `path`: the image with the ground-truth outline | the heat map over it, with a colour bar.
-
-    image [3, H, W] float in [0, 1] or uint8; heat [H, W] in [0, 1] (None: the image and score only); mask [H, W]
-    or None. The score goes into the title, `caption` under the colour bar.
-    """
-    img, heat, mask = _hwc(image), _plain(heat), _plain(mask)
-    _check_shapes(img, heat, mask)
+def overlay(image, heat, mask, score: float, title: str, path: str | Path, caption: str = "anomaly map (0-1)") -> Path:
+    """PNG at `path`: the image ([3, H, W] float in [0, 1] or uint8) with the outline of `mask` ([H, W] or None) |
+    `heat` ([H, W] in [0, 1]; None: no such panel) over it, with a colour bar captioned `caption`; score in title."""
+    img, heat, mask = _arrays(image, heat, mask)
     panels = 1 if heat is None else 2
     fig = Figure(figsize=(4.2 * panels + 0.6 * (panels - 1), 4.6), dpi=100, layout="constrained")
     axes = fig.subplots(1, panels, squeeze=False)[0]
@@ -94,8 +84,7 @@ def overlay(image, heat, mask, score: float, title: str, path: str | Path,
     axes[0].set_title("image" + ("" if mask is None else " + ground truth"), fontsize=10)
     _outline(axes[0], mask)
     if heat is not None:
-        _heat(axes[1], img, heat)
-        _outline(axes[1], mask)
+        _heat(axes[1], img, heat, mask)
         axes[1].set_title("anomaly map", fontsize=10)
         _colorbar(fig, axes[1], caption)
     for ax in axes:
@@ -110,10 +99,8 @@ def grid(rows: Sequence[Row], path: str | Path, caption: str = "anomaly map (0-1
         raise ValueError("grid: no rows to draw")
     fig = Figure(figsize=(8.4, 2.7 * len(rows) + 0.4), dpi=100, layout="constrained")
     axes = fig.subplots(len(rows), 3, squeeze=False)
-    any_heat = False
     for r, row in enumerate(rows):
-        img, heat, mask = _hwc(row.image), _plain(row.heat), _plain(row.mask)
-        _check_shapes(img, heat, mask)
+        img, heat, mask = _arrays(row.image, row.heat, row.mask)
         axes[r, 0].imshow(img)
         axes[r, 0].set_ylabel(f"{row.title}\nscore {row.score:.4f}", fontsize=8)
         if mask is None:
@@ -124,15 +111,12 @@ def grid(rows: Sequence[Row], path: str | Path, caption: str = "anomaly map (0-1
         if heat is None:
             axes[r, 2].text(0.5, 0.5, "no map", ha="center", va="center", fontsize=9)
         else:
-            _heat(axes[r, 2], img, heat)
-            any_heat = True
-            _outline(axes[r, 2], mask)
+            _heat(axes[r, 2], img, heat, mask)
         for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
     for ax, name in zip(axes[0], ("image", "ground truth", "anomaly map")):
         ax.set_title(name, fontsize=10)
-    if any_heat:
+    if any(row.heat is not None for row in rows):
         _colorbar(fig, axes[:, 2], caption, min(len(rows), 2.5))
     return _save(fig, path)
 
@@ -150,11 +134,9 @@ def grid_selection(labels: Sequence[int], scores: Sequence[float], n: int) -> li
 def save_maps(out_dir: str | Path, dataset, maps_fn: Callable[[int, int], torch.Tensor | None],
               scores: Sequence[float], grid_n: int = 8, caption: str = "anomaly map (0-1)",
               chunk: int = 16) -> list[Path]:
-    """Per test image one overlay PNG, plus grid.png; returns the paths written (grid last).
-
-    dataset: has `.items` (path, label, mask path or None), `.img_size`, `.has_masks`; maps_fn(start, stop) -> the
-    maps [n, H, W] in [0, 1] of images start..stop-1 (None: score only). Images are re-read without normalisation.
-    """
+    """Per test image one overlay PNG, plus grid.png; returns the paths written (grid last). dataset: has `.items`
+    (path, label, mask path or None), `.img_size`, `.has_masks`; maps_fn(start, stop) -> the maps [n, H, W] in [0, 1]
+    of images start..stop-1 (None: score only). Images are re-read without normalisation."""
     items, size = dataset.items, dataset.img_size
     if len(scores) != len(items):
         raise ValueError(f"save_maps: {len(scores)} scores for {len(items)} test images")
@@ -193,11 +175,9 @@ def collect_maps(model, dataset, text: torch.Tensor, device: torch.device, head:
 
 def save_test_maps(out_dir: str | Path, dataset, collected: Collected, scores, model, text: torch.Tensor,
                    device: torch.device, args, memory: tuple | None = None) -> list[Path]:
-    """--save_maps of test_few.py / test_zero.py: per test image the normalised map the pixel metrics used.
-
-    Image-only datasets have no pixel map in the reference; for them one more pass builds the det head's maps (the
-    spatial breakdown of their image scores), fused and min-max normalised over the test set in the same way.
-    """
+    """--save_maps of test_few.py / test_zero.py: per test image the normalised map the pixel metrics used. Image-only
+    datasets have no pixel map in the reference; for them one more pass builds the det head's maps (the spatial
+    breakdown of their image scores), fused and min-max normalised over the test set in the same way."""
     fewshot = memory is not None
     what = ("0.5/0.5 zero-/few-shot" if fewshot else "zero-shot") + ("" if collected.has_masks else " det-head")
     if not collected.has_masks:
