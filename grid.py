@@ -1,7 +1,6 @@
 """The paper's grid as jobs: expansion (datasets x settings x support draws x protocols), one job's run (train with
 --resume, then test the chosen weights, each a subprocess of this repository's scripts), their status, and the
-tables over their records (pandas). Executors are existing engines: a thread pool of subprocesses, or submitit.
-"""
+tables over their records (pandas). Executors are existing engines: a thread pool of subprocesses, or submitit."""
 import hashlib
 import json
 import os
@@ -77,36 +76,23 @@ def run_job(job: Job, out: str, env: dict | None = None) -> dict:
                 done = subprocess.run([sys.executable, str(REPO / command[0]), *command[1:]], stdout=log,
                                       stderr=subprocess.STDOUT, cwd=folder, env=env)
             if done.returncode:
-                last = last_error_line(folder / "log.txt")
+                text = (folder / "log.txt").read_text(errors="replace").replace("\r", "\n")
+                last = ([line for line in text.splitlines() if line.strip()] or ["(no output)"])[-1]
                 (folder / "failed.txt").write_text(last + "\n")
                 raise RuntimeError(f"{job.key}: {command[0]} exited with {done.returncode}: {last}")
-        record = {"job": asdict(job), "commands": job.commands(folder), "test": latest_record(folder, "test")}
+        test = max((folder / "records").glob("test_*.json"), key=lambda p: p.stat().st_mtime)  # the latest
+        record = {"job": asdict(job), "commands": job.commands(folder), "test": json.loads(test.read_text())}
         (folder / "done.json").write_text(json.dumps(record, indent=1))
         return record
     finally:
         (folder / "running").unlink(missing_ok=True)
 
 
-def last_error_line(log: Path) -> str:
-    lines = [line for line in log.read_text(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
-
-
-def latest_record(folder: Path, kind: str) -> dict:
-    path = max((folder / "records").glob(f"{kind}_*.json"), key=lambda p: p.stat().st_mtime)
-    return json.loads(path.read_text())
-
-
-def is_done(job: Job, out: str) -> bool:
-    return (Path(out) / "jobs" / job.key / "done.json").is_file()
-
-
+@dataclass
 class Runner:
     """submitit's job function: run_job, requeued with the same job when SLURM preempts it or its time runs out
     (the training resumes from its state)."""
-
-    def __init__(self, out: str):
-        self.out = out
+    out: str
 
     def __call__(self, job: Job) -> dict:
         return run_job(job, self.out)
@@ -130,12 +116,9 @@ def run_local(jobs: list[Job], out: str, gpus: list[str], workers: int) -> list[
         finally:
             slots.put(slot)
 
-    failures = []
     with ThreadPoolExecutor(max_workers=len(gpus) or workers) as pool:
-        for job, future in [(job, pool.submit(one, job)) for job in jobs]:
-            if future.exception():
-                failures.append(str(future.exception()))
-    return failures
+        futures = [pool.submit(one, job) for job in jobs]
+    return [str(future.exception()) for future in futures if future.exception()]
 
 
 def slurm_parameters(partition: str | None, minutes: int, gpus: int, cpus: int, parallel: int,

@@ -59,9 +59,8 @@ def executor(args, out: Path):
         ex.update_parameters(timeout_min=args.time)
         return ex
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=20)
-    sbatch = dict(item.split("=", 1) for item in args.sbatch)
     ex.update_parameters(**grid.slurm_parameters(args.partition, args.time, args.gpus_per_job, args.cpus_per_job,
-                                                 args.parallel, sbatch))
+                                                 args.parallel, dict(item.split("=", 1) for item in args.sbatch)))
     return ex
 
 
@@ -93,7 +92,8 @@ def run(args, extra: list[str]) -> int:
         return 0
     failures = []
     if not args.tables:
-        todo = [job for job in jobs if not grid.is_done(job, str(out))]
+        states = grid.status(jobs, str(out))["state"]
+        todo = [job for job, state in zip(jobs, states) if state != "done"]
         print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs done already; running {len(todo)}")
         failures = (grid.run_local(todo, str(out), args.gpus, args.workers) if args.executor == "local" else
                     grid.submit(todo, str(out), executor(args, out)))
@@ -105,8 +105,7 @@ def run(args, extra: list[str]) -> int:
 
 
 def main(argv=None) -> int:
-    args, extra = parser().parse_known_args(argv)
-    return run(args, extra)
+    return run(*parser().parse_known_args(argv))
 
 
 if __name__ == "__main__":
