@@ -1,5 +1,5 @@
-"""The command-line flags the scripts share (the reference's names and defaults, spec section 0), and `run_main`,
-which turns expected errors into one line and exit code 2."""
+"""The command-line flags the scripts share (the reference's names and defaults, spec section 0), `run_main`, which
+turns expected errors into one line and exit code 2, and `script`, a script's parser() and main()."""
 import argparse
 import sys
 from typing import Callable
@@ -115,8 +115,8 @@ def run_main(run, parser, argv) -> int:
     try:
         run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # an error re-raised from a DataLoader worker ("Caught ValueError in DataLoader worker process 0." + the
-        # worker's traceback) is told by the original error's message, the traceback's last line
+        # for an error re-raised from a DataLoader worker ("Caught ValueError in DataLoader worker process 0." + the
+        # worker's traceback), the original error's message: the traceback's last line
         lines = str(e).strip().splitlines()
         worker = len(lines) > 1 and lines[0].startswith("Caught ") and "Traceback" in lines[1]
         print(f"error: {lines[-1].split(': ', 1)[-1] if worker else e}", file=sys.stderr)

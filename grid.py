@@ -88,6 +88,10 @@ def run_job(job: Job, out: str, env: dict | None = None) -> dict:
         (folder / "running").unlink(missing_ok=True)
 
 
+def is_done(job: Job, out: str) -> bool:
+    return (Path(out) / "jobs" / job.key / "done.json").is_file()
+
+
 @dataclass
 class Runner:
     """submitit's job function: run_job, requeued with the same job when SLURM preempts it or its time runs out
@@ -175,22 +179,13 @@ def setting_table(frame: pd.DataFrame, setting: str) -> pd.DataFrame:
     table = pd.DataFrame(index=[label for _, label in ROWS])
     published = PUBLISHED["zero-shot"] if setting == "zero" else PUBLISHED["few-shot"] if setting == "4" else {}
     for metric, name in (("image_auroc", "AUC"), ("pixel_auroc", "pAUC")):
+        cells = {key: f"{mean:.2f} ± {std:.2f}" for key, (mean, std) in stats[metric].iterrows() if not np.isnan(mean)}
         for select in sorted(part["select"].unique()):
-            table[f"{name} {select}"] = [cell(stats, obj, select, metric) for obj, _ in ROWS]
-        table[f"{name} paper"] = [fmt(published.get(obj, {}).get(metric, (None,))[0]) for obj, _ in ROWS]
-        table[f"{name} impl."] = [fmt(published.get(obj, {}).get(metric, (None, None))[1]) for obj, _ in ROWS]
+            table[f"{name} {select}"] = [cells.get((obj, select), "-") for obj, _ in ROWS]
+        for i, source in enumerate(("paper", "impl.")):
+            values = [published.get(obj, {}).get(metric, (None, None))[i] for obj, _ in ROWS]
+            table[f"{name} {source}"] = ["-" if value is None else f"{value:.2f}" for value in values]
     return table
-
-
-def cell(stats: pd.DataFrame, obj: str, select: str, metric: str) -> str:
-    if (obj, select) not in stats.index or np.isnan(stats.loc[(obj, select), (metric, "mean")]):
-        return "-"
-    mean, std = stats.loc[(obj, select), metric]
-    return f"{mean:.2f} ± {std:.2f}"
-
-
-def fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def write_tables(frame: pd.DataFrame, out: str) -> str:

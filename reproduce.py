@@ -92,8 +92,7 @@ def run(args, extra: list[str]) -> int:
         return 0
     failures = []
     if not args.tables:
-        states = grid.status(jobs, str(out))["state"]
-        todo = [job for job, state in zip(jobs, states) if state != "done"]
+        todo = [job for job in jobs if not grid.is_done(job, str(out))]
         print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs done already; running {len(todo)}")
         failures = (grid.run_local(todo, str(out), args.gpus, args.workers) if args.executor == "local" else
                     grid.submit(todo, str(out), executor(args, out)))
