@@ -49,8 +49,7 @@ def load_fewshot_data(args, iterate: int) -> MedDataset:
 
 def evaluate_fewshot(args, model, dataset, support: torch.Tensor, text: torch.Tensor, device: torch.device,
                      pixel_extras: bool = True, maps_dir: str | None = None) -> dict:
-    """Memory bank from the augmented normal support images [11k, 3, H, W], then one scored pass over `dataset`;
-    with `maps_dir`, the anomaly maps are drawn there."""
+    """Memory bank of `support` [11k, 3, H, W], then one scored pass over `dataset` (maps drawn in `maps_dir`)."""
     draw_as_loader(shuffle=True)  # the reference reads the support images through a shuffling loader
     memory = build_memory(model, support, device, args.precision, args.batch_size, keep_cls=not args.memory_no_cls)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
@@ -115,7 +114,6 @@ def train(args) -> dict:
     data = load_fewshot_data(args, args.iterate)
     target = checkpoint_path(args.save_path, args.obj, args.shot if args.shot_in_name else None)
     run = Training(args, device, target, fewshot=True)
-    model = run.model
     selection_data = selection_set(args, data)
     # the training set: augmented abnormal (label 1, their masks) then augmented normal (label 0, empty masks)
     abnormal, abnormal_masks = augment(data.support.abnormal, data.support.abnormal_masks)
@@ -124,11 +122,11 @@ def train(args) -> dict:
     items = TensorDataset(torch.cat([abnormal, support]), torch.cat([abnormal_masks, normal_masks]), labels)
     loader = DataLoader(items, batch_size=1, shuffle=True)
     prompt = prompt_of(args.obj, args.prompt_name)
-    text = text_features_for(model.clipmodel, [prompt], device, args.precision)[prompt]
+    text = text_features_for(run.model.clipmodel, [prompt], device, args.precision)[prompt]
 
     def step(images, masks, labels):
-        return train_step(model, images, labels, masks, text, has_masks=data.has_masks, **run.options)
+        return train_step(run.model, images, labels, masks, text, has_masks=data.has_masks, **run.options)
 
     run.fit(lambda epoch: loader, step,
-            lambda: evaluate_fewshot(args, model, selection_data, support, text, device, pixel_extras=False))
-    return run.finish("train_few", lambda: evaluate_fewshot(args, model, data, support, text, device))
+            lambda: evaluate_fewshot(args, run.model, selection_data, support, text, device, pixel_extras=False))
+    return run.finish("train_few", lambda: evaluate_fewshot(args, run.model, data, support, text, device))

@@ -50,12 +50,10 @@ class Job:
         where = ["--obj", self.obj, "--save_path", str(folder / "ckpt"), "--out_dir", str(folder / "records")]
         train, test = ("train_few.py", "test_few.py") if few else ("train_zero.py", "test_zero.py")
         training = ["--select", self.select, "--epoch", str(self.epoch), "--resume"]
-        return [[train, *where, *support, *training, *self.extra],
-                [test, *where, *support, *self.extra]]
+        return [[train, *where, *support, *training, *self.extra], [test, *where, *support, *self.extra]]
 
 
-def expand(objs, settings, draws: int, protocols, epoch: int = 50, extra=(),
-           seed_dir: str | None = None) -> list[Job]:
+def expand(objs, settings, draws: int, protocols, epoch: int = 50, extra=(), seed_dir: str | None = None) -> list[Job]:
     """Datasets x settings ('zero', shot counts) x draws (zero-shot has none) x protocols, in that nesting."""
     return [Job(obj, str(setting), draw, select, epoch, tuple(extra), seed_dir) for obj in objs
             for setting in settings for draw in range(1 if setting == "zero" else draws) for select in protocols]
@@ -94,8 +92,7 @@ def is_done(job: Job, out: str) -> bool:
 
 @dataclass
 class Runner:
-    """submitit's job function: run_job, requeued with the same job when SLURM preempts it or its time runs out
-    (the training resumes from its state)."""
+    """submitit's job function: run_job, requeued with the same job on preemption or timeout (training resumes)."""
     out: str
 
     def __call__(self, job: Job) -> dict:
@@ -125,8 +122,7 @@ def run_local(jobs: list[Job], out: str, gpus: list[str], workers: int) -> list[
     return [str(future.exception()) for future in futures if future.exception()]
 
 
-def slurm_parameters(partition: str | None, minutes: int, gpus: int, cpus: int, parallel: int,
-                     sbatch: dict) -> dict:
+def slurm_parameters(partition: str | None, minutes: int, gpus: int, cpus: int, parallel: int, sbatch: dict) -> dict:
     """SlurmExecutor parameters of one job: a node's share, a time limit, an array of at most `parallel` at a time,
     and SIGUSR2 90 s before the limit (submitit then requeues the job, which resumes)."""
     return {"partition": partition, "time": minutes, "gpus_per_node": gpus, "cpus_per_task": cpus, "nodes": 1,
@@ -191,8 +187,7 @@ def setting_table(frame: pd.DataFrame, setting: str) -> pd.DataFrame:
 def write_tables(frame: pd.DataFrame, out: str) -> str:
     """tables.md and one CSV per setting in `out`; returns the Markdown."""
     sections = ["# MVFA reproduced by training: mean ± std over support draws (AUROC, %)"]
-    present = set(frame["setting"])
-    for setting in (["zero"] if "zero" in present else []) + sorted(present - {"zero"}, key=int):
+    for setting in sorted(set(frame["setting"]), key=lambda s: -1 if s == "zero" else int(s)):  # zero-shot first
         table = setting_table(frame, setting)
         table.to_csv(Path(out) / f"table_{setting}.csv", index_label="dataset")
         title = "Zero-shot" if setting == "zero" else f"Few-shot, k = {setting}"

@@ -1,6 +1,5 @@
-"""Adapter training shared by train_few.py and train_zero.py: optimisers, one step, the epoch loop with checkpoint
-selection, the training state that --resume continues from, and the final test of the chosen weights (spec 5.4,
-6.4, 7.4, Q4, Q11)."""
+"""Adapter training shared by train_few.py and train_zero.py: optimisers, one step, and `Training`: the epoch loop
+with checkpoint selection, the state --resume continues from and the final test (spec 5.4, 6.4, 7.4, Q4, Q11)."""
 import os
 import random
 import signal
@@ -182,8 +181,7 @@ class Training:
             optimizer.load_state_dict(state)
         self.best, self.result, self.state = saved["best"], saved["result"], saved["best_adapters"]
         set_rng_states(saved["rng"])
-        print(f"--resume: continuing from {path} at epoch {saved['epoch']}, step {saved['position']}",
-              file=sys.stderr)
+        print(f"--resume: continuing from {path} at epoch {saved['epoch']}, step {saved['position']}", file=sys.stderr)
         for line in saved["lines"]:
             self.say(line)
         return saved

@@ -80,9 +80,8 @@ def train(args) -> dict:
     selection_data = test_set if args.select != "val" else MedTestDataset(args.data_path, args.obj, args.img_size,
                                                                           args.clip_normalize, "valid")
     run = Training(args, device, checkpoint_path(args.save_path, args.obj), fewshot=False)
-    model = run.model
     prompt = prompt_of(args.obj, args.prompt_name)
-    texts = text_features_for(model.clipmodel, [*CLASS_NAMES, prompt], device, args.precision)
+    texts = text_features_for(run.model.clipmodel, [*CLASS_NAMES, prompt], device, args.precision)
 
     def batches(epoch: int) -> DataLoader:
         if epoch > 0:  # the reference regroups after every epoch (fresh listing, fresh shuffles)
@@ -91,10 +90,10 @@ def train(args) -> dict:
 
     def step(images, labels, masks, name):
         name = name[0]  # each loader item is one pre-grouped batch: [1, B, ...]
-        return train_step(model, images[0], labels[0], masks[0], texts[name], has_masks=DATASETS[name].has_masks,
+        return train_step(run.model, images[0], labels[0], masks[0], texts[name], has_masks=DATASETS[name].has_masks,
                           **run.options)
 
     every = max(1, len(train_set) // 5)  # deviation: the reference divides by zero below 5 groups (spec Q24)
-    run.fit(batches, step, lambda: evaluate_zeroshot(args, model, selection_data, texts[prompt], device,
+    run.fit(batches, step, lambda: evaluate_zeroshot(args, run.model, selection_data, texts[prompt], device,
                                                      pixel_extras=False), every)
-    return run.finish("train_zero", lambda: evaluate_zeroshot(args, model, test_set, texts[prompt], device))
+    return run.finish("train_zero", lambda: evaluate_zeroshot(args, run.model, test_set, texts[prompt], device))
