@@ -1,7 +1,8 @@
-"""The command-line flags the scripts share (the reference's names and defaults, spec section 0), and `run_main`,
-which turns expected errors into one line and exit code 2."""
+"""The command-line flags the scripts share (the reference's names and defaults, spec section 0), `run_main`, which
+turns expected errors into one line and exit code 2, and `script`, a script's parser() and main()."""
 import argparse
 import sys
+from typing import Callable
 
 from utils import PRECISIONS
 
@@ -10,10 +11,19 @@ SELECTIONS = ("test", "val", "last")
 
 def new_parser(description: str, obj: str | None = None) -> argparse.ArgumentParser:
     """A parser showing `description` (a script's docstring, with its example commands) as written; with `obj`, the
-    common flags of the four scripts, --obj defaulting to it."""
+    flags every script takes (the reference's names and defaults, spec section 0), --obj defaulting to it."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if obj:
-        add_common_args(p, obj)
+        p.add_argument("--obj", default=obj, help="dataset: Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, "
+                                                  "Histopathology, or one's own in BMAD's layout (a folder path, or "
+                                                  "a folder name under --data_path; needs --prompt_name)")
+        p.add_argument("--prompt_name", default=None,
+                       help="object name in the text prompts, e.g. 'knee MRI' (default: the BMAD dataset's)")
+        p.add_argument("--data_path", default="./data/", help="folder holding {obj}_AD/ in BMAD's layout")
+        p.add_argument("--seed", type=int, default=111, help="random seed")
+        p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+        p.add_argument("--out_dir", default="./results/", help="where the run's JSON record is written")
+        add_model_args(p)
     return p
 
 
@@ -22,20 +32,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
-
-
-def add_common_args(parser, obj: str) -> None:
-    """The flags every script takes, with the reference's names and defaults (spec section 0)."""
-    parser.add_argument("--obj", default=obj, help="dataset: Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, "
-                                                   "Histopathology, or one's own in BMAD's layout (a folder path, or "
-                                                   "a folder name under --data_path; needs --prompt_name)")
-    parser.add_argument("--prompt_name", default=None,
-                        help="object name in the text prompts, e.g. 'knee MRI' (default: the BMAD dataset's)")
-    parser.add_argument("--data_path", default="./data/", help="folder holding {obj}_AD/ in BMAD's layout")
-    parser.add_argument("--seed", type=int, default=111, help="random seed")
-    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--out_dir", default="./results/", help="where the run's JSON record is written")
-    add_model_args(parser)
 
 
 def add_model_args(parser) -> None:
@@ -106,7 +102,6 @@ def add_training_args(p, lr: float, save_path: str) -> None:
 
 
 def add_map_args(parser) -> None:
-    """--save_maps and --grid_n of test_few.py and test_zero.py."""
     parser.add_argument("--save_maps", default=None, metavar="DIR",
                         help="after evaluation write per test image DIR/{index:05d}_{label}_{stem}.png (normalised "
                              "anomaly map, ground-truth outline, image score) and DIR/grid.png")
@@ -120,15 +115,20 @@ def run_main(run, parser, argv) -> int:
     try:
         run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        # for an error re-raised from a DataLoader worker ("Caught ValueError in DataLoader worker process 0." + the
+        # worker's traceback), the original error's message: the traceback's last line
+        lines = str(e).strip().splitlines()
+        worker = len(lines) > 1 and lines[0].startswith("Caught ") and "Traceback" in lines[1]
+        print(f"error: {lines[-1].split(': ', 1)[-1] if worker else e}", file=sys.stderr)
         raise SystemExit(2) from None
     return 0
 
 
-def one_line(e: Exception) -> str:
-    """The message of `e`; for an error re-raised from a DataLoader worker ("Caught ValueError in DataLoader worker
-    process 0." + the worker's traceback), the original error's message, which is the traceback's last line."""
-    lines = str(e).strip().splitlines()
-    if len(lines) > 1 and lines[0].startswith("Caught ") and "Traceback" in lines[1]:
-        return lines[-1].split(": ", 1)[-1]
-    return str(e)
+def script(run: Callable, make_parser: Callable, doc: str) -> tuple[Callable, Callable]:
+    """A script's `parser()` (`doc` its description) and `main(argv=None)`, which runs `run` under run_main."""
+    def parser() -> argparse.ArgumentParser:
+        return make_parser(doc)
+
+    def main(argv=None) -> int:
+        return run_main(run, parser(), argv)
+    return parser, main

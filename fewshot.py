@@ -1,8 +1,6 @@
-"""Few-shot MVFA: the flags, data and evaluation of test_few.py and the training of train_few.py (spec 6).
-
-The test text comparison is fused with a memory bank of the augmented normal support images; training uses the
-k normal and k abnormal support images of the target, 11 augmentations each.
-"""
+"""Few-shot MVFA (spec 6): the flags, data and evaluation of test_few.py (text comparison fused with a memory bank
+of the augmented normal support images) and the training of train_few.py (the target's k normal and k abnormal
+support images, 11 augmentations each)."""
 import argparse
 import os
 
@@ -17,7 +15,7 @@ from dataset.medical_few import MedDataset, MedTestDataset
 from evaluate import build_memory, collect, evaluate, result_lines
 from prompt import text_features_for
 from records import checkpoint_path, clip_file, write_record
-from training import Training, train_step, training_model
+from training import Training, train_step
 from utils import augment, draw_as_loader, resolve_device, setup_seed
 from visualize import save_test_maps
 
@@ -49,17 +47,9 @@ def load_fewshot_data(args, iterate: int) -> MedDataset:
                       seed_root=args.seed_dir, sort_listing=args.sort_listing, normalize=args.clip_normalize)
 
 
-def summarize(results: list[dict]) -> dict:
-    """Mean and standard deviation of every metric over several support draws."""
-    keys = [k for k, v in results[0].items() if isinstance(v, float)]
-    return {k: {"mean": float(np.mean([r[k] for r in results])), "std": float(np.std([r[k] for r in results]))}
-            for k in keys}
-
-
 def evaluate_fewshot(args, model, dataset, support: torch.Tensor, text: torch.Tensor, device: torch.device,
                      pixel_extras: bool = True, maps_dir: str | None = None) -> dict:
-    """Memory bank from the augmented normal support images [11k, 3, H, W], then one scored pass over `dataset`;
-    with `maps_dir`, the anomaly maps are drawn there."""
+    """Memory bank of `support` [11k, 3, H, W], then one scored pass over `dataset` (maps drawn in `maps_dir`)."""
     draw_as_loader(shuffle=True)  # the reference reads the support images through a shuffling loader
     memory = build_memory(model, support, device, args.precision, args.batch_size, keep_cls=not args.memory_no_cls)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
@@ -91,21 +81,14 @@ def test(args, model=None) -> dict:
             print(f"support draw {i} (--iterate {iterate}): " + " ".join(dataset.support.normal_files))
         print("\n".join(result_lines(args.obj, results[-1], fewshot=True)))
     record = results[0]
-    if len(results) > 1:
-        record = {"draws": [{"iterate": it, **r} for it, r in zip(args.iterate, results)],
-                  "summary": summarize(results)}
-        for key, value in record["summary"].items():
+    if len(results) > 1:  # the mean and standard deviation of every metric over the draws
+        values = {k: [r[k] for r in results] for k, v in results[0].items() if isinstance(v, float)}
+        summary = {k: {"mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in values.items()}
+        record = {"draws": [{"iterate": it, **r} for it, r in zip(args.iterate, results)], "summary": summary}
+        for key, value in summary.items():
             print(f"{args.obj} {key} : {value['mean']:.4f} ± {value['std']:.4f} over {len(results)} draws")
     write_record(args.out_dir, "test_few", args, record, {"clip": clip_file(args), "adapters": ckpt}, device)
     return record
-
-
-def fewshot_training_set(support) -> TensorDataset:
-    """Augmented abnormal (label 1, their masks) then augmented normal (label 0, empty masks): 22k items."""
-    abnormal, abnormal_masks = augment(support.abnormal, support.abnormal_masks)
-    normal, normal_masks = augment(support.normal)
-    labels = torch.tensor([1.0] * len(abnormal) + [0.0] * len(normal))
-    return TensorDataset(torch.cat([abnormal, normal]), torch.cat([abnormal_masks, normal_masks]), labels)
 
 
 def selection_set(args, data):
@@ -130,19 +113,20 @@ def train(args) -> dict:
     setup_seed(args.seed, args.deterministic)
     data = load_fewshot_data(args, args.iterate)
     target = checkpoint_path(args.save_path, args.obj, args.shot if args.shot_in_name else None)
-    model, seg_opt, det_opt = training_model(args, device, target)
+    run = Training(args, device, target, fewshot=True)
     selection_data = selection_set(args, data)
-    loader = DataLoader(fewshot_training_set(data.support), batch_size=1, shuffle=True)
-    support, _ = augment(data.support.normal)  # memory-bank images [11k, 3, H, W]
+    # the training set: augmented abnormal (label 1, their masks) then augmented normal (label 0, empty masks)
+    abnormal, abnormal_masks = augment(data.support.abnormal, data.support.abnormal_masks)
+    support, normal_masks = augment(data.support.normal)  # [11k, 3, H, W], also the memory-bank images
+    labels = torch.tensor([1.0] * len(abnormal) + [0.0] * len(support))  # 22k items
+    items = TensorDataset(torch.cat([abnormal, support]), torch.cat([abnormal_masks, normal_masks]), labels)
+    loader = DataLoader(items, batch_size=1, shuffle=True)
     prompt = prompt_of(args.obj, args.prompt_name)
-    text = text_features_for(model.clipmodel, [prompt], device, args.precision)[prompt]
-    run = Training(args, model, (seg_opt, det_opt), target, device, fewshot=True, evaluate=lambda: evaluate_fewshot(
-        args, model, selection_data, support, text, device, pixel_extras=False))
+    text = text_features_for(run.model.clipmodel, [prompt], device, args.precision)[prompt]
 
     def step(images, masks, labels):
-        return train_step(model, images, labels, masks, text, has_masks=data.has_masks,
-                          seg_opt=seg_opt, det_opt=det_opt, device=device, precision=args.precision,
-                          img_size=args.img_size, bce_on_probability=args.bce_on_probability)
+        return train_step(run.model, images, labels, masks, text, has_masks=data.has_masks, **run.options)
 
-    run.fit(lambda epoch: loader, step)
-    return run.finish("train_few", lambda: evaluate_fewshot(args, model, data, support, text, device))
+    run.fit(lambda epoch: loader, step,
+            lambda: evaluate_fewshot(args, run.model, selection_data, support, text, device, pixel_extras=False))
+    return run.finish("train_few", lambda: evaluate_fewshot(args, run.model, data, support, text, device))

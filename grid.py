@@ -1,7 +1,6 @@
 """The paper's grid as jobs: expansion (datasets x settings x support draws x protocols), one job's run (train with
 --resume, then test the chosen weights, each a subprocess of this repository's scripts), their status, and the
-tables over their records (pandas). Executors are existing engines: a thread pool of subprocesses, or submitit.
-"""
+tables over their records (pandas). Executors are existing engines: a thread pool of subprocesses, or submitit."""
 import hashlib
 import json
 import os
@@ -51,12 +50,10 @@ class Job:
         where = ["--obj", self.obj, "--save_path", str(folder / "ckpt"), "--out_dir", str(folder / "records")]
         train, test = ("train_few.py", "test_few.py") if few else ("train_zero.py", "test_zero.py")
         training = ["--select", self.select, "--epoch", str(self.epoch), "--resume"]
-        return [[train, *where, *support, *training, *self.extra],
-                [test, *where, *support, *self.extra]]
+        return [[train, *where, *support, *training, *self.extra], [test, *where, *support, *self.extra]]
 
 
-def expand(objs, settings, draws: int, protocols, epoch: int = 50, extra=(),
-           seed_dir: str | None = None) -> list[Job]:
+def expand(objs, settings, draws: int, protocols, epoch: int = 50, extra=(), seed_dir: str | None = None) -> list[Job]:
     """Datasets x settings ('zero', shot counts) x draws (zero-shot has none) x protocols, in that nesting."""
     return [Job(obj, str(setting), draw, select, epoch, tuple(extra), seed_dir) for obj in objs
             for setting in settings for draw in range(1 if setting == "zero" else draws) for select in protocols]
@@ -77,36 +74,26 @@ def run_job(job: Job, out: str, env: dict | None = None) -> dict:
                 done = subprocess.run([sys.executable, str(REPO / command[0]), *command[1:]], stdout=log,
                                       stderr=subprocess.STDOUT, cwd=folder, env=env)
             if done.returncode:
-                last = last_error_line(folder / "log.txt")
+                text = (folder / "log.txt").read_text(errors="replace").replace("\r", "\n")
+                last = ([line for line in text.splitlines() if line.strip()] or ["(no output)"])[-1]
                 (folder / "failed.txt").write_text(last + "\n")
                 raise RuntimeError(f"{job.key}: {command[0]} exited with {done.returncode}: {last}")
-        record = {"job": asdict(job), "commands": job.commands(folder), "test": latest_record(folder, "test")}
+        test = max((folder / "records").glob("test_*.json"), key=lambda p: p.stat().st_mtime)  # the latest
+        record = {"job": asdict(job), "commands": job.commands(folder), "test": json.loads(test.read_text())}
         (folder / "done.json").write_text(json.dumps(record, indent=1))
         return record
     finally:
         (folder / "running").unlink(missing_ok=True)
 
 
-def last_error_line(log: Path) -> str:
-    lines = [line for line in log.read_text(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
-
-
-def latest_record(folder: Path, kind: str) -> dict:
-    path = max((folder / "records").glob(f"{kind}_*.json"), key=lambda p: p.stat().st_mtime)
-    return json.loads(path.read_text())
-
-
 def is_done(job: Job, out: str) -> bool:
     return (Path(out) / "jobs" / job.key / "done.json").is_file()
 
 
+@dataclass
 class Runner:
-    """submitit's job function: run_job, requeued with the same job when SLURM preempts it or its time runs out
-    (the training resumes from its state)."""
-
-    def __init__(self, out: str):
-        self.out = out
+    """submitit's job function: run_job, requeued with the same job on preemption or timeout (training resumes)."""
+    out: str
 
     def __call__(self, job: Job) -> dict:
         return run_job(job, self.out)
@@ -130,16 +117,12 @@ def run_local(jobs: list[Job], out: str, gpus: list[str], workers: int) -> list[
         finally:
             slots.put(slot)
 
-    failures = []
     with ThreadPoolExecutor(max_workers=len(gpus) or workers) as pool:
-        for job, future in [(job, pool.submit(one, job)) for job in jobs]:
-            if future.exception():
-                failures.append(str(future.exception()))
-    return failures
+        futures = [pool.submit(one, job) for job in jobs]
+    return [str(future.exception()) for future in futures if future.exception()]
 
 
-def slurm_parameters(partition: str | None, minutes: int, gpus: int, cpus: int, parallel: int,
-                     sbatch: dict) -> dict:
+def slurm_parameters(partition: str | None, minutes: int, gpus: int, cpus: int, parallel: int, sbatch: dict) -> dict:
     """SlurmExecutor parameters of one job: a node's share, a time limit, an array of at most `parallel` at a time,
     and SIGUSR2 90 s before the limit (submitit then requeues the job, which resumes)."""
     return {"partition": partition, "time": minutes, "gpus_per_node": gpus, "cpus_per_task": cpus, "nodes": 1,
@@ -192,29 +175,19 @@ def setting_table(frame: pd.DataFrame, setting: str) -> pd.DataFrame:
     table = pd.DataFrame(index=[label for _, label in ROWS])
     published = PUBLISHED["zero-shot"] if setting == "zero" else PUBLISHED["few-shot"] if setting == "4" else {}
     for metric, name in (("image_auroc", "AUC"), ("pixel_auroc", "pAUC")):
+        cells = {key: f"{mean:.2f} ± {std:.2f}" for key, (mean, std) in stats[metric].iterrows() if not np.isnan(mean)}
         for select in sorted(part["select"].unique()):
-            table[f"{name} {select}"] = [cell(stats, obj, select, metric) for obj, _ in ROWS]
-        table[f"{name} paper"] = [fmt(published.get(obj, {}).get(metric, (None,))[0]) for obj, _ in ROWS]
-        table[f"{name} impl."] = [fmt(published.get(obj, {}).get(metric, (None, None))[1]) for obj, _ in ROWS]
+            table[f"{name} {select}"] = [cells.get((obj, select), "-") for obj, _ in ROWS]
+        for i, source in enumerate(("paper", "impl.")):
+            values = [published.get(obj, {}).get(metric, (None, None))[i] for obj, _ in ROWS]
+            table[f"{name} {source}"] = ["-" if value is None else f"{value:.2f}" for value in values]
     return table
-
-
-def cell(stats: pd.DataFrame, obj: str, select: str, metric: str) -> str:
-    if (obj, select) not in stats.index or np.isnan(stats.loc[(obj, select), (metric, "mean")]):
-        return "-"
-    mean, std = stats.loc[(obj, select), metric]
-    return f"{mean:.2f} ± {std:.2f}"
-
-
-def fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def write_tables(frame: pd.DataFrame, out: str) -> str:
     """tables.md and one CSV per setting in `out`; returns the Markdown."""
     sections = ["# MVFA reproduced by training: mean ± std over support draws (AUROC, %)"]
-    present = set(frame["setting"])
-    for setting in (["zero"] if "zero" in present else []) + sorted(present - {"zero"}, key=int):
+    for setting in sorted(set(frame["setting"]), key=lambda s: -1 if s == "zero" else int(s)):  # zero-shot first
         table = setting_table(frame, setting)
         table.to_csv(Path(out) / f"table_{setting}.csv", index_label="dataset")
         title = "Zero-shot" if setting == "zero" else f"Few-shot, k = {setting}"

@@ -59,9 +59,8 @@ def executor(args, out: Path):
         ex.update_parameters(timeout_min=args.time)
         return ex
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=20)
-    sbatch = dict(item.split("=", 1) for item in args.sbatch)
     ex.update_parameters(**grid.slurm_parameters(args.partition, args.time, args.gpus_per_job, args.cpus_per_job,
-                                                 args.parallel, sbatch))
+                                                 args.parallel, dict(item.split("=", 1) for item in args.sbatch)))
     return ex
 
 
@@ -105,8 +104,7 @@ def run(args, extra: list[str]) -> int:
 
 
 def main(argv=None) -> int:
-    args, extra = parser().parse_known_args(argv)
-    return run(args, extra)
+    return run(*parser().parse_known_args(argv))
 
 
 if __name__ == "__main__":

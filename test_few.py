@@ -4,17 +4,10 @@
     python test_few.py --obj Chest --shot 4 --iterate 0 --precision bf16 --batch_size 8
     python test_few.py --obj Liver --shot 4 --iterate 0 1 2    # three support lists: mean ± std
 """
-from functools import partial
-
-from cli import run_main
+from cli import script
 from fewshot import test as run, test_parser
 
-parser = partial(test_parser, __doc__)
-
-
-def main(argv=None) -> int:
-    return run_main(run, parser(), argv)
-
+parser, main = script(run, test_parser, __doc__)
 
 if __name__ == "__main__":
     main()

@@ -3,17 +3,10 @@
     python test_zero.py --obj Liver
     python test_zero.py --obj Histopathology --precision bf16 --batch_size 8
 """
-from functools import partial
-
-from cli import run_main
+from cli import script
 from zeroshot import test as run, test_parser
 
-parser = partial(test_parser, __doc__)
-
-
-def main(argv=None) -> int:
-    return run_main(run, parser(), argv)
-
+parser, main = script(run, test_parser, __doc__)
 
 if __name__ == "__main__":
     main()

@@ -4,17 +4,10 @@
     python train_few.py --obj Liver --shot 8 --select val --shot_in_name --save_path ./ckpt/mine/
     python train_few.py --obj Chest --shot 4 --epoch 5 --precision bf16
 """
-from functools import partial
-
-from cli import run_main
+from cli import script
 from fewshot import train as run, train_parser
 
-parser = partial(train_parser, __doc__)
-
-
-def main(argv=None) -> int:
-    return run_main(run, parser(), argv)
-
+parser, main = script(run, train_parser, __doc__)
 
 if __name__ == "__main__":
     main()

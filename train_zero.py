@@ -3,17 +3,10 @@
     python train_zero.py --obj Retina_RESC
     python train_zero.py --obj Brain --select val --save_path ./ckpt/mine-zero/
 """
-from functools import partial
-
-from cli import run_main
+from cli import script
 from zeroshot import train as run, train_parser
 
-parser = partial(train_parser, __doc__)
-
-
-def main(argv=None) -> int:
-    return run_main(run, parser(), argv)
-
+parser, main = script(run, train_parser, __doc__)
 
 if __name__ == "__main__":
     main()

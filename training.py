@@ -1,6 +1,5 @@
-"""Adapter training shared by train_few.py and train_zero.py: optimisers, one step, the epoch loop with checkpoint
-selection, the training state that --resume continues from, and the final test of the chosen weights (spec 5.4,
-6.4, 7.4, Q4, Q11)."""
+"""Adapter training shared by train_few.py and train_zero.py: optimisers, one step, and `Training`: the epoch loop
+with checkpoint selection, the state --resume continues from and the final test (spec 5.4, 6.4, 7.4, Q4, Q11)."""
 import os
 import random
 import signal
@@ -28,17 +27,6 @@ def optimizers(model, lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
 def state_file(target: Path) -> Path:
     """Where the training state of the run saving `target` is kept: beside it, never in its place."""
     return target.with_name(target.name + ".state")
-
-
-def training_model(args, device: torch.device, target: Path) -> tuple:
-    """An existing checkpoint at `target` is refused first (unless --resume continues the run that wrote it); then
-    the model (adapters from --init_ckpt if given) and its seg and det optimisers."""
-    if args.save_model and not (args.resume and state_file(target).is_file()):
-        check_writable(target, args.overwrite)
-    model = build_model(args, device)
-    if args.init_ckpt:
-        model.load_adapters(args.init_ckpt)
-    return (model, *optimizers(model, args.learning_rate))
 
 
 def train_step(model, images, labels, masks, text: torch.Tensor, *, has_masks: bool, seg_opt, det_opt,
@@ -82,19 +70,22 @@ def set_rng_states(states: dict) -> None:
 
 
 class Training:
-    """One training run: the epoch loop with checkpoint selection (evaluate, print the reference's lines, keep and
-    save the best weights), its state for --resume, and the final test of the chosen weights.
+    """One training run: its model and optimisers, the epoch loop with checkpoint selection, the state --resume
+    continues from (written atomically beside the checkpoint after every epoch and on SIGTERM, SIGUSR1 or SIGUSR2,
+    SLURM's preemption and time-limit signals), and the final test of the chosen weights."""
 
-    Few-shot keeps a score only above the best so far (strict, as the reference), zero-shot also when equal. The
-    state (adapters, optimisers, generators, position, selection, printed lines) is written atomically beside the
-    checkpoint after every epoch and when SIGTERM, SIGUSR1 or SIGUSR2 arrives (SLURM's preemption and time-limit
-    signals).
-    """
-
-    def __init__(self, args, model, optimizers: tuple, target: Path, device: torch.device,
-                 evaluate: Callable[[], dict], fewshot: bool):
-        self.args, self.model, self.optimizers, self.target = args, model, optimizers, target
-        self.evaluate, self.fewshot, self.device = evaluate, fewshot, device
+    def __init__(self, args, device: torch.device, target: Path, fewshot: bool):
+        """Refuses an existing checkpoint at `target` (unless --resume continues the run that wrote it), then builds
+        the model (adapters from --init_ckpt if given) and its seg and det optimisers."""
+        if args.save_model and not (args.resume and state_file(target).is_file()):
+            check_writable(target, args.overwrite)
+        self.model = build_model(args, device)
+        if args.init_ckpt:
+            self.model.load_adapters(args.init_ckpt)
+        seg_opt, det_opt = self.optimizers = optimizers(self.model, args.learning_rate)
+        self.options = dict(seg_opt=seg_opt, det_opt=det_opt, device=device, precision=args.precision,
+                            img_size=args.img_size, bce_on_probability=args.bce_on_probability)  # train_step's
+        self.args, self.target, self.device, self.fewshot = args, target, device, fewshot
         self.extras = {"args": vars(args), "versions": versions(device)}
         self.best, self.result, self.state = 0.0, {}, None
         self.lines, self.signalled = [], None
@@ -103,11 +94,11 @@ class Training:
         print(text)
         self.lines.extend(text.splitlines())
 
-    def select(self, epoch: int, batch: int | None = None) -> None:
-        result = self.evaluate()
+    def select(self, evaluate: Callable[[], dict], epoch: int, batch: int | None = None) -> None:
+        result = evaluate()
         prefix = "[valid] " if self.args.select == "val" else ""
         self.say("\n".join(prefix + line for line in result_lines(self.args.obj, result, self.fewshot)))
-        score = selection_score(result)
+        score = selection_score(result)  # few-shot keeps a higher one (as the reference), zero-shot an equal too
         if score > self.best or (not self.fewshot and score == self.best):
             self.best, self.result, self.state = score, result, adapter_copy(self.model)
             where = {"epoch": epoch} if batch is None else {"epoch": epoch, "batch": batch}
@@ -116,9 +107,10 @@ class Training:
             if self.args.save_model:
                 save_checkpoint(self.model, self.target, {**self.extras, **where, "selection": self.args.select})
 
-    def fit(self, batches: Callable[[int], Iterable], step: Callable[..., float], every: int | None = None) -> None:
-        """args.epoch epochs of `step(*batch)` over `batches(epoch)`; selection after each epoch (every=None,
-        few-shot) or before steps 0, every, 2 every, ... of each epoch (zero-shot, spec 7.4)."""
+    def fit(self, batches: Callable[[int], Iterable], step: Callable[..., float], evaluate: Callable[[], dict],
+            every: int | None = None) -> None:
+        """args.epoch epochs of `step(*batch)` over `batches(epoch)`; selection by `evaluate()` after each epoch
+        (every=None, few-shot) or before steps 0, every, 2 every, ... of each epoch (zero-shot, spec 7.4)."""
         saved = self.load_state() if self.args.resume else None
         start, position = (saved["epoch"], saved["position"]) if saved else (0, 0)
         previous = self.catch_signals()
@@ -134,13 +126,13 @@ class Training:
                             set_rng_states(saved["rng"])
                         continue
                     if every and self.args.select != "last" and idx % every == 0:  # before the step, as the reference
-                        self.select(epoch, idx)
+                        self.select(evaluate, epoch, idx)
                     losses.append(step(*batch))
                     if self.signalled:
                         self.stop(epoch, idx + 1, losses, epoch_rng)
                 self.say(f"epoch {epoch} loss {np.mean(losses):.4f}")
                 if not every and self.args.select != "last":
-                    self.select(epoch)
+                    self.select(evaluate, epoch)
                 self.save_state(epoch + 1, 0, [], None)
                 if self.signalled:
                     self.stop(epoch + 1, 0, [], None)
@@ -189,8 +181,7 @@ class Training:
             optimizer.load_state_dict(state)
         self.best, self.result, self.state = saved["best"], saved["result"], saved["best_adapters"]
         set_rng_states(saved["rng"])
-        print(f"--resume: continuing from {path} at epoch {saved['epoch']}, step {saved['position']}",
-              file=sys.stderr)
+        print(f"--resume: continuing from {path} at epoch {saved['epoch']}, step {saved['position']}", file=sys.stderr)
         for line in saved["lines"]:
             self.say(line)
         return saved

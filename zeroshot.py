@@ -1,6 +1,5 @@
 """Zero-shot MVFA: the flags, data and evaluation of test_zero.py and the leave-one-dataset-out training of
-train_zero.py (spec 7): adapters trained on the other five datasets' test splits, compared with text prompts only.
-"""
+train_zero.py (spec 7): adapters trained on the other five datasets' test splits, compared with text prompts only."""
 import argparse
 
 import torch
@@ -13,7 +12,7 @@ from dataset.medical_zero import MedTestDataset, MedTrainDataset
 from evaluate import collect, evaluate, result_lines
 from prompt import text_features_for
 from records import checkpoint_path, clip_file, write_record
-from training import Training, train_step, training_model
+from training import Training, train_step
 from utils import resolve_device, setup_seed
 from visualize import save_test_maps
 
@@ -80,12 +79,9 @@ def train(args) -> dict:
     # deviation (--select val): the target's valid split, never its test split
     selection_data = test_set if args.select != "val" else MedTestDataset(args.data_path, args.obj, args.img_size,
                                                                           args.clip_normalize, "valid")
-    target = checkpoint_path(args.save_path, args.obj)
-    model, seg_opt, det_opt = training_model(args, device, target)
+    run = Training(args, device, checkpoint_path(args.save_path, args.obj), fewshot=False)
     prompt = prompt_of(args.obj, args.prompt_name)
-    texts = text_features_for(model.clipmodel, [*CLASS_NAMES, prompt], device, args.precision)
-    run = Training(args, model, (seg_opt, det_opt), target, device, fewshot=False, evaluate=lambda: evaluate_zeroshot(
-        args, model, selection_data, texts[prompt], device, pixel_extras=False))
+    texts = text_features_for(run.model.clipmodel, [*CLASS_NAMES, prompt], device, args.precision)
 
     def batches(epoch: int) -> DataLoader:
         if epoch > 0:  # the reference regroups after every epoch (fresh listing, fresh shuffles)
@@ -94,10 +90,10 @@ def train(args) -> dict:
 
     def step(images, labels, masks, name):
         name = name[0]  # each loader item is one pre-grouped batch: [1, B, ...]
-        return train_step(model, images[0], labels[0], masks[0], texts[name], has_masks=DATASETS[name].has_masks,
-                          seg_opt=seg_opt, det_opt=det_opt, device=device, precision=args.precision,
-                          img_size=args.img_size, bce_on_probability=args.bce_on_probability)
+        return train_step(run.model, images[0], labels[0], masks[0], texts[name], has_masks=DATASETS[name].has_masks,
+                          **run.options)
 
     every = max(1, len(train_set) // 5)  # deviation: the reference divides by zero below 5 groups (spec Q24)
-    run.fit(batches, step, every)
-    return run.finish("train_zero", lambda: evaluate_zeroshot(args, model, test_set, texts[prompt], device))
+    run.fit(batches, step, lambda: evaluate_zeroshot(args, run.model, selection_data, texts[prompt], device,
+                                                     pixel_extras=False), every)
+    return run.finish("train_zero", lambda: evaluate_zeroshot(args, run.model, test_set, texts[prompt], device))
