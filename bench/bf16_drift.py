@@ -8,7 +8,8 @@
 The scores are recomposed from scoring.py's functions with one stage at a time in bf16, the others in fp32: the
 forward (backbone and adapters, test and memory-bank images), the text features, the text logits (token
 normalisation and product), the softmax, the memory-bank similarities, the upsampling, and the layer sums with the
-min-max normalisation and fusion. 'library' rows run the scripts' own evaluation (build_memory, collect, evaluate).
+min-max normalisation and fusion; bf16 forwards take the fused attention, as build_model gives bf16 runs.
+'library' rows run the scripts' own evaluation (build_memory, collect, evaluate).
 Each row: Spearman correlation of the image scores with fp32's, the largest difference of the normalised maps, the
 image and pixel AUROC minus fp32's. `trained` first writes a synthetic set with lesions (n_per_split normal and
 abnormal images per split) and trains few-shot adapters on its support set (--select last), then measures them.
@@ -49,6 +50,7 @@ def cast(x: torch.Tensor, stage: str, low: set) -> torch.Tensor:
 def forward_tokens(model, images: torch.Tensor, precision: str, batch_size: int) -> tuple[list, list]:
     """Seg and det tokens per layer [N, 1+HW, D], float32, of forwards under `precision` ('fp32' or 'bf16')."""
     seg, det = [], []
+    model.clipmodel.set_fused(precision == "bf16")  # the attention build_model gives each precision
     for batch in images.split(batch_size):
         with autocast(CPU, precision):
             _, s, d = model(batch)
@@ -118,9 +120,13 @@ def recompose(inputs: dict, low: set) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def scores_of(labels, masks, image: np.ndarray, maps: np.ndarray | None) -> dict:
-    out = {"image": image, "maps": maps, "image_auroc": metrics.image_metrics(labels, image)["auroc"]}
+    """AUROCs of the scores; NaN where min-max met all-equal values (bf16 rounded every score to the same one)."""
+    nan = float("nan")
+    out = {"image": image, "maps": maps,
+           "image_auroc": nan if np.isnan(image).any() else metrics.image_metrics(labels, image)["auroc"]}
     if maps is not None:
-        out["pixel_auroc"] = metrics.pixel_metrics(lambda: [(maps, masks)], ("auroc",))["auroc"]
+        out["pixel_auroc"] = nan if np.isnan(maps).any() else \
+            metrics.pixel_metrics(lambda: [(maps, masks)], ("auroc",))["auroc"]
     return out
 
 
@@ -137,7 +143,7 @@ def drift(row: dict, ref: dict) -> dict:
 def library(args, model, dataset, support: torch.Tensor | None, precision: str) -> tuple[np.ndarray, np.ndarray]:
     """The scripts' evaluation under `precision`: image scores [N] and normalised maps [N, H, W] (None)."""
     prompt = prompt_of(args.obj, args.prompt_name)
-    text = text_features_for(model.clipmodel, [prompt], CPU, precision)[prompt]
+    text = text_features_for(model.clipmodel.set_fused(precision == "bf16"), [prompt], CPU, precision)[prompt]
     memory = None if support is None else build_memory(model, support, CPU, precision, args.batch_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
     c = collect(model, loader, text, CPU, has_masks=dataset.has_masks, memory=memory, precision=precision,
@@ -164,7 +170,7 @@ def measure(protocol: str, argv: list[str]) -> list[tuple[str, dict]]:
     inputs = {"img_size": args.img_size, "has_masks": dataset.has_masks, "tokens": {}, "text": {}, "memory": {}}
     for p in ("fp32", "bf16"):
         inputs["tokens"][p] = forward_tokens(model, images, p, args.batch_size)
-        inputs["text"][p] = text_features_for(model.clipmodel, [prompt], CPU, p)[prompt].float()
+        inputs["text"][p] = text_features_for(model.clipmodel.set_fused(p == "bf16"), [prompt], CPU, p)[prompt].float()
         inputs["memory"][p] = None if support is None else \
             tuple(bank(t) for t in forward_tokens(model, support, p, args.batch_size))
     ref = scores_of(labels, masks, *recompose(inputs, set()))

@@ -122,7 +122,7 @@ def run_stage(args) -> dict:
     if stage == "metrics":  # evaluate.evaluate (few-shot, masks) on N = --batch_size test images of random scores
         return evaluation_figures(args.batch_size, args.img_size)
     clip = create_model(args.model_name, args.img_size, "none", device)
-    clip.requires_grad_(False)
+    clip.requires_grad_(False).set_fused(args.fast)
     model = CLIP_Inplanted(clip).to(device)
     images = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=device)
     flops = vision_gflops(model, args.img_size)
@@ -170,7 +170,7 @@ def driver(args) -> None:
             for bs in sizes:
                 cmd = [sys.executable, __file__, "--stage", stage, "--precision", prec, "--device", args.device,
                        "--batch_size", str(bs), "--repeat", str(args.repeat), "--img_size", str(args.img_size),
-                       "--model_name", args.model_name]
+                       "--model_name", args.model_name, *(["--fast"] if args.fast else [])]
                 if args.clip_ckpt:
                     cmd += ["--clip_ckpt", args.clip_ckpt]
                 out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -213,6 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--img_size", type=int, default=240, help="input resolution")
     p.add_argument("--model_name", default="ViT-L-14-336", help="architecture")
+    p.add_argument("--fast", action="store_true", help="fused attention, as the scripts' --fast")
     p.add_argument("--clip_ckpt", default=None, help="a CLIP weights file, to time the load stage on it")
     p.add_argument("--out", default="results/bench_speed.json", help="JSON of all rows")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
