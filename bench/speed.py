@@ -82,7 +82,7 @@ def rss_bytes(key: str) -> int:
 def evaluation_figures(n: int, size: int) -> dict:
     """Time and peak-memory increase of the evaluation of n images from what collect keeps (17x17 material of 4
     layers, packed masks with 0-3 elliptic lesions on 4 images of 5), and the full-size maps they stand for."""
-    from evaluate import Collected, evaluate
+    from evaluate import Collected, evaluate  # imported before the peak is reset: its libraries are not counted
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) := current RSS
     base = rss_bytes("VmRSS")
     g, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
@@ -122,7 +122,7 @@ def run_stage(args) -> dict:
     if stage == "metrics":  # evaluate.evaluate (few-shot, masks) on N = --batch_size test images of random scores
         return evaluation_figures(args.batch_size, args.img_size)
     clip = create_model(args.model_name, args.img_size, "none", device)
-    clip.requires_grad_(False).set_fused(args.fast)
+    clip.requires_grad_(False).set_fused(args.fast or prec == "bf16")  # as build_model
     model = CLIP_Inplanted(clip).to(device)
     images = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=device)
     flops = vision_gflops(model, args.img_size)
@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--img_size", type=int, default=240, help="input resolution")
     p.add_argument("--model_name", default="ViT-L-14-336", help="architecture")
-    p.add_argument("--fast", action="store_true", help="fused attention, as the scripts' --fast")
+    p.add_argument("--fast", action="store_true", help="fused attention, as the scripts' --fast (bf16 always takes it)")
     p.add_argument("--clip_ckpt", default=None, help="a CLIP weights file, to time the load stage on it")
     p.add_argument("--out", default="results/bench_speed.json", help="JSON of all rows")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
