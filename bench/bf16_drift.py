@@ -2,7 +2,7 @@
 
     python bench/bf16_drift.py few --obj Brain --shot 4 --iterate 0 --clip_ckpt CLIP/ckpt/ViT-L-14-336px.pt
     python bench/bf16_drift.py zero --obj Liver --clip_ckpt CLIP/ckpt/ViT-L-14-336px.pt
-    python bench/bf16_drift.py trained --out /tmp/drift --n_per_split 60 --epoch 5 --model_name demo-tiny \
+    python bench/bf16_drift.py trained --out /tmp/drift --n_per_split 60 --shot 8 --epoch 5 --model_name demo-tiny \
         --pretrain none --features_list 3 6 9 12
 
 The scores are recomposed from scoring.py's functions with one stage at a time in bf16, the others in fp32: the
