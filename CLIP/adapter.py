@@ -89,12 +89,17 @@ class CLIP_Inplanted(nn.Module):
         return ckpt
 
 
+def fused_attention(fast: bool, precision: str) -> bool:
+    """Whether a run takes the fused attention: with --fast, and always under bf16, which is not the reference's
+    arithmetic anyway and whose explicit path's strided products run ~35x slower than fused on the CPU at batch >= 2
+    (README "bf16 that keeps the numbers")."""
+    return fast or precision == "bf16"
+
+
 def build_model(args, device: torch.device) -> CLIP_Inplanted:
     """CLIP (frozen, eval mode) with fresh adapters after `--features_list`, on `device`, from the scripts' flags
-    (model_name, img_size, pretrain, clip_ckpt, quick_gelu, fast, features_list)."""
-    # bf16 is not the reference's arithmetic anyway: it takes the fused attention, as the explicit path's strided
-    # bf16 products run ~35x slower than fp32 on the CPU at batch >= 2 (README "CPU and GPU")
+    (model_name, img_size, pretrain, clip_ckpt, quick_gelu, fast, precision, features_list)."""
     clip = create_model(args.model_name, args.img_size, args.pretrain, device, checkpoint=args.clip_ckpt,
-                        quick_gelu=args.quick_gelu, fused=args.fast or args.precision == "bf16")
+                        quick_gelu=args.quick_gelu, fused=fused_attention(args.fast, args.precision))
     clip.requires_grad_(False)  # deviation: the reference asks gradients for the frozen backbone too (spec Q10)
     return CLIP_Inplanted(clip, args.features_list).to(device)

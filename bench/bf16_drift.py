@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fewshot  # noqa: E402
 import metrics  # noqa: E402
 import zeroshot  # noqa: E402
-from CLIP import build_model  # noqa: E402
+from CLIP import build_model, fused_attention  # noqa: E402
 from cli import new_parser  # noqa: E402
 from dataset import prompt_of  # noqa: E402
 from dataset.synth import make_synthetic_bmad  # noqa: E402
@@ -50,7 +50,7 @@ def cast(x: torch.Tensor, stage: str, low: set) -> torch.Tensor:
 def forward_tokens(model, images: torch.Tensor, precision: str, batch_size: int) -> tuple[list, list]:
     """Seg and det tokens per layer [N, 1+HW, D], float32, of forwards under `precision` ('fp32' or 'bf16')."""
     seg, det = [], []
-    model.clipmodel.set_fused(precision == "bf16")  # the attention build_model gives each precision
+    model.clipmodel.set_fused(fused_attention(False, precision))  # the attention build_model gives each precision
     for batch in images.split(batch_size):
         with autocast(CPU, precision):
             _, s, d = model(batch)
@@ -143,7 +143,8 @@ def drift(row: dict, ref: dict) -> dict:
 def library(args, model, dataset, support: torch.Tensor | None, precision: str) -> tuple[np.ndarray, np.ndarray]:
     """The scripts' evaluation under `precision`: image scores [N] and normalised maps [N, H, W] (None)."""
     prompt = prompt_of(args.obj, args.prompt_name)
-    text = text_features_for(model.clipmodel.set_fused(precision == "bf16"), [prompt], CPU, precision)[prompt]
+    text = text_features_for(model.clipmodel.set_fused(fused_attention(False, precision)), [prompt], CPU,
+                             precision)[prompt]
     memory = None if support is None else build_memory(model, support, CPU, precision, args.batch_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False)
     c = collect(model, loader, text, CPU, has_masks=dataset.has_masks, memory=memory, precision=precision,
@@ -170,7 +171,7 @@ def measure(protocol: str, argv: list[str]) -> list[tuple[str, dict]]:
     inputs = {"img_size": args.img_size, "has_masks": dataset.has_masks, "tokens": {}, "text": {}, "memory": {}}
     for p in ("fp32", "bf16"):
         inputs["tokens"][p] = forward_tokens(model, images, p, args.batch_size)
-        inputs["text"][p] = text_features_for(model.clipmodel.set_fused(p == "bf16"), [prompt], CPU, p)[prompt].float()
+        inputs["text"][p] = text_features_for(model.clipmodel, [prompt], CPU, p)[prompt].float()  # fused as above
         inputs["memory"][p] = None if support is None else \
             tuple(bank(t) for t in forward_tokens(model, support, p, args.batch_size))
     ref = scores_of(labels, masks, *recompose(inputs, set()))

@@ -23,7 +23,7 @@ from torch.utils import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from CLIP import CLIP_Inplanted, create_model  # noqa: E402
+from CLIP import CLIP_Inplanted, create_model, fused_attention  # noqa: E402
 from cli import new_parser  # noqa: E402
 from prompt import encode_text_with_prompt_ensemble  # noqa: E402
 from utils import autocast, augment  # noqa: E402
@@ -122,12 +122,13 @@ def run_stage(args) -> dict:
     if stage == "metrics":  # evaluate.evaluate (few-shot, masks) on N = --batch_size test images of random scores
         return evaluation_figures(args.batch_size, args.img_size)
     clip = create_model(args.model_name, args.img_size, "none", device)
-    clip.requires_grad_(False).set_fused(args.fast or prec == "bf16")  # as build_model
+    clip.requires_grad_(False).set_fused(fused_attention(args.fast, prec))
     model = CLIP_Inplanted(clip).to(device)
     images = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=device)
     flops = vision_gflops(model, args.img_size)
     if stage == "text":  # the reference's pass (all rows over 77 positions) against --fast (rows over their length)
         with torch.no_grad(), autocast(device, prec):
+            clip.set_fused(False)
             exact = timed(lambda: encode_text_with_prompt_ensemble(clip, "Brain", device), 1, device)
             clip.set_fused(True)
             fast = timed(lambda: encode_text_with_prompt_ensemble(clip, "Brain", device), 3, device)
@@ -194,9 +195,11 @@ def describe(device: torch.device) -> str:
 def format_row(r: dict) -> str:
     g = r.get("gflops")
     frac = f"{g / r['matmul_gflops']:.0%}" if g else ""
-    extra = f"--fast: {r['fast_seconds']:.3f} s ({r['ratio']:.3f} of it)" if "ratio" in r else \
-        f"peak increase {r['peak_increase_mb']:.1f} MB" + (f" (the maps in float16: {r['maps_fp16_mb']:.1f} MB)"
-                                                          if "maps_fp16_mb" in r else "") if "peak_increase_mb" in r else ""
+    extra = f"--fast: {r['fast_seconds']:.3f} s ({r['ratio']:.3f} of it)" if "ratio" in r else ""
+    if "peak_increase_mb" in r:
+        extra = f"peak increase {r['peak_increase_mb']:.1f} MB"
+    if "maps_fp16_mb" in r:
+        extra += f" (the maps in float16: {r['maps_fp16_mb']:.1f} MB)"
     return (f"| {r['stage']} | {r['precision']} | {r['batch']} | {r['seconds']:.3f} | "
             f"{r.get('images_per_s', 0):.2f} | {g or 0:.0f} | {r['matmul_gflops']:.0f} | {frac} | "
             f"{r['peak_mb']:.0f} | {extra} |")
