@@ -72,7 +72,8 @@ class CLIP_Inplanted(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"adapter checkpoint not found: {path} (download the released MVFA checkpoints "
-                                    f"or train one with train_few.py / train_zero.py)")
+                                    f"with `python -m tools.download checkpoints`, or train one with train_few.py / "
+                                    f"train_zero.py)")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001

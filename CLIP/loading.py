@@ -33,8 +33,8 @@ def read_state_dict(path: str | Path, model_name: str = "ViT-L-14-336") -> dict:
     path = Path(path)
     if not path.is_file():
         url = OPENAI_URLS.get(model_name, "the OpenAI CLIP release")
-        raise FileNotFoundError(f"CLIP weights not found at {path}: download {url} and put it there "
-                                f"(or pass --clip_ckpt PATH)")
+        raise FileNotFoundError(f"CLIP weights not found at {path}: download {url} and put it there, or run "
+                                f"`python -m tools.download clip` (or pass --clip_ckpt PATH)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -54,7 +54,8 @@ def dataset_root(data_path: str, obj: str) -> str:
     if not os.path.isdir(root):
         raise FileNotFoundError(
             f"dataset folder not found: {root}; the BMAD data must be placed as data/{folder}/{{valid,test}}/"
-            f"{{good,Ungood}}/img/ (masks in Ungood/anomaly_mask/), or pass --data_path to the folder holding it")
+            f"{{good,Ungood}}/img/ (masks in Ungood/anomaly_mask/): run `python -m tools.download data {obj}`, or "
+            f"pass --data_path to the folder holding it")
     return root
 
 

@@ -11,7 +11,8 @@ def list_images(folder: str, sort: bool = True) -> list[str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(
             f"image folder not found: {folder}; the BMAD data must be placed as data/<obj>_AD/{{valid,test}}/"
-            f"{{good,Ungood}}/img/ (masks in Ungood/anomaly_mask/)")
+            f"{{good,Ungood}}/img/ (masks in Ungood/anomaly_mask/); `python -m tools.download --check` says what "
+            f"is missing")
     # deviation: the reference takes every directory entry (Q41); hidden files (.DS_Store, ._x.png) and files
     # without an image extension are skipped here. The relative listdir order of the rest is kept.
     names = [n for n in os.listdir(folder) if not n.startswith('.') and n.lower().endswith(IMAGE_EXTENSIONS)]

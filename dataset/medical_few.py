@@ -15,7 +15,8 @@ from . import dataset_name, dataset_root, has_masks, list_images, load_input, lo
 DEFAULT_SEED_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fewshot_seed')
 SUPPORT_EXTENSIONS = ('.png', '.jpeg')  # the reference's filter on listed names (case-sensitive)
 LISTS_HINT = ("the paper's lists are published in the authors' repository (MediaBrain-SJTU/MVFA-AD, folder "
-              "dataset/fewshot_seed/); `--iterate -1 --seed N` draws a support set instead")
+              "dataset/fewshot_seed/): run `python -m tools.download support_lists`; `--iterate -1 --seed N` draws "
+              "a support set instead")
 
 
 def list_test_items(data_path: str, obj: str, split: str = 'test',

@@ -41,3 +41,25 @@ def reference_assets(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(ref / "make_synth_bmad.py"), str(out), "6", "0"], check=True,
                    capture_output=True)
     return out
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Tests never reach the network: a connection to anything but this machine raises (tools/download.py's
+    tests serve their files from 127.0.0.1)."""
+    import ipaddress
+    import socket
+
+    connect = socket.socket.connect
+
+    def loopback_only(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] != "localhost":
+            try:
+                remote = not ipaddress.ip_address(address[0].split("%")[0]).is_loopback
+            except ValueError:  # a host name
+                remote = True
+            if remote:
+                raise ConnectionRefusedError(f"no network in tests: connection to {address} refused")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)

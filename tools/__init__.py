@@ -1,0 +1,1 @@
+"""Command-line drivers over the library: downloads, and later the other tools."""
