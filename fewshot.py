@@ -15,7 +15,7 @@ from dataset.medical_few import MedDataset, MedTestDataset
 from evaluate import build_memory, collect, evaluate, result_lines
 from prompt import text_features_for
 from records import checkpoint_path, clip_file, write_record
-from training import Training, train_step
+from training import Training, preflight, train_step
 from utils import augment, draw_as_loader, resolve_device, setup_seed
 from visualize import save_test_maps
 
@@ -110,11 +110,12 @@ def selection_set(args, data):
 def train(args) -> dict:
     """train_few.py: the adapters trained on the augmented support set, selected as --select says."""
     device = resolve_device(args.device)
+    target = checkpoint_path(args.save_path, args.obj, args.shot if args.shot_in_name else None)
+    saved = preflight(args, device, target)  # folders, checkpoint, weights, --resume's state: before the data
     setup_seed(args.seed, args.deterministic)
     data = load_fewshot_data(args, args.iterate)
-    target = checkpoint_path(args.save_path, args.obj, args.shot if args.shot_in_name else None)
-    run = Training(args, device, target, fewshot=True)
-    selection_data = selection_set(args, data)
+    selection_data = selection_set(args, data)  # all the data checked before the model is built
+    run = Training(args, device, target, fewshot=True, saved=saved)
     # the training set: augmented abnormal (label 1, their masks) then augmented normal (label 0, empty masks)
     abnormal, abnormal_masks = augment(data.support.abnormal, data.support.abnormal_masks)
     support, normal_masks = augment(data.support.normal)  # [11k, 3, H, W], also the memory-bank images

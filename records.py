@@ -4,7 +4,9 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,41 @@ def check_writable(path: Path, overwrite: bool) -> None:
     """Refuse, before any work, to replace a checkpoint that exists already (a downloaded one, say)."""
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists already: pass --overwrite to replace it, or choose another --save_path")
+
+
+def check_folder(folder: Path, flag: str) -> None:
+    """Refuse, before any work, a folder the run could not write into: a file in its place (or in place of a
+    folder above it), or no permission. Creates nothing that stays: a test file is made and removed in the
+    folder, or in the nearest folder above that exists."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == folder else f"cannot be made: {existing} is a file"
+        raise ValueError(f"{flag} {folder} {what}, not a folder; choose another {flag}")
+    # trying is what counts: os.access asks for the real user, not the effective one, and network file systems
+    # may decide otherwise
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {folder} cannot be written ({e.strerror} in {existing}); choose another "
+                         f"{flag} or make it writable") from None
+
+
+def check_readable(path: Path, what: str) -> None:
+    """Refuse, before the model is built, a weights file that cannot serve: unreadable, empty, or a zip
+    archive (torch.save, TorchScript) whose end is missing, as a download or copy stopped early leaves it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+    if not head:
+        raise ValueError(f"{what} {path} is empty: download or copy it again")
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        raise ValueError(f"{what} {path} is cut off (a zip archive without its end): an incomplete download "
+                         f"or copy; download or copy it again")
 
 
 def save_checkpoint(model, path: Path, extras: dict) -> None:

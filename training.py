@@ -5,6 +5,8 @@ import random
 import signal
 import sys
 import threading
+import time
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -13,10 +15,19 @@ import torch
 from tqdm import tqdm
 
 from CLIP import build_model
+from CLIP.loading import read_state_dict
 from evaluate import result_lines, selection_score
 from loss import detection_loss, segmentation_loss
-from records import check_writable, clip_file, save_checkpoint, versions, write_record
+from records import (check_folder, check_readable, check_writable, clip_file, save_checkpoint, versions,
+                     write_record)
 from utils import autocast, scoring_autocast, scoring_inputs
+
+STATE_VERSION = 2  # 2: the state records the arguments of its run
+# The flags that cannot change what a run trains or saves, which --resume may therefore give other values;
+# every other flag, a new one too, must be as the state's run had it (paths as written). --save_path names
+# the folder the state was found in; the device counts by its type (cpu, cuda): a requeued job may get
+# another GPU.
+RESULT_NEUTRAL = frozenset({"out_dir", "num_workers", "overwrite", "resume", "save_path", "device"})
 
 
 def optimizers(model, lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
@@ -27,6 +38,112 @@ def optimizers(model, lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
 def state_file(target: Path) -> Path:
     """Where the training state of the run saving `target` is kept: beside it, never in its place."""
     return target.with_name(target.name + ".state")
+
+
+def run_identity(args, device: torch.device) -> dict:
+    """The arguments that define a run's result, as its training state records them."""
+    return {**{k: v for k, v in vars(args).items() if k not in RESULT_NEUTRAL}, "device": device.type}
+
+
+def shown(value) -> str:
+    """A flag's value as a message shows it."""
+    if isinstance(value, bool) or value is None:
+        return {True: "on", False: "off", None: "unset"}[value]
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def as_flag(name: str, value) -> str:
+    """How a command line gives `value` to `--name`; a switch that is off, or an unset option, is left out."""
+    if value is False or value is None:
+        return f"without --{name}"
+    return f"--{name}" if value is True else f"--{name} {shown(value)}"
+
+
+def state_flaw(path: Path) -> str | None:
+    """What makes `path` no file torch.save wrote, told by its size and zip structure alone (unpickling random
+    bytes may ask for any amount of memory); None if it could be one."""
+    if path.stat().st_size == 0:
+        return "it is empty"
+    if zipfile.is_zipfile(path):
+        return None
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    return "it is cut off: a zip archive without its end" if zipped else "it is no zip archive as torch.save writes"
+
+
+def read_state(target: Path, identity: dict) -> dict:
+    """The training state beside `target`, checked to be this code's, of its state version, and of the run
+    that `identity` describes; anything else is a ValueError naming the file, what is wrong, the ways out."""
+    path = state_file(target)
+    afresh = "or run without --resume, which moves it aside and starts afresh"
+    try:
+        flaw = state_flaw(path)
+        saved = None if flaw else torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - damage inside the archive: the loader's first sentence says what
+        flaw = f"{type(e).__name__}: {(str(e).split('. ')[0].splitlines() or [''])[0][:200]}"
+    if flaw:
+        raise ValueError(f"training state {path} cannot be read ({flaw}): delete it or move it away, {afresh}")
+    if not isinstance(saved, dict) or "mvfa_training_state" not in saved:
+        raise ValueError(f"{path} is not a training state of this code: move it away, {afresh}")
+    if saved["mvfa_training_state"] != STATE_VERSION:
+        raise ValueError(f"training state {path} is of state version {saved['mvfa_training_state']}, this "
+                         f"code continues version {STATE_VERSION} only: continue it with the code that wrote "
+                         f"it, or delete it or move it away, {afresh}")
+    old = saved["args"]
+    changed = [k for k in {**old, **identity} if old.get(k, ...) != identity.get(k, ...)]
+    if changed:
+        differences = ", ".join(f"--{k} {shown(old.get(k, 'absent'))} -> {shown(identity.get(k, 'absent'))}"
+                                for k in changed)
+        original = " ".join(as_flag(k, old[k]) for k in changed if k in old)
+        overwrite = f" and replaces {target} with --overwrite" if target.exists() else ""
+        raise ValueError(f"training state {path} is of a run with other arguments: {differences}; to "
+                         f"continue that run, rerun its command ({original} --resume), or run without "
+                         f"--resume, which moves the state aside{overwrite} and starts afresh")
+    return saved
+
+
+def preflight(args, device: torch.device, target: Path) -> dict | None:
+    """What a training run can check before it reads data or builds the model, so that a mistake surfaces in
+    seconds: the folders it writes, the checkpoint it would replace, the weights files it reads and, with
+    --resume, the state it continues (returned; None: the run starts from the beginning)."""
+    check_folder(target.parent, "--save_path")  # the state is written there even with --save_model 0
+    check_folder(Path(args.out_dir), "--out_dir")  # the run record, written at the very end
+    state, saved = state_file(target), None
+    if args.resume and state.exists():
+        saved = read_state(target, run_identity(args, device))
+    elif args.resume:
+        print(f"--resume: no training state at {state} yet: starting from the beginning", file=sys.stderr)
+    if args.save_model and saved is None:
+        if state.exists() and target.exists() and not args.overwrite:
+            raise FileExistsError(f"{target} exists already, beside the training state {state} of an "
+                                  f"unfinished run: add --resume to continue that run, or --overwrite to "
+                                  f"start afresh (the state is then moved aside)")
+        check_writable(target, args.overwrite)
+    clip = clip_file(args)
+    if clip is not None:
+        if not clip.is_file():
+            read_state_dict(clip, args.model_name)  # raises the FileNotFoundError saying where to get it
+        check_readable(clip, "CLIP weights")
+    if args.init_ckpt:
+        if not Path(args.init_ckpt).is_file():
+            raise FileNotFoundError(f"--init_ckpt {args.init_ckpt}: no such file")
+        check_readable(Path(args.init_ckpt), "adapter checkpoint")
+    return saved
+
+
+def move_aside(path: Path) -> None:
+    """The training state of an earlier run, renamed `{path}.old-{time}` by a run that starts afresh: kept,
+    never replaced by the new run's."""
+    if not path.exists():
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    new, n = path.with_name(f"{path.name}.old-{stamp}"), 1
+    while new.exists():
+        n += 1
+        new = path.with_name(f"{path.name}.old-{stamp}-{n}")
+    path.rename(new)
+    print(f"without --resume this run starts afresh: the training state {path} of an earlier run was moved "
+          f"aside to {new}", file=sys.stderr)
 
 
 def train_step(model, images, labels, masks, text: torch.Tensor, *, has_masks: bool, seg_opt, det_opt,
@@ -74,11 +191,12 @@ class Training:
     continues from (written atomically beside the checkpoint after every epoch and on SIGTERM, SIGUSR1 or SIGUSR2,
     SLURM's preemption and time-limit signals), and the final test of the chosen weights."""
 
-    def __init__(self, args, device: torch.device, target: Path, fewshot: bool):
-        """Refuses an existing checkpoint at `target` (unless --resume continues the run that wrote it), then builds
-        the model (adapters from --init_ckpt if given) and its seg and det optimisers."""
-        if args.save_model and not (args.resume and state_file(target).is_file()):
-            check_writable(target, args.overwrite)
+    def __init__(self, args, device: torch.device, target: Path, fewshot: bool, saved: dict | None = None):
+        """`saved`: the state preflight() read for --resume, which fit() continues. Without --resume a state
+        left beside `target` is moved aside; then the model (adapters from --init_ckpt if any), optimisers."""
+        if not args.resume:
+            move_aside(state_file(target))
+        self.saved = saved
         self.model = build_model(args, device)
         if args.init_ckpt:
             self.model.load_adapters(args.init_ckpt)
@@ -159,7 +277,8 @@ class Training:
         """Everything the run needs to go on from step `position` of `epoch`, written atomically."""
         path = state_file(self.target)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"mvfa_training_state": 1, "epoch": epoch, "position": position, "losses": losses,
+        state = {"mvfa_training_state": STATE_VERSION, "args": run_identity(self.args, self.device),
+                 "epoch": epoch, "position": position, "losses": losses,
                  "rng": rng_states(), "epoch_rng": epoch_rng, "adapters": adapter_copy(self.model),
                  "optimizers": [o.state_dict() for o in self.optimizers], "best": self.best, "result": self.result,
                  "best_adapters": self.state, "lines": self.lines}
@@ -168,14 +287,11 @@ class Training:
         os.replace(tmp, path)
 
     def load_state(self) -> dict | None:
-        """The saved state, put back into this run (its printed lines printed again); None if there is none."""
-        path = state_file(self.target)
-        if not path.is_file():
-            print(f"--resume: no training state at {path} yet: starting from the beginning", file=sys.stderr)
+        """The state preflight() read, put back into this run (its lines printed again); None if none."""
+        saved = self.saved
+        if saved is None:
             return None
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(saved, dict) or "mvfa_training_state" not in saved:
-            raise ValueError(f"{path} is not a training state of this code; move it away or run without --resume")
+        path = state_file(self.target)
         self.model.load_state_dict(saved["adapters"], strict=False)
         for optimizer, state in zip(self.optimizers, saved["optimizers"]):
             optimizer.load_state_dict(state)

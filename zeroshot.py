@@ -12,7 +12,7 @@ from dataset.medical_zero import MedTestDataset, MedTrainDataset
 from evaluate import collect, evaluate, result_lines
 from prompt import text_features_for
 from records import checkpoint_path, clip_file, write_record
-from training import Training, train_step
+from training import Training, preflight, train_step
 from utils import resolve_device, setup_seed
 from visualize import save_test_maps
 
@@ -68,6 +68,8 @@ def test(args, model=None) -> dict:
 def train(args) -> dict:
     """train_zero.py: the adapters trained on the other five datasets, selected 5-6 times per epoch (spec 7.4)."""
     device = resolve_device(args.device)
+    target = checkpoint_path(args.save_path, args.obj)
+    saved = preflight(args, device, target)  # folders, checkpoint, weights, --resume's state: before the data
     setup_seed(args.seed, args.deterministic)
     check_target(args.data_path, args.obj, args.prompt_name)
     train_set = MedTrainDataset(args.data_path, args.obj, args.img_size, args.batch_size,
@@ -79,7 +81,7 @@ def train(args) -> dict:
     # deviation (--select val): the target's valid split, never its test split
     selection_data = test_set if args.select != "val" else MedTestDataset(args.data_path, args.obj, args.img_size,
                                                                           args.clip_normalize, "valid")
-    run = Training(args, device, checkpoint_path(args.save_path, args.obj), fewshot=False)
+    run = Training(args, device, target, fewshot=False, saved=saved)
     prompt = prompt_of(args.obj, args.prompt_name)
     texts = text_features_for(run.model.clipmodel, [*CLASS_NAMES, prompt], device, args.precision)
 

@@ -4,7 +4,8 @@ of masks matched by file name, split at random (seeded) into valid and test.
     python -m dataset.convert --normal scans/normal --abnormal scans/lesion --masks scans/masks --out data/knee
     python -m dataset.convert --normal xr/ok --abnormal xr/bad --out data/wrist --valid 0.2 --seed 1
 
-Writes OUT/{valid,test}/{good,Ungood}/img/ (and Ungood/anomaly_mask/ with masks); refuses an OUT that exists.
+Writes OUT/{valid,test}/{good,Ungood}/img/ (and Ungood/anomaly_mask/ with masks); refuses an OUT that exists,
+masks that match no abnormal image and abnormal images without a mask (--allow_unmatched leaves those out).
 """
 import argparse
 import os
@@ -13,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .files import list_images, pair_masks
+from .files import check_same_size, list_images
 
 
 def split(paths: list[str], valid: float, rng: random.Random) -> tuple[list[str], list[str]]:
@@ -27,7 +28,31 @@ def split(paths: list[str], valid: float, rng: random.Random) -> tuple[list[str]
     return paths[:n], paths[n:]
 
 
-def convert(normal: str, abnormal: str, out: str, masks: str | None = None, valid: float = 0.2, seed: int = 0) -> Path:
+def match_masks(images: list[str], mask_dir: str, allow_unmatched: bool = False) -> dict[str, str]:
+    """image -> its mask (same file name, same size). Masks that match no image and images without a mask are
+    a ValueError naming every one of them, unless `allow_unmatched`: then they are left out, and said so."""
+    masks = {os.path.basename(p): p for p in list_images(mask_dir)}
+    names = {os.path.basename(p) for p in images}
+    bare, orphans = sorted(names - set(masks)), sorted(set(masks) - names)
+    problems = []
+    if bare:
+        problems.append(f"no mask for image{'s' if len(bare) > 1 else ''} {', '.join(bare)} of --abnormal")
+    if orphans:
+        problems.append(f"{len(orphans)} mask(s) of --masks {mask_dir} match no image of --abnormal: "
+                        f"{', '.join(orphans)}")
+    if problems and not allow_unmatched:
+        raise ValueError(f"{'; '.join(problems)} (masks pair with images by file name); rename them, or pass "
+                         f"--allow_unmatched to leave these images and masks out")
+    if problems:
+        print(f"--allow_unmatched: left out: {'; '.join(problems)}", file=sys.stderr)
+    paired = {p: masks[os.path.basename(p)] for p in images if os.path.basename(p) in masks}
+    for image, mask in paired.items():
+        check_same_size(image, mask)
+    return paired
+
+
+def convert(normal: str, abnormal: str, out: str, masks: str | None = None, valid: float = 0.2, seed: int = 0,
+            allow_unmatched: bool = False) -> Path:
     """Copy the images (and masks) into `out` in BMAD's layout; returns `out`."""
     out_dir = Path(out)
     if out_dir.exists():
@@ -38,7 +63,11 @@ def convert(normal: str, abnormal: str, out: str, masks: str | None = None, vali
     for flag, paths, folder in (("--normal", good, normal), ("--abnormal", bad, abnormal)):
         if not paths:
             raise ValueError(f"{flag} {folder}: no image files in this folder")
-    mask_of = dict(zip(bad, pair_masks(bad, masks, require_all=False))) if masks else {}
+    mask_of = match_masks(bad, masks, allow_unmatched) if masks else {}
+    if masks:  # an abnormal image without its mask would leave the dataset's masks incomplete
+        bad = [path for path in bad if path in mask_of]
+        if not bad:
+            raise ValueError(f"--masks {masks}: no abnormal image of --abnormal {abnormal} has a mask there")
     rng = random.Random(seed)
     plan = [(state, part, path) for state, paths in (("good", good), ("Ungood", bad))  # all checks before a copy
             for part, chosen in zip(("valid", "test"), split(paths, valid, rng)) for path in chosen]
@@ -60,9 +89,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the new dataset folder, e.g. data/knee (must not exist)")
     p.add_argument("--valid", type=float, default=0.2, help="fraction of each class put in the valid split")
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
+    p.add_argument("--allow_unmatched", action="store_true",
+                   help="go on when masks match no abnormal image or abnormal images have no mask, leaving "
+                        "those out (by default they are listed and nothing is written)")
     args = p.parse_args(argv)
     try:
-        out = convert(args.normal, args.abnormal, args.out, args.masks, args.valid, args.seed)
+        out = convert(args.normal, args.abnormal, args.out, args.masks, args.valid, args.seed,
+                      args.allow_unmatched)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"written {out}: use --obj {out} (or --data_path {out.parent} --obj {out.name}) with --prompt_name")

@@ -123,7 +123,7 @@ def test_sort_listing_draws_do_not_depend_on_the_listing(synth, monkeypatch):
     assert reversed_draw != sorted_draw  # the seed and data make the two orders give different draws
 
 
-def test_train_zero_sort_listing_groups(synth, monkeypatch):
+def test_train_zero_sort_listing_groups(synth, tmp_path, monkeypatch):
     """--sort_listing reaches MedTrainDataset, whose groups then do not depend on the listing order."""
     made = []
 
@@ -137,7 +137,8 @@ def test_train_zero_sort_listing_groups(synth, monkeypatch):
     monkeypatch.setattr(zeroshot, "MedTrainDataset", spy)
     for flags, expected in (([], False), (["--sort_listing"], True)):
         with pytest.raises(Stop):
-            train_zero.run(train_zero.parser().parse_args([*TINY, "--data_path", synth.data, *flags]))
+            train_zero.run(train_zero.parser().parse_args([*TINY, "--data_path", synth.data, *flags, "--save_path",
+                                                           str(tmp_path / "ckpt"), "--out_dir", str(tmp_path)]))
         assert made.pop() is expected
 
     def groups() -> list:
