@@ -85,6 +85,8 @@ def versions(device: torch.device | None = None) -> dict:
     return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
             "scikit-learn": sklearn.__version__, "Pillow": PIL.__version__,
             "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+            # the vector instructions torch's CPU kernels use: they decide the last bits of a CPU run (README)
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cuda_autocast_upsample": autocast_upsample_dtype(device) if device and device.type == "cuda" else None}
 
 
@@ -97,8 +99,9 @@ def autocast_upsample_dtype(device: torch.device) -> str:
 
 
 def write_record(out_dir: str, script: str, args, result: dict, files: dict,
-                 device: torch.device | None = None) -> Path:
-    """A JSON per run: full-precision metrics, arguments, checksums of the weights used, `versions(device)`."""
+                 device: torch.device | None = None, training: dict | None = None) -> Path:
+    """A JSON per run: full-precision metrics, arguments, checksums of the weights used, `versions(device)`, and
+    for a training run `training` (its mean loss per epoch)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -109,7 +112,7 @@ def write_record(out_dir: str, script: str, args, result: dict, files: dict,
         path = out / f"{stem}-{n}.json"
     record = {"script": script, "time": stamp, "args": vars(args), "metrics": result,
               "files": {name: {"path": str(p), "sha256": sha256(p)} for name, p in files.items() if p},
-              "versions": versions(device)}
+              "versions": versions(device), **({"training": training} if training else {})}
     path.write_text(json.dumps(record, indent=1, default=str))
     return path
 

@@ -207,6 +207,7 @@ class Training:
         self.extras = {"args": vars(args), "versions": versions(device)}
         self.best, self.result, self.state = 0.0, {}, None
         self.lines, self.signalled = [], None
+        self.epoch_losses = []  # each epoch's mean training loss at full precision (the run record keeps them)
 
     def say(self, text: str) -> None:
         print(text)
@@ -248,7 +249,8 @@ class Training:
                     losses.append(step(*batch))
                     if self.signalled:
                         self.stop(epoch, idx + 1, losses, epoch_rng)
-                self.say(f"epoch {epoch} loss {np.mean(losses):.4f}")
+                self.epoch_losses.append(float(np.mean(losses)))
+                self.say(f"epoch {epoch} loss {self.epoch_losses[-1]:.4f}")
                 if not every and self.args.select != "last":
                     self.select(evaluate, epoch)
                 self.save_state(epoch + 1, 0, [], None)
@@ -281,7 +283,7 @@ class Training:
                  "epoch": epoch, "position": position, "losses": losses,
                  "rng": rng_states(), "epoch_rng": epoch_rng, "adapters": adapter_copy(self.model),
                  "optimizers": [o.state_dict() for o in self.optimizers], "best": self.best, "result": self.result,
-                 "best_adapters": self.state, "lines": self.lines}
+                 "best_adapters": self.state, "lines": self.lines, "epoch_losses": self.epoch_losses}
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
@@ -296,6 +298,7 @@ class Training:
         for optimizer, state in zip(self.optimizers, saved["optimizers"]):
             optimizer.load_state_dict(state)
         self.best, self.result, self.state = saved["best"], saved["result"], saved["best_adapters"]
+        self.epoch_losses = list(saved["epoch_losses"])
         set_rng_states(saved["rng"])
         print(f"--resume: continuing from {path} at epoch {saved['epoch']}, step {saved['position']}", file=sys.stderr)
         for line in saved["lines"]:
@@ -317,7 +320,7 @@ class Training:
         saved = args.save_model and (self.state is not None or args.select == "last")
         if args.save_model and not saved:  # the score never rose above 0 (an AUROC of 0): the reference saves nothing
             self.say(f"no checkpoint saved: the selection score never rose above 0; {self.target} was not written")
-        write_record(args.out_dir, script, args, result, {"clip": clip_file(args),
-                                                          "adapters": self.target if saved else None}, self.device)
+        files = {"clip": clip_file(args), "adapters": self.target if saved else None}
+        write_record(args.out_dir, script, args, result, files, self.device, {"epoch_losses": self.epoch_losses})
         state_file(self.target).unlink(missing_ok=True)
         return result
