@@ -107,6 +107,10 @@ def add_map_args(parser) -> None:
                              "anomaly map, ground-truth outline, image score) and DIR/grid.png")
     parser.add_argument("--grid_n", type=positive_int, default=8,
                         help="rows of DIR/grid.png: the top-scoring abnormal images, then the top-scoring normal ones")
+    parser.add_argument("--save_scores", default=None, metavar="FILE",
+                        help="write what the metrics are computed from to FILE (.npz, test-set order): files, "
+                             "labels, image_scores and, for datasets with masks, the normalised anomaly maps and "
+                             "the masks at --img_size (several --iterate draws: FILE_iterate_{i}.npz)")
 
 
 def run_main(run, parser, argv) -> int:

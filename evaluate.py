@@ -5,6 +5,7 @@ and distances, image scores, the packed mask): ~21 KB per image at 240 px. `eval
 full-size maps are recomputed chunk by chunk whenever they are needed, so memory does not grow with the maps.
 """
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -167,6 +168,23 @@ def evaluate(c: Collected, *, fewshot: bool, device: torch.device, precision: st
         which = metrics.PIXEL_METRICS if pixel_extras else ("auroc",)
         result.update({f"pixel_{k}": v for k, v in metrics.pixel_metrics(maps.chunks, which).items()})
     return result
+
+
+def save_scores(path: str | Path, c: Collected, result: dict, files: list[str], *, fewshot: bool,
+                device: torch.device, precision: str = "auto") -> Path:
+    """What the metrics were computed from, in test-set order, as an .npz: `files` (image paths), `labels` [N] and
+    `image_scores` [N] float32; for datasets with masks also `maps` [N, H, W] float32 (the normalised anomaly maps
+    the pixel metrics use) and `masks` [N, H, W] uint8."""
+    arrays = {"files": np.array(files), "labels": np.array(c.labels, dtype=np.int64),
+              "image_scores": np.asarray(result["image_scores"], dtype=np.float32)}
+    if c.has_masks:
+        chunks = list(PixelMaps(c, device, precision, fewshot).chunks())  # [(maps [n, H, W], masks [n, H, W])]
+        arrays["maps"] = np.concatenate([maps for maps, _ in chunks])
+        arrays["masks"] = np.concatenate([masks for _, masks in chunks]).astype(np.uint8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
 
 
 def result_lines(obj: str, result: dict, fewshot: bool) -> list[str]:

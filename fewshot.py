@@ -12,7 +12,7 @@ from CLIP import build_model
 from cli import add_fewshot_args, add_map_args, add_training_args, new_parser
 from dataset import check_target, dataset_root, prompt_of
 from dataset.medical_few import MedDataset, MedTestDataset
-from evaluate import build_memory, collect, evaluate, result_lines
+from evaluate import build_memory, collect, evaluate, result_lines, save_scores
 from prompt import text_features_for
 from records import checkpoint_path, clip_file, write_record
 from training import Training, preflight, train_step
@@ -48,14 +48,18 @@ def load_fewshot_data(args, iterate: int) -> MedDataset:
 
 
 def evaluate_fewshot(args, model, dataset, support: torch.Tensor, text: torch.Tensor, device: torch.device,
-                     pixel_extras: bool = True, maps_dir: str | None = None) -> dict:
-    """Memory bank of `support` [11k, 3, H, W], then one scored pass over `dataset` (maps drawn in `maps_dir`)."""
+                     pixel_extras: bool = True, maps_dir: str | None = None, scores_file: str | None = None) -> dict:
+    """Memory bank of `support` [11k, 3, H, W], then one scored pass over `dataset` (maps drawn in `maps_dir`,
+    scores saved to `scores_file`)."""
     draw_as_loader(shuffle=True)  # the reference reads the support images through a shuffling loader
     memory = build_memory(model, support, device, args.precision, args.batch_size, keep_cls=not args.memory_no_cls)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     collected = collect(model, loader, text, device, has_masks=dataset.has_masks, memory=memory,
                         precision=args.precision, img_size=args.img_size)
     result = evaluate(collected, fewshot=True, device=device, precision=args.precision, pixel_extras=pixel_extras)
+    if scores_file:
+        files = [path for path, _, _ in dataset.items]
+        save_scores(scores_file, collected, result, files, fewshot=True, device=device, precision=args.precision)
     if maps_dir:
         save_test_maps(maps_dir, dataset, collected, result["image_scores"], model, text, device, args, memory)
     return result
@@ -76,7 +80,12 @@ def test(args, model=None) -> dict:
         support, _ = augment(dataset.support.normal)  # [11k, 3, H, W]
         # one folder per draw, by index (--iterate -1 -1 repeats a value)
         maps_dir = args.save_maps and (f"{args.save_maps}/iterate_{i}" if len(draws) > 1 else args.save_maps)
-        results.append(evaluate_fewshot(args, model, dataset, support, text, device, maps_dir=maps_dir))
+        scores = args.save_scores and (
+            f"{args.save_scores.removesuffix('.npz')}_iterate_{i}.npz" if len(draws) > 1 else args.save_scores
+        )
+        results.append(
+            evaluate_fewshot(args, model, dataset, support, text, device, maps_dir=maps_dir, scores_file=scores)
+        )
         if len(draws) > 1:
             print(f"support draw {i} (--iterate {iterate}): " + " ".join(dataset.support.normal_files))
         print("\n".join(result_lines(args.obj, results[-1], fewshot=True)))

@@ -9,7 +9,7 @@ from CLIP import build_model
 from cli import add_map_args, add_sort_listing_arg, add_training_args, new_parser
 from dataset import CLASS_NAMES, DATASETS, check_target, prompt_of
 from dataset.medical_zero import MedTestDataset, MedTrainDataset
-from evaluate import collect, evaluate, result_lines
+from evaluate import collect, evaluate, result_lines, save_scores
 from prompt import text_features_for
 from records import checkpoint_path, clip_file, write_record
 from training import Training, preflight, train_step
@@ -38,12 +38,16 @@ def load_test_data(args) -> MedTestDataset:
 
 
 def evaluate_zeroshot(args, model, dataset: MedTestDataset, text: torch.Tensor, device: torch.device,
-                      pixel_extras: bool = True, maps_dir: str | None = None) -> dict:
-    """One scored pass over `dataset`; with `maps_dir`, the anomaly maps are drawn there."""
+                      pixel_extras: bool = True, maps_dir: str | None = None, scores_file: str | None = None) -> dict:
+    """One scored pass over `dataset`; with `maps_dir`, the anomaly maps are drawn there; with `scores_file`, the
+    scores are saved there."""
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers)
     collected = collect(model, loader, text, device, has_masks=dataset.has_masks,
                         precision=args.precision, img_size=args.img_size)
     result = evaluate(collected, fewshot=False, device=device, precision=args.precision, pixel_extras=pixel_extras)
+    if scores_file:
+        files = [path for path, _, _ in dataset.items]
+        save_scores(scores_file, collected, result, files, fewshot=False, device=device, precision=args.precision)
     if maps_dir:
         save_test_maps(maps_dir, dataset, collected, result["image_scores"], model, text, device, args)
     return result
@@ -59,7 +63,8 @@ def test(args, model=None) -> dict:
     model.load_adapters(ckpt)
     prompt = prompt_of(args.obj, args.prompt_name)
     text = text_features_for(model.clipmodel, [prompt], device, args.precision)[prompt]  # this dataset's only
-    result = evaluate_zeroshot(args, model, dataset, text, device, maps_dir=args.save_maps)
+    result = evaluate_zeroshot(args, model, dataset, text, device, maps_dir=args.save_maps,
+                               scores_file=args.save_scores)
     print("\n".join(result_lines(args.obj, result, fewshot=False)))
     write_record(args.out_dir, "test_zero", args, result, {"clip": clip_file(args), "adapters": ckpt}, device)
     return result

@@ -231,6 +231,28 @@ def test_test_few_reproduces_the_training_run(few_brain, tmp_path, synth, capsys
     assert {"pixel_ap", "pixel_f1_max", "pixel_aupro", "image_ap"} <= set(record["metrics"])  # test: extras too
 
 
+def test_save_scores_holds_what_the_metrics_were_computed_from(few_brain, tmp_path, synth, capsys):
+    """--save_scores: labels, image scores and normalised maps in test-set order; the record's metrics follow from
+    them with scikit-learn, and every image score is its map's maximum (few-shot, masks)."""
+    from sklearn.metrics import roc_auc_score
+
+    tmp, _ = few_brain
+    args = script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--save_scores", str(tmp_path / "s.npz"),
+                       seed_dir=synth.seed_root)
+    args[args.index("--save_path") + 1] = str(tmp / "ckpt")
+    assert test_few.main(args) == 0
+    metrics = only_record(tmp_path / "results")["metrics"]
+    scores = np.load(tmp_path / "s.npz")
+    assert [os.path.basename(f) for f in scores["files"]] == [f"{i:05d}.png" for i in range(N)] * 2
+    assert scores["labels"].tolist() == [0] * N + [1] * N
+    assert scores["maps"].shape == scores["masks"].shape == (2 * N, SIZE, SIZE)
+    assert scores["image_scores"].tolist() == metrics["image_scores"]
+    assert np.array_equal(scores["image_scores"], scores["maps"].reshape(2 * N, -1).max(axis=1))
+    assert roc_auc_score(scores["labels"], scores["image_scores"]) == pytest.approx(metrics["image_auroc"], abs=1e-12)
+    pixel_auroc = roc_auc_score(scores["masks"].reshape(-1), scores["maps"].reshape(-1))
+    assert pixel_auroc == pytest.approx(metrics["pixel_auroc"], abs=1e-9)
+
+
 def test_test_few_several_support_draws(few_brain, tmp_path, synth, capsys):
     tmp, out = few_brain
     lists = (Path(synth.seed_root) / "Brain" / "2-shot.txt").read_text().splitlines()[:2]  # the training's n-0, a-0

@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_scripts import TINY, cached_text, one_thread  # noqa: F401
 from torch.utils.data import DataLoader
 
 import fewshot
 import train_few
 from dataset.synth import make_synthetic_bmad
-from test_scripts import TINY, cached_text, one_thread  # noqa: F401
 
 SIZE = 56
 
@@ -30,8 +30,14 @@ SIZE = 56
 def data(request, tmp_path_factory):
     """Eight images per folder and support lists for k = 1, 2, 4, 8, from two seeds of the synthetic generator."""
     root = tmp_path_factory.mktemp(f"order{request.param}")
-    return make_synthetic_bmad(str(root), n_per_split=8, seed=request.param, img_size=SIZE,
-                               objs=("Brain", "Chest"), shots=(1, 2, 4, 8))
+    return make_synthetic_bmad(
+        str(root),
+        n_per_split=8,
+        seed=request.param,
+        img_size=SIZE,
+        objs=("Brain", "Chest"),
+        shots=(1, 2, 4, 8),
+    )
 
 
 def listed_names(seed_root: str, obj: str, shot: int, iterate: int) -> tuple[list[str], list[str]]:
@@ -63,14 +69,25 @@ def blocks(x: torch.Tensor) -> torch.Tensor:
     views = [x]
     for angle in (-np.pi / 8, -np.pi / 16, np.pi / 16, np.pi / 8):
         theta = torch.tensor(angle, dtype=torch.float32)
-        views.append(warp(x, torch.stack([torch.stack([theta.cos(), -theta.sin(), torch.tensor(0.0)]),
-                                          torch.stack([theta.sin(), theta.cos(), torch.tensor(0.0)])])))
+        views.append(
+            warp(
+                x,
+                torch.stack(
+                    [
+                        torch.stack([theta.cos(), -theta.sin(), torch.tensor(0.0)]),
+                        torch.stack([theta.sin(), theta.cos(), torch.tensor(0.0)]),
+                    ]
+                ),
+            )
+        )
     for dx, dy in ((0.1, 0.1), (-0.1, 0.1), (-0.1, -0.1), (0.1, -0.1)):
         views.append(warp(x, torch.tensor([[1.0, 0.0, dx], [0.0, 1.0, dy]])))
     return torch.cat(views + [x.flip(-1), x.flip(-2)])
 
 
-def reference_items(data, obj: str, shot: int, iterate: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reference_items(
+    data, obj: str, shot: int, iterate: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images [22k, 3, H, W], masks [22k, 1, H, W], labels [22k]) before shuffling."""
     root = os.path.join(data.data, f"{obj}_AD", "valid")
     if iterate >= 0:
@@ -82,8 +99,11 @@ def reference_items(data, obj: str, shot: int, iterate: int) -> tuple[torch.Tens
     good = torch.stack([load(os.path.join(root, "good", "img", n), "RGB") for n in normal])
     bad = torch.stack([load(os.path.join(root, "Ungood", "img", n), "RGB") for n in abnormal])
     mask_dir = os.path.join(root, "Ungood", "anomaly_mask")
-    bad_masks = (blocks(torch.stack([load(os.path.join(mask_dir, n), "L") for n in abnormal]))
-                 if os.path.isdir(mask_dir) else torch.zeros(11 * shot, 1, SIZE, SIZE))
+    bad_masks = (
+        blocks(torch.stack([load(os.path.join(mask_dir, n), "L") for n in abnormal]))
+        if os.path.isdir(mask_dir)
+        else torch.zeros(11 * shot, 1, SIZE, SIZE)
+    )
     images = torch.cat([blocks(bad), blocks(good)])
     masks = torch.cat([bad_masks, torch.zeros(11 * shot, 1, SIZE, SIZE)])
     return images, masks, torch.tensor([1.0] * 11 * shot + [0.0] * 11 * shot)
@@ -120,9 +140,27 @@ def seen_by_training(monkeypatch, args: list[str]) -> tuple[list, list]:
 @pytest.mark.parametrize("obj", ["Brain", "Chest"])
 @pytest.mark.parametrize("shot,iterate", [(1, 0), (2, 1), (4, 0), (8, 2), (2, -1), (8, -1)])
 def test_training_items_in_the_reference_order(data, tmp_path, monkeypatch, obj, shot, iterate):
-    args = [*TINY, "--img_size", str(SIZE), "--obj", obj, "--data_path", data.data, "--seed_dir", data.seed_root,
-            "--shot", str(shot), "--iterate", str(iterate), "--epoch", "1", "--save_model", "0",
-            "--out_dir", str(tmp_path / "results")]
+    args = [
+        *TINY,
+        "--img_size",
+        str(SIZE),
+        "--obj",
+        obj,
+        "--data_path",
+        data.data,
+        "--seed_dir",
+        data.seed_root,
+        "--shot",
+        str(shot),
+        "--iterate",
+        str(iterate),
+        "--epoch",
+        "1",
+        "--save_model",
+        "0",
+        "--out_dir",
+        str(tmp_path / "results"),
+    ]
     steps, states = seen_by_training(monkeypatch, args)
     images, masks, labels = reference_items(data, obj, shot, iterate)
     n = len(labels)
@@ -148,9 +186,26 @@ def test_losses_of_a_run_resumed_at_every_step(data, tmp_path, monkeypatch):
     monkeypatch.setattr(fewshot, "train_step", step)
 
     def run(folder, *extra) -> int:
-        args = [*TINY, "--img_size", str(SIZE), "--obj", "Brain", "--data_path", data.data, "--seed_dir",
-                data.seed_root, "--shot", "1", "--epoch", "1", "--save_path", str(folder / "ckpt"),
-                "--out_dir", str(folder / "results"), *extra]
+        args = [
+            *TINY,
+            "--img_size",
+            str(SIZE),
+            "--obj",
+            "Brain",
+            "--data_path",
+            data.data,
+            "--seed_dir",
+            data.seed_root,
+            "--shot",
+            "1",
+            "--epoch",
+            "1",
+            "--save_path",
+            str(folder / "ckpt"),
+            "--out_dir",
+            str(folder / "results"),
+            *extra,
+        ]
         try:
             return train_few.main(args)
         except SystemExit as stop:
