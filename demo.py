@@ -5,26 +5,34 @@
 
 Without the OpenAI weights (CLIP/ckpt/ViT-L-14-336px.pt) it uses a small random-weight CLIP; without BMAD data
 (./data/{obj}_AD) it generates a small synthetic benchmark in BMAD's layout. Then the numbers mean nothing: the demo
-shows that the pipeline runs and what it writes.
+shows that the pipeline runs and what it writes. It prints and runs the two commands a user would type.
 """
+import argparse
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
-import fewshot
 from CLIP.loading import default_checkpoint
-from cli import new_parser, run_main
 from dataset import CLASS_NAMES
-from dataset.synth import make_synthetic_bmad
+from tools.synth import make_synthetic_bmad
+
+REPO = Path(__file__).resolve().parent
 
 
-def main(argv=None) -> int:
-    p = new_parser(__doc__)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--obj", default="Brain", choices=CLASS_NAMES, help="dataset to train and test on")
     p.add_argument("--shot", type=int, default=2, help="support images per class")
     p.add_argument("--epoch", type=int, default=2, help="training epochs")
     p.add_argument("--data_path", default="./data/", help="BMAD data, used when {obj}_AD is there")
     p.add_argument("--out", default="./demo/", help="folder for synthetic data, checkpoint and results")
     p.add_argument("--precision", default="auto", help="as in the scripts: auto, fp32, bf16, ...")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     out, data, seed_list, notes = Path(args.out), Path(args.data_path), [], []
     if not (data / f"{args.obj}_AD").is_dir():
         made = make_synthetic_bmad(str(out), n_per_split=6, seed=0, objs=(args.obj,), shots=(args.shot,))
@@ -38,14 +46,21 @@ def main(argv=None) -> int:
         notes.append(f"CLIP weights not found at {clip_weights}: using a small random-weight CLIP")
     if notes:
         print("DEMO - the numbers below are meaningless:\n  " + "\n  ".join(notes))
-    common = ["--obj", args.obj, "--shot", str(args.shot), "--data_path", str(data), "--save_path", str(out / "ckpt"),
-              "--out_dir", str(out / "results"), "--precision", args.precision, *model, *seed_list]
-    run_main(fewshot.train, fewshot.train_parser(),
-             common + ["--epoch", str(args.epoch), "--overwrite", "--shot_in_name"])
-    run_main(fewshot.test, fewshot.test_parser(), common + ["--shot_in_name"])
+    common = ["--obj", args.obj, "--shot", str(args.shot), "--data_path", str(data)]
+    common += ["--save_path", str(out / "ckpt"), "--out_dir", str(out / "results"), "--precision", args.precision]
+    common += [*model, *seed_list, "--shot_in_name"]
+    commands = [
+        ["train_few.py", *common, "--epoch", str(args.epoch), "--overwrite"],
+        ["test_few.py", *common],
+    ]
+    for script, *flags in commands:
+        print(f"$ python {script} {shlex.join(flags)}", flush=True)
+        done = subprocess.run([sys.executable, str(REPO / script), *flags])
+        if done.returncode:
+            return done.returncode
     print(f"checkpoint: {out / 'ckpt'}, run records: {out / 'results'}")
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

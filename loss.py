@@ -1,8 +1,8 @@
-"""MVFA's training losses: focal and dice on the zero-shot pixel map, BCE on the image score (spec section 5)."""
+"""MVFA's training losses: focal and dice on the zero-shot pixel map, BCE on the image score."""
 import torch
 import torch.nn.functional as F
 
-from scoring import patches, text_logits, upsample
+from mvfa.scoring import patches, text_logits, upsample
 
 
 def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:

@@ -1,9 +1,8 @@
-"""The prompt ensemble and its text features (spec section 4)."""
+"""The prompt ensemble and its text features."""
 import torch
 
 from CLIP import tokenize
 from dataset import DATASETS
-from utils import autocast
 
 NORMAL_STATES = ["{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
                  "{} without damage"]
@@ -38,7 +37,7 @@ def prompt_name(obj_or_name: str) -> str:
 def encode_text_with_prompt_ensemble(clip_model, name: str, device: str | torch.device) -> torch.Tensor:
     """Text features [E, 2]: column 0 normal, column 1 abnormal (mean of unit sentence features, renormalised).
 
-    The in-place divisions are kept: under CUDA autocast they fix the dtypes the reference produces (spec 4.3).
+    The in-place divisions are kept: under CUDA autocast they keep the feature dtypes the reference produces.
     """
     columns = []
     for sentences in prompt_sentences(prompt_name(name)):
@@ -50,10 +49,11 @@ def encode_text_with_prompt_ensemble(clip_model, name: str, device: str | torch.
     return torch.stack(columns, dim=1).to(device)  # [E, 2]
 
 
-def text_features_for(clip_model, objs, device: torch.device, precision: str = "auto") -> dict[str, torch.Tensor]:
-    """{obj: [E, 2]} for each dataset (or prompt name), each distinct prompt name encoded once, under autocast."""
+def text_features_for(clip_model, objs, device: torch.device, precision) -> dict[str, torch.Tensor]:
+    """{obj: [E, 2]} for each dataset (or prompt name), each distinct prompt name encoded once, in the forward
+    context of `precision` (a `mvfa.precision.Precision`)."""
     cache = {}
-    with autocast(device, precision):
+    with precision.forward():
         for name in {prompt_name(o) for o in objs}:
             cache[name] = encode_text_with_prompt_ensemble(clip_model, name, device)
     return {o: cache[prompt_name(o)] for o in objs}

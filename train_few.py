@@ -1,13 +1,55 @@
-"""Few-shot training: adapters trained on k augmented normal and k abnormal support images (spec 6.4).
+"""Few-shot training: adapters trained on k augmented normal and k abnormal support images of the target dataset.
 
     python train_few.py --obj Brain --shot 4
     python train_few.py --obj Liver --shot 8 --select val --shot_in_name --save_path ./ckpt/mine/
     python train_few.py --obj Chest --shot 4 --epoch 5 --precision bf16
 """
-from cli import script
-from fewshot import train as run, train_parser
+import argparse
 
-parser, main = script(run, train_parser, __doc__)
+from mvfa.config import configs
+from mvfa.evaluation import evaluate_set
+from mvfa.flags import add_fewshot_args, add_training_args, new_parser, one_line_errors
+from mvfa.protocol import fewshot_training_set, prompt, selection_set, test_set
+from mvfa.training import Training, preflight
+from prompt import text_features_for
+from utils import augment, setup_seed
+
+
+def parser() -> argparse.ArgumentParser:
+    p = new_parser(__doc__, obj="Liver")
+    add_fewshot_args(p)
+    add_training_args(p, lr=0.001, save_path="./ckpt/few-shot/")
+    p.add_argument(
+        "--shot_in_name",
+        action="store_true",
+        help="fix: save as {obj}_{shot}shot.pth so runs with other k do not replace each other",
+    )
+    return p
+
+
+def main(argv=None) -> dict:
+    flags = vars(parser().parse_args(argv))
+    with one_line_errors():
+        model_cfg, run, precision, device = configs(flags, protocol="few")
+        saved = preflight(run, model_cfg, flags, device)  # folders, checkpoint, weights, --resume's state
+        setup_seed(run.seed, run.deterministic)
+        test = test_set(run, run.iterate)  # the test split and the support set
+        selection = selection_set(run, test)  # all the data checked before the model is built
+        model = model_cfg.build(device, precision)
+        training = Training(model, run, flags, precision, model_cfg.clip_file, saved)
+        memory_images, _ = augment(test.support.normal)  # [11k, 3, H, W]: the normal training images too
+        data = fewshot_training_set(run, test, memory_images)
+        texts = text_features_for(model.clipmodel, data.texts, device, precision)
+
+        def evaluate_selection() -> dict:
+            return evaluate_set(model, selection, texts[prompt(run)], run, precision, memory_images, False)[0]
+
+        def evaluate_test() -> dict:
+            return evaluate_set(model, test, texts[prompt(run)], run, precision, memory_images)[0]
+
+        training.fit(data, texts, evaluate_selection)
+        return training.finish("train_few", evaluate_test)
+
 
 if __name__ == "__main__":
     main()

@@ -1,12 +1,48 @@
-"""Zero-shot training: adapters trained on the other five datasets' test splits, leave-one-out (spec 7.1, 7.4).
+"""Zero-shot training: adapters trained on the test splits of the five other BMAD datasets (leave one out).
 
-    python train_zero.py --obj Retina_RESC
-    python train_zero.py --obj Brain --select val --save_path ./ckpt/mine-zero/
+    python train_zero.py --obj Liver
+    python train_zero.py --obj Brain --select val --save_path ./ckpt/mine/
 """
-from cli import script
-from zeroshot import train as run, train_parser
+import argparse
 
-parser, main = script(run, train_parser, __doc__)
+from mvfa.config import configs
+from mvfa.evaluation import evaluate_set
+from mvfa.flags import add_sort_listing_arg, add_training_args, new_parser, one_line_errors
+from mvfa.protocol import prompt, selection_set, test_set, zeroshot_training_set
+from mvfa.training import Training, preflight
+from prompt import text_features_for
+from utils import setup_seed
+
+
+def parser() -> argparse.ArgumentParser:
+    p = new_parser(__doc__, obj="Retina_RESC")
+    add_training_args(p, lr=0.0001, save_path="./ckpt/zero-shot/")
+    add_sort_listing_arg(p, "the training images are shuffled into groups")
+    return p
+
+
+def main(argv=None) -> dict:
+    flags = vars(parser().parse_args(argv))
+    with one_line_errors():
+        model_cfg, run, precision, device = configs(flags, protocol="zero")
+        saved = preflight(run, model_cfg, flags, device)  # folders, checkpoint, weights, --resume's state
+        setup_seed(run.seed, run.deterministic)
+        test = test_set(run)
+        data = zeroshot_training_set(run)  # grouped with the global `random`, as the reference
+        selection = selection_set(run, test)  # deviation: --select val chooses on the valid split
+        model = model_cfg.build(device, precision)
+        training = Training(model, run, flags, precision, model_cfg.clip_file, saved)
+        texts = text_features_for(model.clipmodel, [*data.texts, prompt(run)], device, precision)
+
+        def evaluate_selection() -> dict:
+            return evaluate_set(model, selection, texts[prompt(run)], run, precision, pixel_extras=False)[0]
+
+        def evaluate_test() -> dict:
+            return evaluate_set(model, test, texts[prompt(run)], run, precision)[0]
+
+        training.fit(data, texts, evaluate_selection)
+        return training.finish("train_zero", evaluate_test)
+
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,4 @@
-"""Seeding, device and precision, and the few-shot augmentation (spec 6.3, 8)."""
-import contextlib
+"""Seeding, the device, and the few-shot augmentation."""
 import math
 import os
 import random
@@ -38,35 +37,6 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
     return device
-
-
-PRECISIONS = ("auto", "fp32", "fp16", "bf16", "amp")
-
-
-def autocast(device: torch.device, precision: str = "auto"):
-    """The context the reference runs its forwards in: fp16 autocast on CUDA ('auto' == 'amp' there), fp32 on the CPU.
-
-    'bf16' autocasts to bfloat16 on either device; 'fp16' autocasts to float16; 'fp32' disables autocast.
-    """
-    if precision == "auto":
-        precision = "amp" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def scoring_autocast(device: torch.device, precision: str):
-    """Entered inside a forward's autocast: the context of the maths after the forward (token normalisation, text
-    logits, softmax, memory-bank similarities, upsampling, sums, min-max, losses). Under 'bf16' fp32, as bf16's
-    8-bit significand ties the near-equal similarities of the memory bank (README "bf16 drift"); under any other
-    precision the forward's own context, as the reference."""
-    return torch.autocast(device.type, enabled=False) if precision == "bf16" else contextlib.nullcontext()
-
-
-def scoring_inputs(tensors: list[torch.Tensor], precision: str) -> list[torch.Tensor]:
-    """The forward's outputs as the scoring takes them: float32 under 'bf16' (see scoring_autocast), else as given."""
-    return [t.float() for t in tensors] if precision == "bf16" else tensors
 
 
 def _warp(x: torch.Tensor, matrix: list[list[torch.Tensor]]) -> torch.Tensor:

@@ -1,10 +1,10 @@
-"""The MVFA adapter model: residual bottleneck adapters after chosen ViT blocks (spec section 3)."""
+"""The MVFA adapter model: residual bottleneck adapters after chosen ViT blocks."""
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .loading import check_keys, create_model
+from .loading import check_keys
 from .model import CLIP
 
 
@@ -88,19 +88,3 @@ class CLIP_Inplanted(nn.Module):
                        "was it trained with another --features_list?")
             modules.load_state_dict(ckpt[name], strict=True)
         return ckpt
-
-
-def fused_attention(fast: bool, precision: str) -> bool:
-    """Whether a run takes the fused attention: with --fast, and always under bf16, which is not the reference's
-    arithmetic anyway and whose explicit path's strided products run ~35x slower than fused on the CPU at batch >= 2
-    (README "bf16 that keeps the numbers")."""
-    return fast or precision == "bf16"
-
-
-def build_model(args, device: torch.device) -> CLIP_Inplanted:
-    """CLIP (frozen, eval mode) with fresh adapters after `--features_list`, on `device`, from the scripts' flags
-    (model_name, img_size, pretrain, clip_ckpt, quick_gelu, fast, precision, features_list)."""
-    clip = create_model(args.model_name, args.img_size, args.pretrain, device, checkpoint=args.clip_ckpt,
-                        quick_gelu=args.quick_gelu, fused=fused_attention(args.fast, args.precision))
-    clip.requires_grad_(False)  # deviation: the reference asks gradients for the frozen backbone too (spec Q10)
-    return CLIP_Inplanted(clip, args.features_list).to(device)

@@ -173,7 +173,7 @@ def load_strict(model: torch.nn.Module, sd: dict, source: str) -> None:
 
 def create_model(model_name: str = "ViT-L-14-336", img_size: int = 240, pretrained: str = "openai",
                  device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
-                 quick_gelu: bool = False, fused: bool = False, **_ignored) -> CLIP:
+                 quick_gelu: bool = False, fused: bool = False) -> CLIP:
     """The reference's call: the CLIP of `model_name` at `img_size`, with OpenAI's weights, in eval mode.
 
     `pretrained='openai'` reads `checkpoint` (default `CLIP/ckpt/<OpenAI file name>`); `pretrained='none'` builds

@@ -1,11 +1,11 @@
 """The six BMAD datasets (name -> folder, has_masks, prompt name), one's own datasets in BMAD's layout, and the
 helpers every dataset module shares. The datasets themselves are in `dataset.medical_few`, `dataset.medical_zero`;
-`dataset.synth` writes a small synthetic benchmark in the same layout."""
+"""
 import os
 from typing import NamedTuple
 
 from .files import IMAGE_EXTENSIONS, list_images, pair_masks
-from .transforms import CLIP_MEAN, CLIP_STD, load_image, load_input, load_mask
+from .images import CLIP_MEAN, CLIP_STD, load_image, load_input, load_mask
 
 
 class Dataset(NamedTuple):

@@ -1,8 +1,8 @@
 """One's own images into BMAD's layout: a folder of normal images, a folder of abnormal ones and, optionally, a folder
 of masks matched by file name, split at random (seeded) into valid and test.
 
-    python -m dataset.convert --normal scans/normal --abnormal scans/lesion --masks scans/masks --out data/knee
-    python -m dataset.convert --normal xr/ok --abnormal xr/bad --out data/wrist --valid 0.2 --seed 1
+    python -m tools.convert --normal scans/normal --abnormal scans/lesion --masks scans/masks --out data/knee
+    python -m tools.convert --normal xr/ok --abnormal xr/bad --out data/wrist --valid 0.2 --seed 1
 
 Writes OUT/{valid,test}/{good,Ungood}/img/ (and Ungood/anomaly_mask/ with masks); refuses an OUT that exists,
 masks that match no abnormal image and abnormal images without a mask (--allow_unmatched leaves those out).
@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .files import check_same_size, list_images
+from dataset.files import check_same_size, list_images
 
 
 def split(paths: list[str], valid: float, rng: random.Random) -> tuple[list[str], list[str]]:

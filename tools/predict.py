@@ -1,9 +1,10 @@
 """Anomaly scores and maps for one's own images with an MVFA adapter checkpoint: zero-shot, or few-shot with a folder
 of normal support images (memory bank of their augmentations, as test_few.py).
 
-    python predict.py --input scans/ --ckpt ckpt/zero-shot/Brain.pth --obj Brain --out pred/
-    python predict.py --input case7.tif --ckpt ckpt/few-shot/Liver.pth --obj Liver --support normals/ --out pred/
-    python predict.py --input xrays/ --ckpt ckpt/zero-shot/Chest.pth --prompt_name "Chest X-ray film" \\
+    python -m tools.predict --input scans/ --ckpt ckpt/zero-shot/Brain.pth --obj Brain --out pred/
+    python -m tools.predict --input case7.tif --ckpt ckpt/few-shot/Liver.pth --obj Liver --support normals/ \\
+        --out pred/
+    python -m tools.predict --input xrays/ --ckpt ckpt/zero-shot/Chest.pth --prompt_name "Chest X-ray film" \\
         --calibrate normal_xrays/ --fpr 0.05 --out pred/
 
 Writes OUT/scores.csv (file, score, and decision with --calibrate) and OUT/{index:05d}_{stem}.png per input: the
@@ -23,15 +24,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from CLIP import build_model
-from cli import add_model_args, new_parser, run_main
+from torch.utils.data import DataLoader
+
 from dataset import DATASETS, IMAGE_EXTENSIONS, check_obj, list_images
+from dataset.images import load_input, read_image
 from dataset.medical_few import ImageItems
-from dataset.transforms import load_input, read_image
-from evaluate import Collected, PixelMaps, build_memory, raw_maps
+from mvfa.config import ModelConfig, pick
+from mvfa.evaluation import Collected, PixelMaps, build_memory, collect, raw_maps
+from mvfa.flags import add_model_args, new_parser, one_line_errors
+from mvfa.maps import overlay
+from mvfa.precision import Precision
 from prompt import text_features_for
 from utils import augment, resolve_device
-from visualize import collect_maps, overlay
 
 
 def list_inputs(path: str | Path, flag: str) -> list[Path]:
@@ -49,19 +53,24 @@ def list_inputs(path: str | Path, flag: str) -> list[Path]:
     return [p]
 
 
-def pool_scores(c: Collected, fewshot: bool, device: torch.device,
-                precision: str = "auto") -> tuple[np.ndarray, Callable[[int, int], torch.Tensor]]:
+def pool_scores(
+    c: Collected, device: torch.device, precision: Precision
+) -> tuple[np.ndarray, Callable[[int, int], torch.Tensor]]:
     """Image scores [n] and maps_fn(start, stop) -> maps [k, H, W] in [0, 1] of a pool (see the module docstring)."""
     # deviation: the reference normalises over a test set; a run's inputs (+ calibration images) stand in for it.
     # Few-shot scores are the fused map's max for every dataset (the reference averages maps of image-only ones).
     if len(c.labels) > 1:
-        maps = PixelMaps(c, device, precision, fewshot)
-        return (maps.image_max() if fewshot else np.array(c.zero_image, dtype=np.float32)), maps.chunk
-    zero, few = raw_maps(c, 0, 1, device, precision, fewshot)  # a one-image pool: the raw maps, fused
+        maps = PixelMaps(c, device, precision)
+        return (maps.image_max() if c.fewshot else np.array(c.zero_image, dtype=np.float32)), maps.chunk
+    zero, few = raw_maps(c, 0, 1, device, precision)  # a one-image pool: the raw maps, fused
     fused = (zero if few is None else 0.5 * zero + 0.5 * few).cpu()
-    score = float(fused.max()) if fewshot else c.zero_image[0]
+    score = float(fused.max()) if c.fewshot else c.zero_image[0]
     display = (fused - fused.min()) / (fused.max() - fused.min()).clamp_min(1e-12)  # display only
-    return np.array([score], dtype=np.float32), lambda start, stop: display[start:stop]
+
+    def display_maps(start: int, stop: int) -> torch.Tensor:
+        return display[start:stop]
+
+    return np.array([score], dtype=np.float32), display_maps
 
 
 def parser() -> argparse.ArgumentParser:
@@ -112,44 +121,52 @@ def write_outputs(out: Path, inputs: list[Path], offset: int, scores: np.ndarray
     return rows
 
 
-def run(args) -> list[dict]:
-    if not 0 < args.fpr < 1:
-        raise ValueError(f"--fpr must lie strictly between 0 and 1, got {args.fpr}")
-    obj = check_obj(args.obj) if args.obj else None
-    inputs = list_inputs(args.input, "--input")
-    normals = list_inputs(args.calibrate, "--calibrate") if args.calibrate else []
-    support = list_inputs(args.support, "--support") if args.support else []
-    device = resolve_device(args.device)
-    model = build_model(args, device)
-    model.load_adapters(args.ckpt)
-    name = obj or args.prompt_name
-    text = text_features_for(model.clipmodel, [name], device, args.precision)[name]
-    memory = None
-    if support:  # memory banks of the augmented support images (11 views each), as test_few.py builds them
-        images = torch.stack([load_input(p, args.img_size, args.clip_normalize) for p in support])  # [k, 3, S, S]
-        memory = build_memory(model, augment(images)[0], device, args.precision, args.batch_size)
-    pool = ImageItems([(str(p), 0, None) for p in normals + inputs], args.img_size, args.clip_normalize)
-    # auto: the det head for image-only datasets (their few-shot checkpoints never train the seg adapters)
-    head = ("det" if obj and not DATASETS[obj].has_masks else "seg") if args.head == "auto" else args.head
-    c = collect_maps(model, pool, text, device, head, memory, args.precision, args.batch_size)
-    scores, maps_fn = pool_scores(c, memory is not None, device, args.precision)
-    threshold = float(np.quantile(scores[:len(normals)], 1 - args.fpr)) if normals else None
-    if normals and len(normals) < 1 / args.fpr:
-        print(f"note: {len(normals)} calibration images are too few for --fpr {args.fpr}: the threshold is close to "
-              f"their highest score")
-    caption = ("raw map scaled to this image's range" if len(pool) == 1 else
-               f"{'fused ' if memory else ''}map, min-max over the {len(pool)} images of this run")
-    rows = write_outputs(Path(args.out), inputs, len(normals), scores, maps_fn, threshold, caption, args.save_npy)
-    for row in rows:
-        print(f"{row['score']:.4f} {row.get('decision', '')} {row['file']}")
-    if threshold is not None:
-        print(f"threshold {threshold:.4f} at the {1 - args.fpr:.0%} quantile of {len(normals)} normal images")
-    print(f"scores and maps written to {args.out}")
+def main(argv=None) -> list[dict]:
+    args = parser().parse_args(argv)
+    with one_line_errors():
+        if not 0 < args.fpr < 1:
+            raise ValueError(f"--fpr must lie strictly between 0 and 1, got {args.fpr}")
+        obj = check_obj(args.obj) if args.obj else None
+        inputs = list_inputs(args.input, "--input")
+        normals = list_inputs(args.calibrate, "--calibrate") if args.calibrate else []
+        support = list_inputs(args.support, "--support") if args.support else []
+        device = resolve_device(args.device)
+        precision = Precision.of(args.precision, device)
+        model_cfg = pick(ModelConfig, vars(args))
+        model = model_cfg.build(device, precision)
+        model.load_adapters(args.ckpt)
+        name = obj or args.prompt_name
+        text = text_features_for(model.clipmodel, [name], device, precision)[name]
+        memory = None
+        if support:  # memory banks of the augmented support images (11 views each), as test_few.py builds them
+            images = [load_input(p, args.img_size, args.clip_normalize) for p in support]
+            memory = build_memory(model, augment(torch.stack(images))[0], precision, args.batch_size)  # [11k, 3, S, S]
+        pool = ImageItems([(str(p), 0, None) for p in normals + inputs], args.img_size, args.clip_normalize)
+        # auto: the det head for image-only datasets (their few-shot checkpoints never train the seg adapters)
+        head = args.head
+        if head == "auto":
+            head = "det" if obj and not DATASETS[obj].has_masks else "seg"
+        loader = DataLoader(pool, batch_size=args.batch_size, shuffle=False)
+        c = collect(model, loader, text, precision, has_masks=False, memory=memory, head=head, desc="maps")
+        scores, maps_fn = pool_scores(c, device, precision)
+        threshold = float(np.quantile(scores[: len(normals)], 1 - args.fpr)) if normals else None
+        if normals and len(normals) < 1 / args.fpr:
+            print(
+                f"note: {len(normals)} calibration images are too few for --fpr {args.fpr}: the threshold is close "
+                f"to their highest score"
+            )
+        if len(pool) == 1:
+            caption = "raw map scaled to this image's range"
+        else:
+            caption = f"{'fused ' if memory else ''}map, min-max over the {len(pool)} images of this run"
+        out = Path(args.out)
+        rows = write_outputs(out, inputs, len(normals), scores, maps_fn, threshold, caption, args.save_npy)
+        for row in rows:
+            print(f"{row['score']:.4f} {row.get('decision', '')} {row['file']}")
+        if threshold is not None:
+            print(f"threshold {threshold:.4f} at the {1 - args.fpr:.0%} quantile of {len(normals)} normal images")
+        print(f"scores and maps written to {args.out}")
     return rows
-
-
-def main(argv=None) -> int:
-    return run_main(run, parser(), argv)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from torch.utils.data import DataLoader
 
 from dataset import load_input, load_mask
-from evaluate import Collected, PixelMaps, collect
+
+from .evaluation import Collected, PixelMaps
+from .metrics import to_numpy
+from .precision import Precision
 
 CMAP, ALPHA, OUTLINE = "jet", 0.5, "magenta"  # magenta: absent from jet and from grey-level scans
 LABELS = {0: "normal", 1: "abnormal"}
@@ -27,19 +29,15 @@ class Row(NamedTuple):
     title: str
 
 
-def _numpy(a) -> np.ndarray:
-    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-
-
 def _arrays(image, heat, mask) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """image [3, H, W] (or [1, H, W]) float in [0, 1] or uint8 -> [H, W, 3] float in [0, 1] for imshow; heat and
     mask ([1, H, W] too) -> float [H, W] or None. Maps are drawn pixel on pixel: their size must be the image's."""
-    a = _numpy(image)
+    a = to_numpy(image)
     a = a.astype(np.float32) / 255 if a.dtype == np.uint8 else a.astype(np.float32)
     if a.ndim != 3 or a.shape[0] not in (1, 3):
         raise ValueError(f"image of shape {a.shape}: [3, H, W] or [1, H, W] expected")
     img = np.clip(np.repeat(a, 3, 0) if a.shape[0] == 1 else a, 0, 1).transpose(1, 2, 0)  # [H, W, 3]
-    maps = [None if m is None else _numpy(m) for m in (heat, mask)]
+    maps = [None if m is None else to_numpy(m) for m in (heat, mask)]
     maps = [None if m is None else m.reshape(m.shape[-2:]).astype(np.float32) for m in maps]  # [1, H, W] masks too
     for m in maps:
         if m is not None and m.shape != img.shape[:2]:
@@ -93,10 +91,10 @@ def overlay(image, heat, mask, score: float, title: str, path: str | Path, capti
     return _save(fig, path)
 
 
-def grid(rows: Sequence[Row], path: str | Path, caption: str = "anomaly map (0-1)") -> Path:
+def grid_figure(rows: Sequence[Row], path: str | Path, caption: str = "anomaly map (0-1)") -> Path:
     """PNG at `path` as the paper's figure: columns image | ground truth | anomaly map, one row per Row."""
     if not rows:
-        raise ValueError("grid: no rows to draw")
+        raise ValueError("grid_figure: no rows to draw")
     fig = Figure(figsize=(8.4, 2.7 * len(rows) + 0.4), dpi=100, layout="constrained")
     axes = fig.subplots(len(rows), 3, squeeze=False)
     for r, row in enumerate(rows):
@@ -159,29 +157,16 @@ def save_maps(out_dir: str | Path, dataset, maps_fn: Callable[[int, int], torch.
             written.append(overlay(image, heat, mask, scores[i], title, out_dir / name, caption))
             if i in chosen:
                 rows[i] = Row(image, mask, heat, scores[i], title)
-    written.append(grid([rows[i] for i in chosen], out_dir / "grid.png", caption))
+    written.append(grid_figure([rows[i] for i in chosen], out_dir / "grid.png", caption))
     return written
 
 
-def collect_maps(model, dataset, text: torch.Tensor, device: torch.device, head: str = "seg",
-                 memory: tuple | None = None, precision: str = "auto", batch_size: int = 1,
-                 num_workers: int = 0) -> Collected:
-    """evaluate.collect over `dataset` keeping the pixel-map material of `head` ('seg' or 'det'); memory = the
-    (seg bank, det bank) of build_memory for few-shot maps, None for zero-shot."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    return collect(model, loader, text, device, has_masks=True, memory=memory, precision=precision,
-                   img_size=dataset.img_size, head=head, desc="maps")
-
-
-def save_test_maps(out_dir: str | Path, dataset, collected: Collected, scores, model, text: torch.Tensor,
-                   device: torch.device, args, memory: tuple | None = None) -> list[Path]:
-    """--save_maps of test_few.py / test_zero.py: per test image the normalised map the pixel metrics used. Image-only
-    datasets have no pixel map in the reference; for them one more pass builds the det head's maps (the spatial
-    breakdown of their image scores), fused and min-max normalised over the test set in the same way."""
-    fewshot = memory is not None
-    what = ("0.5/0.5 zero-/few-shot" if fewshot else "zero-shot") + ("" if collected.has_masks else " det-head")
-    if not collected.has_masks:
-        collected = collect_maps(model, dataset, text, device, "det", memory, args.precision, args.batch_size,
-                                 args.num_workers)
-    maps = PixelMaps(collected, device, args.precision, fewshot)
-    return save_maps(out_dir, dataset, maps.chunk, scores, args.grid_n, f"{what} map, min-max over the test set")
+def save_test_maps(
+    out_dir: str | Path, dataset, c: Collected, scores, device: torch.device, precision: Precision, grid_n: int = 8
+) -> list[Path]:
+    """--save_maps of the test scripts: per test image the normalised map of the collected material (the pixel
+    metrics' map where there are masks; the det head's map of image-only datasets, the spatial breakdown of their
+    image scores), and the grid."""
+    what = ("0.5/0.5 zero-/few-shot" if c.fewshot else "zero-shot") + ("" if c.head == "seg" else " det-head")
+    maps = PixelMaps(c, device, precision)
+    return save_maps(out_dir, dataset, maps.chunk, scores, grid_n, f"{what} map, min-max over the test set")

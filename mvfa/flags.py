@@ -1,17 +1,17 @@
-"""The command-line flags the scripts share (the reference's names and defaults, spec section 0), `run_main`, which
-turns expected errors into one line and exit code 2, and `script`, a script's parser() and main()."""
+"""The command-line flags the scripts share, one group per function (the reference's names and defaults), and
+`one_line_errors`, which turns the expected errors of a run into one line and exit code 2."""
 import argparse
+import contextlib
 import sys
-from typing import Callable
 
-from utils import PRECISIONS
+from .precision import PRECISIONS
 
 SELECTIONS = ("test", "val", "last")
 
 
 def new_parser(description: str, obj: str | None = None) -> argparse.ArgumentParser:
     """A parser showing `description` (a script's docstring, with its example commands) as written; with `obj`, the
-    flags every script takes (the reference's names and defaults, spec section 0), --obj defaulting to it."""
+    flags every script takes (the reference's names and defaults), --obj defaulting to it."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if obj:
         p.add_argument("--obj", default=obj, help="dataset: Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, "
@@ -113,11 +113,11 @@ def add_map_args(parser) -> None:
                              "the masks at --img_size (several --iterate draws: FILE_iterate_{i}.npz)")
 
 
-def run_main(run, parser, argv) -> int:
-    """Parse, run, and turn expected errors (bad files, flags, data) into a one-line message and exit code 2."""
-    args = parser.parse_args(argv)
+@contextlib.contextmanager
+def one_line_errors():
+    """Expected errors (bad files, flags, data) become a one-line message on stderr and exit code 2."""
     try:
-        run(args)
+        yield
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         # for an error re-raised from a DataLoader worker ("Caught ValueError in DataLoader worker process 0." + the
         # worker's traceback), the original error's message: the traceback's last line
@@ -125,14 +125,3 @@ def run_main(run, parser, argv) -> int:
         worker = len(lines) > 1 and lines[0].startswith("Caught ") and "Traceback" in lines[1]
         print(f"error: {lines[-1].split(': ', 1)[-1] if worker else e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return 0
-
-
-def script(run: Callable, make_parser: Callable, doc: str) -> tuple[Callable, Callable]:
-    """A script's `parser()` (`doc` its description) and `main(argv=None)`, which runs `run` under run_main."""
-    def parser() -> argparse.ArgumentParser:
-        return make_parser(doc)
-
-    def main(argv=None) -> int:
-        return run_main(run, parser(), argv)
-    return parser, main

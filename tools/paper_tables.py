@@ -1,24 +1,28 @@
 """The paper's two tables: zero-shot and 4-shot AUROC (%) on the six datasets, ours next to the paper's and the
 authors' implementation numbers, written as Markdown (tables.md) and CSV (zero_shot.csv, few_shot.csv).
 
-    python paper_tables.py
-    python paper_tables.py --zero_dir my/zero-shot --few_dir my/few-shot --precision bf16 --batch_size 8
-    python paper_tables.py --objs Brain Liver --data_path /data/bmad --out results/brain_liver
+    python -m tools.paper_tables
+    python -m tools.paper_tables --zero_dir my/zero-shot --few_dir my/few-shot --precision bf16 --batch_size 8
+    python -m tools.paper_tables --objs Brain Liver --data_path /data/bmad --out results/brain_liver
 """
 import argparse
 import csv
 from pathlib import Path
 
-import fewshot
-import zeroshot
-from CLIP import build_model
-from cli import new_parser, run_main
-from dataset import dataset_root
-from published import PUBLISHED, ROWS
-from records import checkpoint_path
-from utils import resolve_device
+from dataclasses import asdict
 
-SETTINGS = {"zero-shot": zeroshot, "few-shot": fewshot}
+from dataset import dataset_root
+from mvfa.config import ModelConfig, RunConfig, pick
+from mvfa.evaluation import evaluate_set, result_lines
+from mvfa.flags import new_parser, one_line_errors
+from mvfa.precision import Precision
+from mvfa.protocol import prompt, test_set
+from mvfa.records import write_record
+from prompt import text_features_for
+from tools.published import PUBLISHED, ROWS
+from utils import augment, resolve_device, setup_seed
+
+SETTINGS = {"zero-shot": "zero", "few-shot": "few"}
 METRICS = (("image_auroc", "AUC"), ("pixel_auroc", "pAUC"))
 PARTS = (("ours", "ours"), ("paper", "paper"), ("impl", "impl."), ("ours-paper", "ours-paper"),
          ("ours-impl", "ours-impl."))
@@ -26,7 +30,7 @@ COLUMNS = [f"{m}_{part}" for m, _ in METRICS for part, _ in PARTS]
 TITLES = {"zero-shot": "Zero-shot",
           "few-shot": "Few-shot, k = 4, support draw --iterate 0 (lines n-0/a-0 of 4-shot.txt)"}
 FOOTNOTES = {"few-shot": "LiverCT AUC paper/impl. 81.18 equals the zero-shot implementation AUC of Liver: probably "
-                         "a copy error in the README (spec Q38), not a target."}
+                         "a copy error in the authors' README, not a target."}
 # flags handed unchanged to both scripts when given, so that their defaults, types and checks apply
 PASS_ON = {"--data_path": {}, "--clip_ckpt": {}, "--device": {}, "--precision": {}, "--batch_size": {},
            "--model_name": {}, "--pretrain": {}, "--features_list": {"nargs": "+"}, "--img_size": {}, "--seed": {},
@@ -53,36 +57,58 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def script_args(args) -> dict[tuple[str, str], argparse.Namespace]:
-    """(setting, obj) -> the arguments test_zero.py / test_few.py get for that run, parsed by their parsers."""
-    common = ["--out_dir", str(Path(args.out) / "runs")]
-    for flag, options in PASS_ON.items():
-        value = getattr(args, flag[2:], None)
-        if value is not None and value is not False:
-            common += [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
-    extra = {"zero-shot": ["--save_path", args.zero_dir] if args.zero_dir else [],
-             "few-shot": ["--shot", "4", "--iterate", "0", *(["--save_path", args.few_dir] if args.few_dir else []),
-                          *(["--seed_dir", args.seed_dir] if args.seed_dir else []),
-                          *(["--memory_no_cls"] if args.memory_no_cls else [])]}
-    return {(setting, obj): module.test_parser().parse_args(["--obj", obj, *common, *extra[setting]])
-            for setting, module in SETTINGS.items() for obj, _ in ROWS if obj in args.objs}
+def run_configs(args) -> dict[tuple[str, str], RunConfig]:
+    """(setting, obj) -> the run test_zero.py / test_few.py would make of these flags."""
+    passed = {flag[2:]: getattr(args, flag[2:]) for flag in PASS_ON if hasattr(args, flag[2:])}
+    common = {**passed, "out_dir": str(Path(args.out) / "runs")}
+    extra = {
+        "zero-shot": {"save_path": args.zero_dir or "./ckpt/zero-shot/"},
+        "few-shot": {
+            "shot": 4,
+            "iterate": 0,
+            "save_path": args.few_dir or "./ckpt/few-shot/",
+            "seed_dir": args.seed_dir,
+            "memory_no_cls": args.memory_no_cls,
+        },
+    }
+    return {
+        (setting, obj): pick(RunConfig, {**common, **extra[setting], "protocol": protocol, "obj": obj})
+        for setting, protocol in SETTINGS.items()
+        for obj, _ in ROWS
+        if obj in args.objs
+    }
 
 
-def missing_input(sargs) -> str | None:
+def missing_input(run: RunConfig) -> str | None:
     """Why a run cannot start (its dataset folder or adapter checkpoint is absent), checked before any model work."""
     try:
-        dataset_root(sargs.data_path, sargs.obj)
+        dataset_root(run.data_path, run.obj)
     except FileNotFoundError as e:
         return str(e)
-    ckpt = checkpoint_path(sargs.save_path, sargs.obj)
-    return None if ckpt.is_file() else f"adapter checkpoint not found: {ckpt}"
+    return None if run.checkpoint.is_file() else f"adapter checkpoint not found: {run.checkpoint}"
+
+
+def test_run(model, model_cfg: ModelConfig, run: RunConfig, precision: Precision) -> dict:
+    """One table cell's run, as test_zero.py / test_few.py (first support list) run it, on a shared model."""
+    setup_seed(run.seed)
+    dataset = test_set(run, run.iterate if run.fewshot else None)
+    model.load_adapters(run.checkpoint)
+    device = next(model.parameters()).device
+    text = text_features_for(model.clipmodel, [prompt(run)], device, precision)[prompt(run)]
+    memory_images = augment(dataset.support.normal)[0] if run.fewshot else None
+    result = evaluate_set(model, dataset, text, run, precision, memory_images)[0]
+    print("\n".join(result_lines(run.obj, result, run.fewshot)))
+    flags = {**asdict(model_cfg), **asdict(run), "device": device.type, "precision": precision.name}
+    files = {"clip": model_cfg.clip_file, "adapters": run.checkpoint}
+    write_record(run.out_dir, f"test_{run.protocol}", run.name, flags, result, files, device)
+    return result
 
 
 def run_all(args) -> tuple[dict[str, dict], list[str]]:
     """Run every (setting, dataset) on one CLIP model; returns setting -> dataset -> result, and one-line notes."""
-    runs, notes = script_args(args), []
-    for (setting, obj), sargs in list(runs.items()):
-        if why := missing_input(sargs):
+    runs, notes = run_configs(args), []
+    for (setting, obj), run in list(runs.items()):
+        if why := missing_input(run):
             if args.strict:
                 raise FileNotFoundError(f"{obj} {setting}: {why}")
             notes.append(f"{obj} {setting}: not run, {why}")
@@ -90,13 +116,15 @@ def run_all(args) -> tuple[dict[str, dict], list[str]]:
     skipped = [obj for obj, _ in ROWS if obj not in args.objs]
     notes += [f"not selected (--objs): {', '.join(skipped)}"] if skipped else []
     results, model = {setting: {} for setting in SETTINGS}, None
-    if runs:  # all runs share the model flags (one `common` list): one model serves them all, only adapters change
-        first = next(iter(runs.values()))
-        model = build_model(first, resolve_device(first.device))
-    for (setting, obj), sargs in runs.items():
+    # all runs share the model flags: one model serves them all, only the adapters change
+    device = resolve_device(getattr(args, "device", "auto"))
+    precision = Precision.of(getattr(args, "precision", "auto"), device)
+    model_cfg = pick(ModelConfig, {flag[2:]: getattr(args, flag[2:]) for flag in PASS_ON if hasattr(args, flag[2:])})
+    for (setting, obj), run in runs.items():
         print(f"--- {obj} {setting}")
+        model = model or model_cfg.build(device, precision)
         try:
-            results[setting][obj] = SETTINGS[setting].test(sargs, model)
+            results[setting][obj] = test_run(model, model_cfg, run, precision)
         except (FileNotFoundError, ValueError) as e:
             if args.strict:
                 raise
@@ -117,7 +145,7 @@ def _mean(values: list) -> float | None:
 
 def table(setting: str, ours: dict[str, dict]) -> list[dict]:
     """Rows in the paper's order plus 'Average': {'dataset': label, COLUMNS...: % with two decimals or None}. `ours`:
-    dataset -> a result of zeroshot.test / fewshot.test (AUROC as fractions); absent datasets get None. Differences
+    dataset -> a result of test_zero.py / test_few.py (AUROC as fractions); absent datasets get None. Differences
     are taken on the rounded values, so they equal the printed ones. The average runs over the datasets we have, and
     the paper's and implementation's over the same ones (all of them: the published averages)."""
     rows = []
@@ -194,16 +222,14 @@ def setting_notes(args) -> list[str]:
     return [f"run with {' '.join(given)}: not the reference's settings"] if given else []
 
 
-def run(args) -> str:
-    results, notes = run_all(args)
-    notes += setting_notes(args)
-    text = write_tables(results, notes, Path(args.out))
+def main(argv=None) -> str:
+    args = parser().parse_args(argv)
+    with one_line_errors():
+        results, notes = run_all(args)
+        notes += setting_notes(args)
+        text = write_tables(results, notes, Path(args.out))
     print(text + f"\nwritten: {Path(args.out) / 'tables.md'}, zero_shot.csv, few_shot.csv")
     return text
-
-
-def main(argv=None) -> int:
-    return run_main(run, parser(), argv)
 
 
 if __name__ == "__main__":

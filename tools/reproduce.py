@@ -1,11 +1,11 @@
 """Reproduce the paper by training: the whole grid of zero-shot and few-shot runs, resumable, on one GPU, several
 GPUs, or a SLURM cluster (submitit); then one table per setting with mean ± std over support draws.
 
-    python reproduce.py --dry_run                                      # the paper's grid: its jobs and their cost
-    python reproduce.py --gpus 0 1 2 3 --out runs/                     # local: one job per GPU at a time
-    python reproduce.py --executor slurm --partition gpu --time 1440 --out runs/ --draws 3 --protocols test val
-    python reproduce.py --status --out runs/                           # done / running / failed (last error line)
-    python reproduce.py --tables --out runs/                           # runs/tables.md, runs/table_{setting}.csv
+    python -m tools.reproduce --dry_run                                      # the paper's grid: its jobs and their cost
+    python -m tools.reproduce --gpus 0 1 2 3 --out runs/                     # local: one job per GPU at a time
+    python -m tools.reproduce --executor slurm --partition gpu --time 1440 --out runs/ --draws 3 --protocols test val
+    python -m tools.reproduce --status --out runs/                           # done / running / failed (last error line)
+    python -m tools.reproduce --tables --out runs/                           # runs/tables.md, runs/table_{setting}.csv
 
 Flags it does not know go to every training and test command (e.g. --data_path, --clip_ckpt, --precision bf16).
 Rerunning the same command runs only the jobs without a result; trainings resume from their state, and a job that
@@ -14,9 +14,9 @@ fails never stops the others.
 import sys
 from pathlib import Path
 
-import grid
-from cli import SELECTIONS, new_parser
 from dataset import CLASS_NAMES
+from mvfa.flags import SELECTIONS, new_parser
+from tools import jobs
 
 
 def parser():
@@ -24,7 +24,7 @@ def parser():
     p.allow_abbrev = False  # unknown flags go to the scripts: --seed must not be taken for --seed_dir
     p.add_argument("--out", default="./runs/", help="folder of the jobs (jobs/{key}/: checkpoints, records, log)")
     p.add_argument("--objs", nargs="+", default=list(CLASS_NAMES), help="datasets")
-    p.add_argument("--settings", nargs="+", default=["zero", *map(str, grid.SHOTS)], help="'zero' and/or shot counts")
+    p.add_argument("--settings", nargs="+", default=["zero", *map(str, jobs.SHOTS)], help="'zero' and/or shot counts")
     p.add_argument("--draws", type=int, default=1, help="support draws per few-shot setting: the listed one "
                                                         "(--iterate 0), then --iterate -1 with seeds 1, 2, ...")
     p.add_argument("--protocols", nargs="+", default=["test"], choices=SELECTIONS, help="--select of the trainings")
@@ -59,47 +59,47 @@ def executor(args, out: Path):
         ex.update_parameters(timeout_min=args.time)
         return ex
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=20)
-    ex.update_parameters(**grid.slurm_parameters(args.partition, args.time, args.gpus_per_job, args.cpus_per_job,
+    ex.update_parameters(**jobs.slurm_parameters(args.partition, args.time, args.gpus_per_job, args.cpus_per_job,
                                                  args.parallel, dict(item.split("=", 1) for item in args.sbatch)))
     return ex
 
 
-def dry_run(jobs: list, args, extra: list[str]) -> None:
+def dry_run(job_list: list, args, extra: list[str]) -> None:
     data = extra[extra.index("--data_path") + 1] if "--data_path" in extra else "./data/"
     total = 0.0
-    for job in jobs:
-        steps, images = grid.cost(job, data)
+    for job in job_list:
+        steps, images = jobs.cost(job, data)
         hours = (steps * args.sec_per_step + images * args.sec_per_image) / 3600
         total += hours
         draw = "listed" if job.draw == 0 else f"drawn, seed {job.draw}"
         setting = "zero-shot" if job.setting == "zero" else f"{job.setting}-shot"
         print(f"{job.key}: {job.obj} {setting} draw {job.draw} ({draw}) --select {job.select}: {steps} steps, "
               f"{images} images, ~{hours:.1f} h")
-    print(f"{len(jobs)} jobs, ~{total:.0f} h estimated at {args.sec_per_step} s/step and {args.sec_per_image} "
+    print(f"{len(job_list)} jobs, ~{total:.0f} h estimated at {args.sec_per_step} s/step and {args.sec_per_image} "
           f"s/image (an estimate, not a measurement)")
 
 
 def run(args, extra: list[str]) -> int:
     out = Path(args.out)
-    jobs = grid.expand(args.objs, args.settings, args.draws, args.protocols, args.epoch, extra, args.seed_dir)
+    job_list = jobs.expand(args.objs, args.settings, args.draws, args.protocols, args.epoch, extra, args.seed_dir)
     if args.dry_run:
-        dry_run(jobs, args, extra)
+        dry_run(job_list, args, extra)
         return 0
     if args.status:
-        table = grid.status(jobs, str(out))
+        table = jobs.status(job_list, str(out))
         print(table.to_string(index=False))
         print(table.state.value_counts().to_string())
         return 0
     failures = []
     if not args.tables:
-        todo = [job for job in jobs if not grid.is_done(job, str(out))]
-        print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs done already; running {len(todo)}")
-        failures = (grid.run_local(todo, str(out), args.gpus, args.workers) if args.executor == "local" else
-                    grid.submit(todo, str(out), executor(args, out)))
+        todo = [job for job in job_list if not jobs.is_done(job, str(out))]
+        print(f"{len(job_list) - len(todo)} of {len(job_list)} jobs done already; running {len(todo)}")
+        failures = (jobs.run_local(todo, str(out), args.gpus, args.workers) if args.executor == "local" else
+                    jobs.submit(todo, str(out), executor(args, out)))
         for message in failures:
             print(f"failed: {message}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    print(grid.write_tables(grid.results(jobs, str(out)), str(out)))
+    print(jobs.write_tables(jobs.results(job_list, str(out)), str(out)))
     return 1 if failures else 0
 
 

@@ -24,7 +24,7 @@ _CHANGED = ("pixel_metrics: chunks() gave other data on a later pass; it must re
             "chunks at every call")
 
 
-def _numpy(a) -> np.ndarray:
+def to_numpy(a) -> np.ndarray:
     if hasattr(a, "detach"):  # torch tensor, on any device
         a = a.detach().cpu()
         a = a.float() if str(a.dtype) == "torch.bfloat16" else a
@@ -60,7 +60,7 @@ def image_metrics(labels, scores) -> dict[str, float]:
 
 def _maps(chunk) -> tuple[np.ndarray, np.ndarray]:
     """One chunk as numpy scores [n, H, W] and bool masks [n, H, W] (a channel dimension of 1 is dropped)."""
-    scores, masks = (_numpy(a) for a in chunk)
+    scores, masks = (to_numpy(a) for a in chunk)
     scores = scores[:, 0] if scores.ndim == 4 and scores.shape[1] == 1 else scores
     masks = masks[:, 0] if masks.ndim == 4 and masks.shape[1] == 1 else masks
     if scores.ndim != 3 or scores.shape != masks.shape:

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from dataset import CLASS_NAMES
-from published import PUBLISHED, ROWS
+from tools.published import PUBLISHED, ROWS
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]  # the repository root, where the four scripts are
 SHOTS = (2, 4, 8, 16)  # the authors' support lists
 # test images of BMAD's splits (normal + abnormal), for cost estimates where the data is not at hand
 TEST_IMAGES = {"Brain": 3715, "Liver": 1493, "Retina_RESC": 1805, "Retina_OCT2017": 1000, "Chest": 3000,

@@ -1,5 +1,5 @@
 """Adapter training shared by train_few.py and train_zero.py: optimisers, one step, and `Training`: the epoch loop
-with checkpoint selection, the state --resume continues from and the final test (spec 5.4, 6.4, 7.4, Q4, Q11)."""
+with checkpoint selection, the state --resume continues from, and the final test."""
 import os
 import random
 import signal
@@ -8,19 +8,28 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from CLIP import build_model
 from CLIP.loading import read_state_dict
-from evaluate import result_lines, selection_score
 from loss import detection_loss, segmentation_loss
-from records import (check_folder, check_readable, check_writable, clip_file, save_checkpoint, versions,
-                     write_record)
-from utils import autocast, scoring_autocast, scoring_inputs
+
+from .config import ModelConfig, RunConfig
+from .evaluation import result_lines, selection_score
+from .precision import Precision
+from .protocol import Batch, TrainingSet
+from .records import (
+    check_folder,
+    check_readable,
+    check_writable,
+    save_atomic,
+    save_checkpoint,
+    versions,
+    write_record,
+)
 
 STATE_VERSION = 2  # 2: the state records the arguments of its run
 # The flags that cannot change what a run trains or saves, which --resume may therefore give other values;
@@ -31,8 +40,10 @@ RESULT_NEUTRAL = frozenset({"out_dir", "num_workers", "overwrite", "resume", "sa
 
 
 def optimizers(model, lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    return (torch.optim.Adam(model.seg_adapters.parameters(), lr=lr, betas=(0.5, 0.999)),
-            torch.optim.Adam(model.det_adapters.parameters(), lr=lr, betas=(0.5, 0.999)))
+    """The seg and det adapters' Adam optimisers, with the reference's betas."""
+    seg = torch.optim.Adam(model.seg_adapters.parameters(), lr=lr, betas=(0.5, 0.999))
+    det = torch.optim.Adam(model.det_adapters.parameters(), lr=lr, betas=(0.5, 0.999))
+    return seg, det
 
 
 def state_file(target: Path) -> Path:
@@ -40,9 +51,9 @@ def state_file(target: Path) -> Path:
     return target.with_name(target.name + ".state")
 
 
-def run_identity(args, device: torch.device) -> dict:
-    """The arguments that define a run's result, as its training state records them."""
-    return {**{k: v for k, v in vars(args).items() if k not in RESULT_NEUTRAL}, "device": device.type}
+def run_identity(flags: dict, device: torch.device) -> dict:
+    """The flags that define a run's result, as its training state records them."""
+    return {**{k: v for k, v in flags.items() if k not in RESULT_NEUTRAL}, "device": device.type}
 
 
 def shown(value) -> str:
@@ -102,32 +113,34 @@ def read_state(target: Path, identity: dict) -> dict:
     return saved
 
 
-def preflight(args, device: torch.device, target: Path) -> dict | None:
+def preflight(run: RunConfig, model: ModelConfig, flags: dict, device: torch.device) -> dict | None:
     """What a training run can check before it reads data or builds the model, so that a mistake surfaces in
     seconds: the folders it writes, the checkpoint it would replace, the weights files it reads and, with
     --resume, the state it continues (returned; None: the run starts from the beginning)."""
+    target = run.checkpoint
     check_folder(target.parent, "--save_path")  # the state is written there even with --save_model 0
-    check_folder(Path(args.out_dir), "--out_dir")  # the run record, written at the very end
+    check_folder(Path(run.out_dir), "--out_dir")  # the run record, written at the very end
     state, saved = state_file(target), None
-    if args.resume and state.exists():
-        saved = read_state(target, run_identity(args, device))
-    elif args.resume:
+    if run.resume and state.exists():
+        saved = read_state(target, run_identity(flags, device))
+    elif run.resume:
         print(f"--resume: no training state at {state} yet: starting from the beginning", file=sys.stderr)
-    if args.save_model and saved is None:
-        if state.exists() and target.exists() and not args.overwrite:
-            raise FileExistsError(f"{target} exists already, beside the training state {state} of an "
-                                  f"unfinished run: add --resume to continue that run, or --overwrite to "
-                                  f"start afresh (the state is then moved aside)")
-        check_writable(target, args.overwrite)
-    clip = clip_file(args)
+    if run.save_model and saved is None:
+        if state.exists() and target.exists() and not run.overwrite:
+            raise FileExistsError(
+                f"{target} exists already, beside the training state {state} of an unfinished run: add --resume "
+                f"to continue that run, or --overwrite to start afresh (the state is then moved aside)"
+            )
+        check_writable(target, run.overwrite)
+    clip = model.clip_file
     if clip is not None:
         if not clip.is_file():
-            read_state_dict(clip, args.model_name)  # raises the FileNotFoundError saying where to get it
+            read_state_dict(clip, model.model_name)  # raises the FileNotFoundError saying where to get it
         check_readable(clip, "CLIP weights")
-    if args.init_ckpt:
-        if not Path(args.init_ckpt).is_file():
-            raise FileNotFoundError(f"--init_ckpt {args.init_ckpt}: no such file")
-        check_readable(Path(args.init_ckpt), "adapter checkpoint")
+    if run.init_ckpt:
+        if not Path(run.init_ckpt).is_file():
+            raise FileNotFoundError(f"--init_ckpt {run.init_ckpt}: no such file")
+        check_readable(Path(run.init_ckpt), "adapter checkpoint")
     return saved
 
 
@@ -146,14 +159,28 @@ def move_aside(path: Path) -> None:
           f"aside to {new}", file=sys.stderr)
 
 
-def train_step(model, images, labels, masks, text: torch.Tensor, *, has_masks: bool, seg_opt, det_opt,
-               device: torch.device, precision: str, img_size: int, bce_on_probability: bool = False) -> float:
-    """One update (spec 5.4, Q11): det loss always; seg loss on datasets with masks, and only then the seg step."""
-    with autocast(device, precision):
+def train_step(
+    model,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    masks: torch.Tensor,
+    text: torch.Tensor,
+    *,
+    has_masks: bool,
+    optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+    precision: Precision,
+    img_size: int,
+    bce_on_probability: bool = False,
+) -> float:
+    """One update: the det loss always; the seg loss on datasets with masks, and only then the seg step (the seg
+    adapters also get gradients from image-only samples, never applied, as in the reference)."""
+    device = next(model.parameters()).device
+    seg_opt, det_opt = optimizers
+    with precision.forward():
         _, seg, det = model(images.to(device))
-        with scoring_autocast(device, precision):  # the losses in fp32 under bf16
-            seg, det = scoring_inputs(seg, precision), scoring_inputs(det, precision)
-            text = scoring_inputs([text], precision)[0]
+        with precision.scoring():  # the losses in fp32 under bf16
+            seg, det = precision.scored(seg), precision.scored(det)
+            text = precision.scored([text])[0]
             loss = detection_loss(det, text, labels.to(device).float(), bce_on_probability)
             if has_masks:
                 masks = (masks.to(device) > 0.5).float()
@@ -162,7 +189,7 @@ def train_step(model, images, labels, masks, text: torch.Tensor, *, has_masks: b
     det_opt.zero_grad(set_to_none=True)
     loss.backward()
     det_opt.step()
-    if has_masks:  # the seg adapters get gradients from image-only samples too, never applied (as the reference)
+    if has_masks:
         seg_opt.step()
     return loss.item()
 
@@ -187,27 +214,42 @@ def set_rng_states(states: dict) -> None:
 
 
 class Training:
-    """One training run: its model and optimisers, the epoch loop with checkpoint selection, the state --resume
-    continues from (written atomically beside the checkpoint after every epoch and on SIGTERM, SIGUSR1 or SIGUSR2,
-    SLURM's preemption and time-limit signals), and the final test of the chosen weights."""
+    """One training run: its optimisers, the epoch loop with checkpoint selection, the state --resume continues
+    from (written atomically beside the checkpoint after every epoch and on SIGTERM, SIGUSR1 or SIGUSR2, SLURM's
+    preemption and time-limit signals), and the final test of the chosen weights."""
 
-    def __init__(self, args, device: torch.device, target: Path, fewshot: bool, saved: dict | None = None):
-        """`saved`: the state preflight() read for --resume, which fit() continues. Without --resume a state
-        left beside `target` is moved aside; then the model (adapters from --init_ckpt if any), optimisers."""
-        if not args.resume:
-            move_aside(state_file(target))
-        self.saved = saved
-        self.model = build_model(args, device)
-        if args.init_ckpt:
-            self.model.load_adapters(args.init_ckpt)
-        seg_opt, det_opt = self.optimizers = optimizers(self.model, args.learning_rate)
-        self.options = dict(seg_opt=seg_opt, det_opt=det_opt, device=device, precision=args.precision,
-                            img_size=args.img_size, bce_on_probability=args.bce_on_probability)  # train_step's
-        self.args, self.target, self.device, self.fewshot = args, target, device, fewshot
-        self.extras = {"args": vars(args), "versions": versions(device)}
-        self.best, self.result, self.state = 0.0, {}, None
+    def __init__(
+        self, model, run: RunConfig, flags: dict, precision: Precision, clip_file: Path | None, saved: dict | None
+    ):
+        """`model`: the adapted CLIP with fresh adapters (replaced by --init_ckpt's); `flags`: the command line's
+        values, which the state and the run record keep; `saved`: the state preflight() read for --resume, which
+        fit() continues. Without --resume a state left beside the checkpoint is moved aside."""
+        self.model, self.run, self.flags, self.precision = model, run, flags, precision
+        self.target, self.clip_file, self.saved = run.checkpoint, clip_file, saved
+        self.device = next(model.parameters()).device
+        if not run.resume:
+            move_aside(state_file(self.target))
+        if run.init_ckpt:
+            model.load_adapters(run.init_ckpt)
+        self.optimizers = optimizers(model, run.learning_rate)
+        self.extras = {"args": flags, "versions": versions(self.device)}
+        self.best, self.result, self.best_adapters = 0.0, {}, None
         self.lines, self.signalled = [], None
         self.epoch_losses = []  # each epoch's mean training loss at full precision (the run record keeps them)
+
+    def step(self, batch: Batch, texts: dict[str, torch.Tensor]) -> float:
+        return train_step(
+            self.model,
+            batch.images,
+            batch.labels,
+            batch.masks,
+            texts[batch.text],
+            has_masks=batch.has_masks,
+            optimizers=self.optimizers,
+            precision=self.precision,
+            img_size=self.run.img_size,
+            bce_on_probability=self.run.bce_on_probability,
+        )
 
     def say(self, text: str) -> None:
         print(text)
@@ -215,43 +257,44 @@ class Training:
 
     def select(self, evaluate: Callable[[], dict], epoch: int, batch: int | None = None) -> None:
         result = evaluate()
-        prefix = "[valid] " if self.args.select == "val" else ""
-        self.say("\n".join(prefix + line for line in result_lines(self.args.obj, result, self.fewshot)))
+        prefix = "[valid] " if self.run.select == "val" else ""
+        fewshot = self.run.fewshot
+        self.say("\n".join(prefix + line for line in result_lines(self.run.obj, result, fewshot)))
         score = selection_score(result)  # few-shot keeps a higher one (as the reference), zero-shot an equal too
-        if score > self.best or (not self.fewshot and score == self.best):
-            self.best, self.result, self.state = score, result, adapter_copy(self.model)
+        if score > self.best or (not fewshot and score == self.best):
+            self.best, self.result, self.best_adapters = score, result, adapter_copy(self.model)
             where = {"epoch": epoch} if batch is None else {"epoch": epoch, "batch": batch}
             if batch is not None:
                 self.say(f"best epoch found: epoch {epoch} batch {batch}")
-            if self.args.save_model:
-                save_checkpoint(self.model, self.target, {**self.extras, **where, "selection": self.args.select})
+            if self.run.save_model:
+                save_checkpoint(self.model, self.target, {**self.extras, **where, "selection": self.run.select})
 
-    def fit(self, batches: Callable[[int], Iterable], step: Callable[..., float], evaluate: Callable[[], dict],
-            every: int | None = None) -> None:
-        """args.epoch epochs of `step(*batch)` over `batches(epoch)`; selection by `evaluate()` after each epoch
-        (every=None, few-shot) or before steps 0, every, 2 every, ... of each epoch (zero-shot, spec 7.4)."""
-        saved = self.load_state() if self.args.resume else None
+    def fit(self, data: TrainingSet, texts: dict[str, torch.Tensor], evaluate: Callable[[], dict]) -> None:
+        """--epoch epochs over `data`, each batch a step against its text features in `texts`; selection by
+        `evaluate()` after each epoch, or every `data.every` steps."""
+        saved = self.load_state() if self.run.resume else None
+        every = data.every
         start, position = (saved["epoch"], saved["position"]) if saved else (0, 0)
         previous = self.catch_signals()
         try:
-            for epoch in range(start, self.args.epoch):
+            for epoch in range(start, self.run.epoch):
                 inside = saved is not None and epoch == start and position > 0
                 if inside:  # the epoch's shuffles again from its start, then the generators as they were left
                     set_rng_states(saved["epoch_rng"])
                 epoch_rng, losses = rng_states(), list(saved["losses"]) if inside else []
-                for idx, batch in enumerate(tqdm(batches(epoch), desc=f"epoch {epoch}")):
+                for idx, batch in enumerate(tqdm(data.epoch(epoch), desc=f"epoch {epoch}")):
                     if inside and idx < position:
                         if idx == position - 1:
                             set_rng_states(saved["rng"])
                         continue
-                    if every and self.args.select != "last" and idx % every == 0:  # before the step, as the reference
+                    if every and self.run.select != "last" and idx % every == 0:  # before the step, as the reference
                         self.select(evaluate, epoch, idx)
-                    losses.append(step(*batch))
+                    losses.append(self.step(batch, texts))
                     if self.signalled:
                         self.stop(epoch, idx + 1, losses, epoch_rng)
                 self.epoch_losses.append(float(np.mean(losses)))
                 self.say(f"epoch {epoch} loss {self.epoch_losses[-1]:.4f}")
-                if not every and self.args.select != "last":
+                if not every and self.run.select != "last":
                     self.select(evaluate, epoch)
                 self.save_state(epoch + 1, 0, [], None)
                 if self.signalled:
@@ -279,14 +322,12 @@ class Training:
         """Everything the run needs to go on from step `position` of `epoch`, written atomically."""
         path = state_file(self.target)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"mvfa_training_state": STATE_VERSION, "args": run_identity(self.args, self.device),
+        state = {"mvfa_training_state": STATE_VERSION, "args": run_identity(self.flags, self.device),
                  "epoch": epoch, "position": position, "losses": losses,
                  "rng": rng_states(), "epoch_rng": epoch_rng, "adapters": adapter_copy(self.model),
                  "optimizers": [o.state_dict() for o in self.optimizers], "best": self.best, "result": self.result,
-                 "best_adapters": self.state, "lines": self.lines, "epoch_losses": self.epoch_losses}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+                 "best_adapters": self.best_adapters, "lines": self.lines, "epoch_losses": self.epoch_losses}
+        save_atomic(state, path)
 
     def load_state(self) -> dict | None:
         """The state preflight() read, put back into this run (its lines printed again); None if none."""
@@ -297,7 +338,7 @@ class Training:
         self.model.load_state_dict(saved["adapters"], strict=False)
         for optimizer, state in zip(self.optimizers, saved["optimizers"]):
             optimizer.load_state_dict(state)
-        self.best, self.result, self.state = saved["best"], saved["result"], saved["best_adapters"]
+        self.best, self.result, self.best_adapters = saved["best"], saved["result"], saved["best_adapters"]
         self.epoch_losses = list(saved["epoch_losses"])
         set_rng_states(saved["rng"])
         print(f"--resume: continuing from {path} at epoch {saved['epoch']}, step {saved['position']}", file=sys.stderr)
@@ -308,19 +349,20 @@ class Training:
     def finish(self, script: str, test: Callable[[], dict]) -> dict:
         """--select last saves the final weights; val and last report the chosen weights on the test set, which
         selection never saw; then the run record, and the training state is removed."""
-        args = self.args
-        if args.select == "last" and args.save_model:
-            save_checkpoint(self.model, self.target, {**self.extras, "epoch": args.epoch - 1, "selection": "last"})
+        run = self.run
+        if run.select == "last" and run.save_model:
+            save_checkpoint(self.model, self.target, {**self.extras, "epoch": run.epoch - 1, "selection": "last"})
         result = self.result
-        if args.select != "test":
-            if self.state is not None:
-                self.model.load_state_dict(self.state, strict=False)
+        if run.select != "test":
+            if self.best_adapters is not None:
+                self.model.load_state_dict(self.best_adapters, strict=False)
             result = test()
-            self.say("test set:\n" + "\n".join(result_lines(args.obj, result, self.fewshot)))
-        saved = args.save_model and (self.state is not None or args.select == "last")
-        if args.save_model and not saved:  # the score never rose above 0 (an AUROC of 0): the reference saves nothing
+            self.say("test set:\n" + "\n".join(result_lines(run.obj, result, run.fewshot)))
+        saved = run.save_model and (self.best_adapters is not None or run.select == "last")
+        if run.save_model and not saved:  # the score never rose above 0 (an AUROC of 0): the reference saves nothing
             self.say(f"no checkpoint saved: the selection score never rose above 0; {self.target} was not written")
-        files = {"clip": clip_file(args), "adapters": self.target if saved else None}
-        write_record(args.out_dir, script, args, result, files, self.device, {"epoch_losses": self.epoch_losses})
+        files = {"clip": self.clip_file, "adapters": self.target if saved else None}
+        training = {"epoch_losses": self.epoch_losses}
+        write_record(run.out_dir, script, run.name, self.flags, result, files, self.device, training)
         state_file(self.target).unlink(missing_ok=True)
         return result

@@ -7,7 +7,7 @@ from typing import Iterable, NamedTuple
 import numpy as np
 from PIL import Image
 
-from . import CLASS_NAMES, DATASETS, check_obj
+from dataset import CLASS_NAMES, DATASETS, check_obj
 
 STYLE = {'Brain': 'head', 'Liver': 'abdomen', 'Retina_RESC': 'retina', 'Retina_OCT2017': 'retina',
          'Chest': 'chest', 'Histopathology': 'tissue'}

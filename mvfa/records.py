@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from CLIP.loading import default_checkpoint
 from dataset import dataset_name
 
 
@@ -64,13 +63,18 @@ def check_readable(path: Path, what: str) -> None:
                          f"or copy; download or copy it again")
 
 
-def save_checkpoint(model, path: Path, extras: dict) -> None:
-    """The released layout plus extra keys, written atomically (temporary file, then rename)."""
+def save_atomic(state: dict, path: Path) -> None:
+    """torch.save through a temporary file and a rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    state = {name: {k: v.cpu() for k, v in sd.items()} for name, sd in model.adapter_state().items()}
-    torch.save({**state, **extras}, tmp)
+    torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(model, path: Path, extras: dict) -> None:
+    """The released layout plus extra keys, written atomically."""
+    state = {name: {k: v.cpu() for k, v in sd.items()} for name, sd in model.adapter_state().items()}
+    save_atomic({**state, **extras}, path)
 
 
 def sha256(path: str | Path) -> str:
@@ -91,31 +95,42 @@ def versions(device: torch.device | None = None) -> dict:
 
 
 def autocast_upsample_dtype(device: torch.device) -> str:
-    """The dtype of fp16 bilinear upsampling under the device's fp16 autocast (the reference's, spec Q7): on CUDA
+    """The dtype of fp16 bilinear upsampling under the device's fp16 autocast (the reference's maps follow it): on CUDA
     'torch.float16' in torch of the paper's time (its few-shot maps then float16), 'torch.float32' in recent torch."""
     x = torch.zeros(1, 1, 2, 2, device=device, dtype=torch.float16)
     with torch.autocast(device.type, dtype=torch.float16):
         return str(F.interpolate(x, size=4, mode="bilinear", align_corners=True).dtype)
 
 
-def write_record(out_dir: str, script: str, args, result: dict, files: dict,
-                 device: torch.device | None = None, training: dict | None = None) -> Path:
-    """A JSON per run: full-precision metrics, arguments, checksums of the weights used, `versions(device)`, and
-    for a training run `training` (its mean loss per epoch)."""
+def write_record(
+    out_dir: str,
+    script: str,
+    name: str,
+    flags: dict,
+    result: dict,
+    files: dict,
+    device: torch.device | None = None,
+    training: dict | None = None,
+) -> Path:
+    """A JSON per run, `{script}_{name}_{time}_{pid}.json`: full-precision metrics, the command line's flags,
+    checksums of the weights used, `versions(device)`, and for a training run `training` (its mean loss per
+    epoch)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    stem = f"{script}_{dataset_name(args.obj)}_{stamp}_{os.getpid()}"
+    stem = f"{script}_{name}_{stamp}_{os.getpid()}"
     path, n = out / f"{stem}.json", 1
     while path.exists():  # a second run of the same script and dataset within the second, in one process
         n += 1
         path = out / f"{stem}-{n}.json"
-    record = {"script": script, "time": stamp, "args": vars(args), "metrics": result,
-              "files": {name: {"path": str(p), "sha256": sha256(p)} for name, p in files.items() if p},
-              "versions": versions(device), **({"training": training} if training else {})}
+    record = {
+        "script": script,
+        "time": stamp,
+        "args": flags,
+        "metrics": result,
+        "files": {key: {"path": str(p), "sha256": sha256(p)} for key, p in files.items() if p},
+        "versions": versions(device),
+        **({"training": training} if training else {}),
+    }
     path.write_text(json.dumps(record, indent=1, default=str))
     return path
-
-
-def clip_file(args) -> Path | None:
-    return None if args.pretrain == "none" else Path(args.clip_ckpt or default_checkpoint(args.model_name))

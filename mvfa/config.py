@@ -1,0 +1,125 @@
+"""The configs a script builds once from its flags: the model, the run, the precision and the device."""
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from CLIP import CLIP_Inplanted, create_model
+from CLIP.loading import default_checkpoint
+from dataset import dataset_name
+from utils import resolve_device
+
+from .precision import Precision
+from .records import checkpoint_path
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The adapted CLIP: architecture, input resolution, weights, activation, attention path, adapted blocks."""
+
+    model_name: str = "ViT-L-14-336"
+    pretrain: str = "openai"  # 'openai': read clip_ckpt; 'none': random weights (tests, demo)
+    clip_ckpt: str | None = None
+    img_size: int = 240
+    features_list: tuple[int, ...] = (6, 12, 18, 24)  # 1-based numbers of the blocks followed by adapters
+    quick_gelu: bool = False
+    fast: bool = False  # fused attention and text prompts over their own length
+
+    @property
+    def clip_file(self) -> Path | None:
+        """The CLIP weights file read (None for random weights)."""
+        if self.pretrain == "none":
+            return None
+        return Path(self.clip_ckpt or default_checkpoint(self.model_name))
+
+    def build(self, device: torch.device, precision: Precision) -> CLIP_Inplanted:
+        """CLIP (frozen, eval mode) with fresh adapters after `features_list`, on `device`."""
+        clip = create_model(
+            self.model_name,
+            self.img_size,
+            self.pretrain,
+            device,
+            checkpoint=self.clip_ckpt,
+            quick_gelu=self.quick_gelu,
+            fused=self.fast or precision.fused_attention,
+        )
+        # deviation: the reference asks gradients for the frozen backbone too, which only costs time
+        clip.requires_grad_(False)
+        return CLIP_Inplanted(clip, self.features_list).to(device)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What a run does with the model: protocol, data, support set, selection, optimiser, seeds and outputs."""
+
+    protocol: str  # 'few' or 'zero'
+    obj: str
+    prompt_name: str | None = None
+    data_path: str = "./data/"
+    img_size: int = 240
+    clip_normalize: bool = False
+    sort_listing: bool = False
+    seed: int = 111
+    num_workers: int = 0
+    batch_size: int = 1
+    out_dir: str = "./results/"
+    # few-shot: the support set and the memory bank
+    shot: int = 4
+    iterate: int | tuple[int, ...] = 0
+    seed_dir: str | None = None
+    memory_no_cls: bool = False
+    # the adapter checkpoint read (tests) or written (training)
+    save_path: str = "./ckpt/few-shot/"
+    ckpt: str | None = None
+    shot_in_name: bool = False
+    # training
+    epoch: int = 50
+    learning_rate: float = 0.001
+    save_model: int = 1
+    overwrite: bool = False
+    resume: bool = False
+    init_ckpt: str | None = None
+    select: str = "test"
+    deterministic: bool = False
+    bce_on_probability: bool = False
+    # outputs of a test
+    save_maps: str | None = None
+    grid_n: int = 8
+    save_scores: str | None = None
+
+    @property
+    def fewshot(self) -> bool:
+        return self.protocol == "few"
+
+    @property
+    def name(self) -> str:
+        """The dataset's name in file names and printed lines."""
+        return dataset_name(self.obj)
+
+    @property
+    def checkpoint(self) -> Path:
+        """The adapter checkpoint: --ckpt, else `{save_path}/{obj}.pth` (`{obj}_{shot}shot.pth` with
+        --shot_in_name), as the reference names it."""
+        if self.ckpt:
+            return Path(self.ckpt)
+        return checkpoint_path(self.save_path, self.obj, self.shot if self.shot_in_name else None)
+
+
+def pick(config: type, flags: dict):
+    """A config of the flags that are its fields (features_list and iterate as tuples); the others are left."""
+    names = {f.name for f in fields(config)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in flags.items() if k in names}
+    return config(**values)
+
+
+def configs(flags: dict, protocol: str) -> tuple[ModelConfig, RunConfig, Precision, torch.device]:
+    """The parsed flags of a script, once, as its configs; a flag that belongs to none is an error."""
+    model_keys = {f.name for f in fields(ModelConfig)}
+    run_keys = {f.name for f in fields(RunConfig)} - {"protocol"}
+    unknown = set(flags) - model_keys - run_keys - {"device", "precision"}
+    if unknown:
+        raise ValueError(f"no config takes the flag(s) {', '.join(sorted(unknown))}")
+    model, run = pick(ModelConfig, flags), pick(RunConfig, {**flags, "protocol": protocol})
+    device = resolve_device(flags.get("device", "auto"))
+    precision = Precision.of(flags.get("precision", "auto"), device)
+    return model, run, precision, device

@@ -1,0 +1,268 @@
+"""The one evaluation path of training and testing, few-shot and zero-shot.
+
+`collect` runs the model once over the test set and keeps per image only what the maps are made of (17x17 logits
+and distances, image scores, the packed mask): ~21 KB per image at 240 px. `evaluate` turns that into the reference's metrics and more;
+full-size maps are recomputed chunk by chunk whenever they are needed, so memory does not grow with the maps.
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dataset import dataset_name
+from utils import draw_as_loader
+
+from . import metrics
+from .config import RunConfig
+from .precision import Precision
+from .scoring import (
+    few_shot_distances,
+    few_shot_map,
+    minmax,
+    patches,
+    unit_rows,
+    zero_shot_image_score,
+    zero_shot_logits,
+    zero_shot_map,
+)
+
+CHUNK = 16  # images per recomputed block of full-size maps
+
+
+@torch.no_grad()
+def build_memory(
+    model, images: torch.Tensor, precision: Precision, batch_size: int = 1, keep_cls: bool = True
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Support images [n, 3, H, W] -> seg and det memory banks: per layer unit rows [n * (1+HW), D].
+
+    As the reference, the bank runs without autocast by default (`Precision.memory_bank`) and keeps the CLS rows,
+    which patches are then compared with too; keep_cls=False (--memory_no_cls) drops them.
+    """
+    device = next(model.parameters()).device
+    seg_rows, det_rows = [], []
+    with precision.memory_bank().forward():
+        for batch in tqdm(images.split(batch_size), desc="memory bank", leave=False):
+            _, seg, det = model(batch.to(device))
+            seg, det = (seg, det) if keep_cls else (patches(seg), patches(det))
+            seg_rows.append([t.flatten(0, 1) for t in seg])  # per layer [b * (1+HW), D] ([b * HW, D] without CLS)
+            det_rows.append([t.flatten(0, 1) for t in det])
+    seg_bank = [unit_rows(torch.cat(layer).float()) for layer in zip(*seg_rows)]
+    det_bank = [unit_rows(torch.cat(layer).float()) for layer in zip(*det_rows)]
+    return seg_bank, det_bank
+
+
+def map_head(has_masks: bool) -> str:
+    """Which adapters the anomaly maps come from: seg where masks trained them, else det (image-only datasets train
+    only the det adapters; their maps show where the image score comes from)."""
+    return "seg" if has_masks else "det"
+
+
+@dataclass
+class Collected:
+    """Per test image: label, packed mask, the det head's zero-shot score, and the low-resolution material of the
+    maps of one head (`head`): its text logits and, few-shot, its distances to the memory bank."""
+
+    has_masks: bool
+    img_size: int
+    head: str
+    labels: list = field(default_factory=list)
+    masks: list = field(default_factory=list)  # np.packbits of the [H, W] binary mask
+    zero_image: list = field(default_factory=list)  # det-head zero-shot score (float)
+    logits: list = field(default_factory=list)  # [layers, HW, 2]
+    distances: list = field(default_factory=list)  # [layers, HW]; empty without a memory bank
+
+    @property
+    def fewshot(self) -> bool:
+        return bool(self.distances)
+
+
+@torch.no_grad()
+def collect(
+    model,
+    loader: DataLoader,
+    text_features: torch.Tensor,
+    precision: Precision,
+    *,
+    has_masks: bool,
+    memory: tuple | None = None,
+    head: str | None = None,
+    desc: str = "test",
+) -> Collected:
+    """One pass over a test set; memory = (seg bank, det bank) of build_memory for few-shot, None for zero-shot.
+    `head`: whose maps are kept (default `map_head(has_masks)`)."""
+    device = next(model.parameters()).device
+    head = head or map_head(has_masks)
+    out = Collected(has_masks, loader.dataset.img_size, head)
+    bank = None if memory is None else memory[0 if head == "seg" else 1]
+    text_features = precision.scored([text_features])[0]
+    for images, labels, masks in tqdm(loader, desc=desc, leave=False):
+        with precision.forward():
+            _, seg, det = model(images.to(device))
+            with precision.scoring():
+                seg, det = precision.scored(seg), precision.scored(det)
+                tokens = seg if head == "seg" else det
+                if bank is not None:  # before the in-place normalisations of the zero-shot scoring, as the reference
+                    distances = few_shot_distances(bank, tokens)
+                det_logits = zero_shot_logits(det, text_features)
+                zero = zero_shot_image_score(det_logits)
+                logits = det_logits if head == "det" else zero_shot_logits(seg, text_features)
+        out.zero_image += zero.float().cpu().tolist()
+        out.logits += list(torch.stack(logits, 1).cpu())  # B x [L, HW, 2]
+        if bank is not None:
+            out.distances += list(torch.stack(distances, 1).cpu())  # B x [L, HW]
+        out.labels += [int(y) for y in labels]
+        out.masks += [np.packbits(m.reshape(-1).numpy() > 0.5) for m in masks]
+    return out
+
+
+def raw_maps(
+    c: Collected, start: int, stop: int, device: torch.device, precision: Precision
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unnormalised full-size zero-shot and few-shot maps [n, H, W] of images start..stop-1 (few: None if absent)."""
+    with torch.no_grad(), precision.forward(), precision.scoring():
+        logits = torch.stack(c.logits[start:stop]).to(device)  # [n, L, HW, 2]
+        zero = zero_shot_map(list(logits.unbind(1)), c.img_size).float()  # [n, H, W]
+        few = None
+        if c.fewshot:
+            distances = torch.stack(c.distances[start:stop]).to(device)  # [n, L, HW]
+            few = few_shot_map(list(distances.unbind(1)), c.img_size).float()  # [n, H, W]
+    return zero, few
+
+
+class PixelMaps:
+    """The test set's full-size maps, recomputed in chunks: zero-shot, few-shot and their 0.5/0.5 fusion.
+
+    Min-max normalisation is global over the test set, as the reference's; the extremes come from one first pass.
+    """
+
+    def __init__(self, c: Collected, device: torch.device, precision: Precision):
+        self.c, self.device, self.precision = c, device, precision
+        self.extremes = self._extremes()
+
+    def _raw(self, start: int, stop: int) -> list[torch.Tensor]:
+        return [m for m in raw_maps(self.c, start, stop, self.device, self.precision) if m is not None]
+
+    def _extremes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        lo_hi = None
+        for start in range(0, len(self.c.labels), CHUNK):
+            now = [(m.min(), m.max()) for m in self._raw(start, start + CHUNK)]
+            if lo_hi is None:
+                lo_hi = now
+            else:
+                lo_hi = [(torch.minimum(a, c), torch.maximum(b, d)) for (a, b), (c, d) in zip(lo_hi, now)]
+        return lo_hi
+
+    def chunk(self, start: int, stop: int) -> torch.Tensor:
+        """Normalised scores of images start..stop-1: [n, H, W] float32 on the CPU."""
+        maps = [minmax(m, lo, hi) for m, (lo, hi) in zip(self._raw(start, stop), self.extremes)]
+        fused = maps[0] if len(maps) == 1 else 0.5 * maps[0] + 0.5 * maps[1]
+        return fused.cpu()
+
+    def masks(self, start: int, stop: int) -> np.ndarray:
+        size = self.c.img_size
+        return np.stack([np.unpackbits(m, count=size * size).reshape(size, size) for m in self.c.masks[start:stop]])
+
+    def chunks(self):
+        for start in range(0, len(self.c.labels), CHUNK):
+            yield self.chunk(start, start + CHUNK).numpy(), self.masks(start, start + CHUNK)
+
+    def image_max(self) -> np.ndarray:
+        """Each image's highest normalised score [N]."""
+        starts = range(0, len(self.c.labels), CHUNK)
+        return np.concatenate([self.chunk(s, s + CHUNK).amax(dim=(1, 2)).numpy() for s in starts])
+
+
+def few_shot_image_means(c: Collected, device: torch.device, precision: Precision) -> np.ndarray:
+    """Each image's mean few-shot map [N] (before normalisation), in numpy float32 as the reference takes it."""
+    means = []
+    for start in range(0, len(c.labels), CHUNK):
+        few = raw_maps(c, start, start + CHUNK, device, precision)[1].cpu().numpy()  # [n, H, W]
+        means += [float(m.mean()) for m in few]
+    return np.array(means)
+
+
+def evaluate(c: Collected, device: torch.device, precision: Precision, pixel_extras: bool = True) -> dict:
+    """The reference's metrics (`image_auroc`, and `pixel_auroc` for datasets with masks) plus AP, F1-max and
+    AUPRO (`pixel_extras`), and the image scores.
+
+    Few-shot with masks: image score = max of the fused map; few-shot, image-only: 0.5/0.5 of the normalised
+    zero-shot and few-shot image scores; zero-shot: the det head's score, for datasets with masks too (as the
+    reference, whose seg-head image score goes unused).
+    """
+    zero = torch.tensor(c.zero_image, dtype=torch.float32)
+    maps = PixelMaps(c, device, precision) if c.has_masks else None
+    if c.fewshot and c.has_masks:
+        image_scores = maps.image_max()
+    elif c.fewshot:
+        few = torch.tensor(few_shot_image_means(c, device, precision), dtype=torch.float32)
+        image_scores = 0.5 * minmax(zero, zero.min(), zero.max()) + 0.5 * minmax(few, few.min(), few.max())
+        image_scores = image_scores.numpy()
+    else:
+        image_scores = minmax(zero, zero.min(), zero.max()).numpy()
+    result = {f"image_{k}": v for k, v in metrics.image_metrics(c.labels, image_scores).items()}
+    result["image_scores"] = image_scores.tolist()
+    if c.has_masks:
+        which = metrics.PIXEL_METRICS if pixel_extras else ("auroc",)
+        result.update({f"pixel_{k}": v for k, v in metrics.pixel_metrics(maps.chunks, which).items()})
+    return result
+
+
+def save_scores(
+    path: str | Path, c: Collected, result: dict, files: list[str], device: torch.device, precision: Precision
+) -> Path:
+    """What the metrics were computed from, in test-set order, as an .npz: `files` (image paths), `labels` [N] and
+    `image_scores` [N] float32; for datasets with masks also `maps` [N, H, W] float32 (the normalised anomaly maps
+    the pixel metrics use) and `masks` [N, H, W] uint8."""
+    arrays = {
+        "files": np.array(files),
+        "labels": np.array(c.labels, dtype=np.int64),
+        "image_scores": np.asarray(result["image_scores"], dtype=np.float32),
+    }
+    if c.has_masks:
+        chunks = list(PixelMaps(c, device, precision).chunks())  # [(maps [n, H, W], masks [n, H, W])]
+        arrays["maps"] = np.concatenate([maps for maps, _ in chunks])
+        arrays["masks"] = np.concatenate([masks for _, masks in chunks]).astype(np.uint8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
+
+
+def result_lines(obj: str, result: dict, fewshot: bool) -> list[str]:
+    """The reference's printed lines, in its order (few-shot: pAUC first; zero-shot: AUC first)."""
+    obj = dataset_name(obj)
+    auc = f"{obj} AUC : {round(result['image_auroc'], 4)}"
+    if "pixel_auroc" not in result:
+        return [auc]
+    pauc = f"{obj} pAUC : {round(result['pixel_auroc'], 4)}"
+    return [pauc, auc] if fewshot else [auc, pauc]
+
+
+def selection_score(result: dict) -> float:
+    """What the reference's checkpoint selection maximises: pixel + image AUROC (masks), else image AUROC."""
+    return result["image_auroc"] + result.get("pixel_auroc", 0.0)
+
+
+def evaluate_set(
+    model,
+    dataset,
+    text: torch.Tensor,
+    run: RunConfig,
+    precision: Precision,
+    memory_images: torch.Tensor | None = None,
+    pixel_extras: bool = True,
+) -> tuple[dict, Collected]:
+    """One scored pass over `dataset`: zero-shot, or few-shot with the memory bank of `memory_images` (the augmented
+    normal support images [11k, 3, H, W]). Returns the metrics and what they were computed from."""
+    memory = None
+    if memory_images is not None:
+        draw_as_loader(shuffle=True)  # the reference reads the support images through a shuffling loader
+        keep_cls = not run.memory_no_cls
+        memory = build_memory(model, memory_images, precision, run.batch_size, keep_cls)
+    loader = DataLoader(dataset, batch_size=run.batch_size, shuffle=False, num_workers=run.num_workers)
+    collected = collect(model, loader, text, precision, has_masks=dataset.has_masks, memory=memory)
+    device = next(model.parameters()).device
+    return evaluate(collected, device, precision, pixel_extras), collected
