@@ -4,9 +4,11 @@
     python demo.py --obj Liver --epoch 3
 
 Without the OpenAI weights (CLIP/ckpt/ViT-L-14-336px.pt) it uses a small random-weight CLIP; without BMAD data
-(./data/{obj}_AD) it generates a small synthetic benchmark in BMAD's layout. Then the numbers mean nothing: the demo
-shows that the pipeline runs and what it writes. It prints and runs the two commands a user would type.
+(./data/{obj}_AD) it generates a small synthetic benchmark in BMAD's layout. Then the numbers mean nothing:
+the demo shows that the pipeline runs and what it writes. It prints and runs the two commands a user would
+type.
 """
+
 import argparse
 import shlex
 import subprocess
@@ -37,7 +39,9 @@ def main(argv=None) -> int:
     if not (data / f"{args.obj}_AD").is_dir():
         made = make_synthetic_bmad(str(out), n_per_split=6, seed=0, objs=(args.obj,), shots=(args.shot,))
         data, seed_list = Path(made.data), ["--seed_dir", made.seed_root]
-        notes.append(f"BMAD data not found at {args.data_path}{args.obj}_AD: using synthetic images in {data}")
+        notes.append(
+            f"BMAD data not found at {args.data_path}{args.obj}_AD: using synthetic images in {data}"
+        )
     clip_weights = default_checkpoint("ViT-L-14-336")
     if clip_weights.is_file():
         model = ["--model_name", "ViT-L-14-336", "--features_list", "6", "12", "18", "24"]
@@ -47,7 +51,14 @@ def main(argv=None) -> int:
     if notes:
         print("DEMO - the numbers below are meaningless:\n  " + "\n  ".join(notes))
     common = ["--obj", args.obj, "--shot", str(args.shot), "--data_path", str(data)]
-    common += ["--save_path", str(out / "ckpt"), "--out_dir", str(out / "results"), "--precision", args.precision]
+    common += [
+        "--save_path",
+        str(out / "ckpt"),
+        "--out_dir",
+        str(out / "results"),
+        "--precision",
+        args.precision,
+    ]
     common += [*model, *seed_list, "--shot_in_name"]
     commands = [
         ["train_few.py", *common, "--epoch", str(args.epoch), "--overwrite"],

@@ -1,9 +1,11 @@
-"""Few-shot test: the adapters' text comparison fused with a memory bank of the k augmented normal support images.
+"""Few-shot test: the adapters' text comparison fused with a memory bank of the k augmented normal support
+images.
 
     python test_few.py --obj Brain --shot 4 --iterate 0
     python test_few.py --obj Liver --shot 4 --iterate 0 1 2 --save_maps maps/liver
     python test_few.py --obj Chest --shot 4 --precision bf16 --batch_size 8
 """
+
 import argparse
 
 import numpy as np
@@ -21,15 +23,21 @@ from utils import augment, setup_seed
 def parser() -> argparse.ArgumentParser:
     p = new_parser(__doc__, obj="Liver")
     add_fewshot_args(p, several=True)
-    p.add_argument("--save_path", default="./ckpt/few-shot/", help="folder of the adapter checkpoints {obj}.pth")
+    p.add_argument(
+        "--save_path", default="./ckpt/few-shot/", help="folder of the adapter checkpoints {obj}.pth"
+    )
     p.add_argument("--ckpt", default=None, help="adapter checkpoint file (overrides --save_path/{obj}.pth)")
-    p.add_argument("--shot_in_name", action="store_true", help="read {obj}_{shot}shot.pth instead of {obj}.pth")
-    add_map_args(p)  # --save_maps DIR (one subfolder iterate_{i} per draw when several), --grid_n, --save_scores
+    p.add_argument(
+        "--shot_in_name", action="store_true", help="read {obj}_{shot}shot.pth instead of {obj}.pth"
+    )
+    # --save_maps DIR (one subfolder iterate_{i} per draw when several), --grid_n, --save_scores
+    add_map_args(p)
     return p
 
 
 def per_draw(path: str | None, i: int, draws: int, suffix: str = "") -> str | None:
-    """An output path of draw i: as given for a single draw, else with `_iterate_{i}` (a folder: `/iterate_{i}`)."""
+    """An output path of draw i: as given for a single draw, else with `_iterate_{i}` (a folder:
+    `/iterate_{i}`)."""
     if not path or draws == 1:
         return path
     return f"{path}/iterate_{i}" if not suffix else f"{path.removesuffix(suffix)}_iterate_{i}{suffix}"
@@ -52,7 +60,9 @@ def main(argv=None) -> dict:
                 files = [path for path, _, _ in dataset.items]
                 save_scores(scores_file, collected, result, files, device, precision)
             if maps_dir := per_draw(run.save_maps, i, len(draws)):
-                save_test_maps(maps_dir, dataset, collected, result["image_scores"], device, precision, run.grid_n)
+                save_test_maps(
+                    maps_dir, dataset, collected, result["image_scores"], device, precision, run.grid_n
+                )
             if len(draws) > 1:
                 print(f"support draw {i} (--iterate {iterate}): " + " ".join(dataset.support.normal_files))
             print("\n".join(result_lines(run.obj, result, fewshot=True)))
@@ -61,7 +71,10 @@ def main(argv=None) -> dict:
         if len(results) > 1:  # the mean and standard deviation of every metric over the draws
             values = {k: [r[k] for r in results] for k, v in results[0].items() if isinstance(v, float)}
             summary = {k: {"mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in values.items()}
-            record = {"draws": [{"iterate": it, **r} for it, r in zip(run.iterate, results)], "summary": summary}
+            record = {
+                "draws": [{"iterate": it, **r} for it, r in zip(run.iterate, results)],
+                "summary": summary,
+            }
             for key, value in summary.items():
                 print(f"{run.obj} {key} : {value['mean']:.4f} ± {value['std']:.4f} over {len(results)} draws")
         files = {"clip": model_cfg.clip_file, "adapters": run.checkpoint}

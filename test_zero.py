@@ -1,8 +1,9 @@
 """Zero-shot test: the adapters trained on the other five datasets, compared with text prompts only.
 
-    python test_zero.py --obj Liver
-    python test_zero.py --obj Histopathology --precision bf16 --batch_size 8
+python test_zero.py --obj Liver
+python test_zero.py --obj Histopathology --precision bf16 --batch_size 8
 """
+
 import argparse
 
 from mvfa.config import configs
@@ -17,7 +18,9 @@ from utils import setup_seed
 
 def parser() -> argparse.ArgumentParser:
     p = new_parser(__doc__, obj="Retina_RESC")
-    p.add_argument("--save_path", default="./ckpt/zero-shot/", help="folder of the adapter checkpoints {obj}.pth")
+    p.add_argument(
+        "--save_path", default="./ckpt/zero-shot/", help="folder of the adapter checkpoints {obj}.pth"
+    )
     p.add_argument("--ckpt", default=None, help="adapter checkpoint file (overrides --save_path/{obj}.pth)")
     add_map_args(p)  # --save_maps DIR, --grid_n, --save_scores
     return p
@@ -37,7 +40,9 @@ def main(argv=None) -> dict:
             files = [path for path, _, _ in dataset.items]
             save_scores(run.save_scores, collected, result, files, device, precision)
         if run.save_maps:
-            save_test_maps(run.save_maps, dataset, collected, result["image_scores"], device, precision, run.grid_n)
+            save_test_maps(
+                run.save_maps, dataset, collected, result["image_scores"], device, precision, run.grid_n
+            )
         print("\n".join(result_lines(run.obj, result, fewshot=False)))
         files = {"clip": model_cfg.clip_file, "adapters": run.checkpoint}
         write_record(run.out_dir, "test_zero", run.name, flags, result, files, device)

@@ -1,9 +1,10 @@
-"""Few-shot training: adapters trained on k augmented normal and k abnormal support images of the target dataset.
+"""Few-shot training: adapters trained on k augmented normal and k abnormal support images of the target.
 
-    python train_few.py --obj Brain --shot 4
-    python train_few.py --obj Liver --shot 8 --select val --shot_in_name --save_path ./ckpt/mine/
-    python train_few.py --obj Chest --shot 4 --epoch 5 --precision bf16
+python train_few.py --obj Brain --shot 4
+python train_few.py --obj Liver --shot 8 --select val --shot_in_name --save_path ./ckpt/mine/
+python train_few.py --obj Chest --shot 4 --epoch 5 --precision bf16
 """
+
 import argparse
 
 from mvfa.config import configs

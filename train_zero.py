@@ -1,8 +1,9 @@
 """Zero-shot training: adapters trained on the test splits of the five other BMAD datasets (leave one out).
 
-    python train_zero.py --obj Liver
-    python train_zero.py --obj Brain --select val --save_path ./ckpt/mine/
+python train_zero.py --obj Liver
+python train_zero.py --obj Brain --select val --save_path ./ckpt/mine/
 """
+
 import argparse
 
 from mvfa.config import configs
@@ -27,8 +28,8 @@ def main(argv=None) -> dict:
         model_cfg, run, precision, device = configs(flags, protocol="zero")
         saved = preflight(run, model_cfg, flags, device)  # folders, checkpoint, weights, --resume's state
         setup_seed(run.seed, run.deterministic)
-        test = test_set(run)
         data = zeroshot_training_set(run)  # grouped with the global `random`, as the reference
+        test = test_set(run)
         selection = selection_set(run, test)  # deviation: --select val chooses on the valid split
         model = model_cfg.build(device, precision)
         training = Training(model, run, flags, precision, model_cfg.clip_file, saved)

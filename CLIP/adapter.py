@@ -1,4 +1,5 @@
 """The MVFA adapter model: residual bottleneck adapters after chosen ViT blocks."""
+
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ class ClipAdapter(nn.Module):
 
 
 class CLIP_Inplanted(nn.Module):
-    """A frozen CLIP image tower with a seg and a det adapter after each block in `features` (1-based numbers).
+    """A frozen CLIP image tower with a seg and a det adapter after each block in `features` (1-based
+    numbers).
 
     Attribute names are the released checkpoints' format: `seg_adapters.{k}.fc1.0.weight`, ... .
     """
@@ -33,16 +35,20 @@ class CLIP_Inplanted(nn.Module):
         self.image_encoder = clip_model.visual
         depth = len(self.image_encoder.transformer.resblocks)
         if not features or any(not 1 <= f <= depth for f in features) or len(set(features)) < len(features):
-            raise ValueError(f"--features_list {list(features)}: distinct block numbers in 1..{depth} expected")
+            raise ValueError(
+                f"--features_list {list(features)}: distinct block numbers in 1..{depth} expected"
+            )
         self.features = list(features)
         width = self.image_encoder.conv1.out_channels
-        # tokens are compared with text features, so the bottleneck is CLIP's embedding width (768 for ViT-L/14)
+        # tokens are compared with text features, so the bottleneck is CLIP's embedding width
+        # (768 for ViT-L/14)
         bottleneck = bottleneck or clip_model.text_projection.shape[1]
         self.seg_adapters = nn.ModuleList([ClipAdapter(width, bottleneck) for _ in self.features])
         self.det_adapters = nn.ModuleList([ClipAdapter(width, bottleneck) for _ in self.features])
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """images [B, 3, H, W] -> pooled [B, E], seg and det tokens: one [B, 1+HW, bottleneck] per adapted block.
+        """images [B, 3, H, W] -> pooled [B, E], seg and det tokens: one [B, 1+HW, bottleneck] per
+        adapted block.
 
         Token 0 is the CLS token; both adapters see it, as in the reference.
         """
@@ -62,7 +68,10 @@ class CLIP_Inplanted(nn.Module):
 
     def adapter_state(self) -> dict:
         """The released checkpoint layout."""
-        return {"seg_adapters": self.seg_adapters.state_dict(), "det_adapters": self.det_adapters.state_dict()}
+        return {
+            "seg_adapters": self.seg_adapters.state_dict(),
+            "det_adapters": self.det_adapters.state_dict(),
+        }
 
     def load_adapters(self, path: str | Path) -> dict:
         """Load `{'seg_adapters': ..., 'det_adapters': ...}` strictly (extra top-level keys are ignored).
@@ -71,20 +80,28 @@ class CLIP_Inplanted(nn.Module):
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"adapter checkpoint not found: {path} (download the released MVFA checkpoints "
-                                    f"with `python -m tools.download checkpoints`, or train one with train_few.py / "
-                                    f"train_zero.py)")
+            raise FileNotFoundError(
+                f"adapter checkpoint not found: {path} (download the released MVFA checkpoints "
+                f"with `python -m tools.download checkpoints`, or train one with train_few.py / "
+                f"train_zero.py)"
+            )
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            first_line = (str(e).splitlines() or [""])[0][:200]  # some errors (EOFError of an empty file) have no text
-            raise ValueError(f"cannot read adapter checkpoint {path}: {type(e).__name__}: {first_line}") from None
+            # some errors (EOFError of an empty file) have no text
+            first_line = (str(e).splitlines() or [""])[0][:200]
+            raise ValueError(
+                f"cannot read adapter checkpoint {path}: {type(e).__name__}: {first_line}"
+            ) from None
         for name in ("seg_adapters", "det_adapters"):
             if not isinstance(ckpt, dict) or name not in ckpt:
                 raise ValueError(f"{path} is not an MVFA adapter checkpoint: no '{name}' entry")
             modules = getattr(self, name)
-            check_keys({f"{name}.{k}": v for k, v in modules.state_dict().items()},
-                       {f"{name}.{k}": v for k, v in ckpt[name].items()}, str(path),
-                       "was it trained with another --features_list?")
+            check_keys(
+                {f"{name}.{k}": v for k, v in modules.state_dict().items()},
+                {f"{name}.{k}": v for k, v in ckpt[name].items()},
+                str(path),
+                "was it trained with another --features_list?",
+            )
             modules.load_state_dict(ckpt[name], strict=True)
         return ckpt

@@ -1,8 +1,10 @@
 """Reading CLIP weights into our model: one short pipeline of named steps, and `create_model`.
 
-Accepted files: OpenAI's TorchScript archives, plain OpenAI state dicts, OpenCLIP checkpoints (`state_dict` wrapper,
-`module.` prefix) and the Hugging Face `transformers` layout (`.bin` or `.safetensors`). Nothing is ever downloaded.
+Accepted files: OpenAI's TorchScript archives, plain OpenAI state dicts, OpenCLIP checkpoints (`state_dict`
+wrapper, `module.` prefix) and the Hugging Face `transformers` layout (`.bin` or `.safetensors`). Nothing is
+ever downloaded.
 """
+
 import json
 import re
 import warnings
@@ -18,7 +20,7 @@ CLIP_DIR = Path(__file__).resolve().parent
 CKPT_DIR = CLIP_DIR / "ckpt"
 OPENAI_URLS = {
     "ViT-L-14-336": "https://openaipublic.azureedge.net/clip/models/"
-                    "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+    "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
 OPENAI_FILES = {"ViT-L-14-336": "ViT-L-14-336px.pt"}
 METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -33,22 +35,29 @@ def read_state_dict(path: str | Path, model_name: str = "ViT-L-14-336") -> dict:
     path = Path(path)
     if not path.is_file():
         url = OPENAI_URLS.get(model_name, "the OpenAI CLIP release")
-        raise FileNotFoundError(f"CLIP weights not found at {path}: download {url} and put it there, or run "
-                                f"`python -m tools.download clip` (or pass --clip_ckpt PATH)")
+        raise FileNotFoundError(
+            f"CLIP weights not found at {path}: download {url} and put it there, or run "
+            f"`python -m tools.download clip` (or pass --clip_ckpt PATH)"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             return load_file(str(path), device="cpu")
         try:  # OpenAI's release is a TorchScript archive
-            with warnings.catch_warnings():  # only torch.jit's own deprecation notice, which users cannot act on
+            # only torch.jit's own deprecation notice, which users cannot act on
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r".*torch\.jit", category=FutureWarning)
                 return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         except RuntimeError:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        first_line = (str(e).splitlines() or [""])[0][:200]  # some errors (EOFError of an empty file) have no text
-        raise ValueError(f"cannot read CLIP weights {path}: {type(e).__name__}: {first_line} "
-                         f"(is it a complete, uncorrupted download?)") from None
+        # some errors (EOFError of an empty file) have no text
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"cannot read CLIP weights {path}: {type(e).__name__}: {first_line} "
+            f"(is it a complete, uncorrupted download?)"
+        ) from None
 
 
 def unwrap(sd: dict) -> dict:
@@ -56,7 +65,7 @@ def unwrap(sd: dict) -> dict:
     if isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -135,16 +144,29 @@ def config_from_state_dict(sd: dict) -> dict:
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     text_width = sd["ln_final.weight"].shape[0]
     if width % 64 or text_width % 64:
-        raise ValueError(f"widths {width}/{text_width} are not multiples of 64: the head count cannot be read off the "
-                         f"shapes; add a CLIP/model_configs/<model_name>.json")
-    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})  # block indices
+        raise ValueError(
+            f"widths {width}/{text_width} are not multiples of 64: the head count cannot be read off the "
+            f"shapes; add a CLIP/model_configs/<model_name>.json"
+        )
+
+    def count(prefix: str) -> int:  # the number of distinct block indices under `prefix`
+        return len({k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)})
+
     return {
         "embed_dim": sd["text_projection"].shape[1],
-        "vision_cfg": {"image_size": grid * patch, "layers": count("visual.transformer.resblocks."),
-                       "width": width, "patch_size": patch},
-        "text_cfg": {"context_length": sd["positional_embedding"].shape[0],
-                     "vocab_size": sd["token_embedding.weight"].shape[0], "width": text_width,
-                     "heads": text_width // 64, "layers": count("transformer.resblocks.")},
+        "vision_cfg": {
+            "image_size": grid * patch,
+            "layers": count("visual.transformer.resblocks."),
+            "width": width,
+            "patch_size": patch,
+        },
+        "text_cfg": {
+            "context_length": sd["positional_embedding"].shape[0],
+            "vocab_size": sd["token_embedding.weight"].shape[0],
+            "width": text_width,
+            "heads": text_width // 64,
+            "layers": count("transformer.resblocks."),
+        },
     }
 
 
@@ -159,8 +181,10 @@ def check_keys(expected: dict, sd: dict, source: str, hint: str) -> None:
         if key not in sd:
             raise ValueError(f"{source}: missing key '{key}' ({hint})")
         if sd[key].shape != value.shape:
-            raise ValueError(f"{source}: '{key}' has shape {tuple(sd[key].shape)}, the model expects "
-                             f"{tuple(value.shape)} ({hint})")
+            raise ValueError(
+                f"{source}: '{key}' has shape {tuple(sd[key].shape)}, the model expects "
+                f"{tuple(value.shape)} ({hint})"
+            )
     extra = [k for k in sd if k not in expected]
     if extra:
         raise ValueError(f"{source}: unexpected key '{extra[0]}' ({hint})")
@@ -171,18 +195,27 @@ def load_strict(model: torch.nn.Module, sd: dict, source: str) -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def create_model(model_name: str = "ViT-L-14-336", img_size: int = 240, pretrained: str = "openai",
-                 device: str | torch.device = "cpu", checkpoint: str | Path | None = None,
-                 quick_gelu: bool = False, fused: bool = False) -> CLIP:
+def create_model(
+    model_name: str = "ViT-L-14-336",
+    img_size: int = 240,
+    pretrained: str = "openai",
+    device: str | torch.device = "cpu",
+    checkpoint: str | Path | None = None,
+    quick_gelu: bool = False,
+    fused: bool = False,
+) -> CLIP:
     """The reference's call: the CLIP of `model_name` at `img_size`, with OpenAI's weights, in eval mode.
 
-    `pretrained='openai'` reads `checkpoint` (default `CLIP/ckpt/<OpenAI file name>`); `pretrained='none'` builds
-    random weights (tests, demo). The architecture comes from `CLIP/model_configs/<model_name>.json` when it exists,
-    else from the checkpoint's shapes. Exact GELU by default, as the reference runs it; `quick_gelu=True` uses the
-    activation the weights were trained with. `fused=True`: fused attention (see `CLIP.set_fused`).
+    `pretrained='openai'` reads `checkpoint` (default `CLIP/ckpt/<OpenAI file name>`); `pretrained='none'`
+    builds random weights (tests, demo). The architecture comes from `CLIP/model_configs/<model_name>.json`
+    when it exists, else from the checkpoint's shapes. Exact GELU by default, as the reference runs it;
+    `quick_gelu=True` uses the activation the weights were trained with. `fused=True`: fused attention (see
+    `CLIP.set_fused`).
     """
     if pretrained not in ("openai", "none"):
-        raise ValueError(f"--pretrain {pretrained!r} is not supported: use 'openai' (with --clip_ckpt for a file)")
+        raise ValueError(
+            f"--pretrain {pretrained!r} is not supported: use 'openai' (with --clip_ckpt for a file)"
+        )
     sd = None
     if pretrained == "openai":
         path = Path(checkpoint) if checkpoint else default_checkpoint(model_name)
@@ -194,13 +227,18 @@ def create_model(model_name: str = "ViT-L-14-336", img_size: int = 240, pretrain
         except KeyError as e:
             raise ValueError(f"{path}: no {e} tensor - not CLIP weights") from None
     if config is None:
-        raise ValueError(f"unknown --model_name {model_name!r}: no CLIP/model_configs/{model_name}.json and no weights")
-    # The reference builds a throw-away CLIP at the checkpoint's resolution, then its own at img_size, both with
-    # torch's default initialisation: draw what they draw (spec 8.2), so that the adapters built next start from
-    # the reference's values; our model is built on the meta device and draws nothing.
+        raise ValueError(
+            f"unknown --model_name {model_name!r}: no CLIP/model_configs/{model_name}.json and no weights"
+        )
+    # The reference builds a throw-away CLIP at the checkpoint's resolution, then its own at img_size, both
+    # with torch's default initialisation, before it builds the adapters: draw what they draw, so that the
+    # adapters built next start from the reference's values; our model is built on the meta device and draws
+    # nothing.
     patch = config["vision_cfg"]["patch_size"]
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5) if sd else None
-    throwaway = {**config, "vision_cfg": {**config["vision_cfg"], "image_size": grid * patch}} if grid else config
+    throwaway = (
+        {**config, "vision_cfg": {**config["vision_cfg"], "image_size": grid * patch}} if grid else config
+    )
     config = {**config, "vision_cfg": {**config["vision_cfg"], "image_size": img_size}}
     advance(reference_init_draws(throwaway) + reference_init_draws(config))
     with torch.device("meta"):

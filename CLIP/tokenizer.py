@@ -1,7 +1,10 @@
-"""CLIP's byte-level BPE tokenizer (spec section 2) and `tokenize`, which pads ids to a (n, 77) int32 tensor.
+"""CLIP's byte-level BPE tokenizer, id for id OpenAI's (the reference's text features depend on every id),
+and `tokenize`, which pads ids to a (n, 77) int32 tensor.
 
-The vocabulary is the shipped `bpe_simple_vocab_16e6.txt.gz`; the tokenizer is built on first use, not at import.
+The vocabulary is the shipped `bpe_simple_vocab_16e6.txt.gz`; the tokenizer is built on first use, not at
+import (the reference builds it at import).
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,10 +28,16 @@ PATTERN = regex.compile(
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """Byte -> printable character; dict order (printable bytes first, then the rest) is the vocabulary order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    """Byte -> printable character; dict order (printable bytes first, then the rest) is the vocabulary
+    order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table = {b: chr(b) for b in printable}
-    others = [b for b in range(256) if b not in table]  # 68 bytes: controls, space, DEL, NBSP, soft hyphen, ...
+    # 68 bytes: controls, space, DEL, NBSP, soft hyphen, ...
+    others = [b for b in range(256) if b not in table]
     table.update({b: chr(256 + i) for i, b in enumerate(others)})
     return table
 
@@ -50,10 +59,12 @@ class SimpleTokenizer:
     def __init__(self, bpe_path: str | Path = BPE_PATH):
         bpe_path = Path(bpe_path)
         if not bpe_path.is_file():
-            raise FileNotFoundError(f"BPE vocabulary {bpe_path} not found; restore CLIP/bpe_simple_vocab_16e6.txt.gz "
-                                    "from the repository")
+            raise FileNotFoundError(
+                f"BPE vocabulary {bpe_path} not found; restore CLIP/bpe_simple_vocab_16e6.txt.gz "
+                "from the repository"
+            )
         lines = gzip.decompress(bpe_path.read_bytes()).decode("utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines[1:N_MERGES + 1]]
+        merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         symbols = list(self.byte_encoder.values())
@@ -101,7 +112,7 @@ class SimpleTokenizer:
         return raw.decode("utf-8", errors="replace").replace("</w>", " ")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_tokenizer() -> SimpleTokenizer:
     """The shared tokenizer, built on first call (about a second: it reads the 1.3 MB vocabulary)."""
     return SimpleTokenizer()
@@ -111,7 +122,9 @@ def _as_list(texts: str | list[str]) -> list[str]:
     return [texts] if isinstance(texts, str) else list(texts)
 
 
-def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH, truncate: bool = False) -> torch.IntTensor:
+def tokenize(
+    texts: str | list[str], context_length: int = CONTEXT_LENGTH, truncate: bool = False
+) -> torch.IntTensor:
     """[SOT] + ids + [EOT] of each text, zero-padded: int32 tensor of shape (n, context_length)."""
     if context_length < 2:
         raise ValueError(f"context_length={context_length} leaves no room for SOT and EOT; use at least 2")
@@ -123,9 +136,11 @@ def tokenize(texts: str | list[str], context_length: int = CONTEXT_LENGTH, trunc
         if len(ids) > context_length:
             if not truncate:
                 # deviation: the reference raises RuntimeError; a ValueError names the text and the fix.
-                raise ValueError(f"text {text[:40]!r}... is {len(ids)} tokens long (incl. SOT/EOT), more than "
-                                 f"context_length={context_length}; pass truncate=True to cut it")
+                raise ValueError(
+                    f"text {text[:40]!r}... is {len(ids)} tokens long (incl. SOT/EOT), more than "
+                    f"context_length={context_length}; pass truncate=True to cut it"
+                )
             ids = ids[:context_length]
             ids[-1] = EOT_ID
-        out[row, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        out[row, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
     return out

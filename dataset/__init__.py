@@ -1,6 +1,8 @@
-"""The six BMAD datasets (name -> folder, has_masks, prompt name), one's own datasets in BMAD's layout, and the
-helpers every dataset module shares. The datasets themselves are in `dataset.medical_few`, `dataset.medical_zero`;
+"""The six BMAD datasets (name -> folder, has_masks, prompt name), one's own datasets in BMAD's layout, and
+the helpers every dataset module shares. The datasets themselves are in `dataset.medical_few` and
+`dataset.medical_zero`.
 """
+
 import os
 from typing import NamedTuple
 
@@ -9,26 +11,44 @@ from .images import CLIP_MEAN, CLIP_STD, load_image, load_input, load_mask
 
 
 class Dataset(NamedTuple):
-    """One BMAD dataset: its folder under data_path, whether it has pixel masks, the object name of its prompts."""
+    """One BMAD dataset: its folder under data_path, whether it has pixel masks, the object name of its
+    prompts."""
+
     folder: str
     has_masks: bool
     prompt_name: str
 
 
-# replaces the reference's sign-encoded CLASS_INDEX; Retina_RESC and Retina_OCT2017 share a prompt name (spec Q26)
+# replaces the reference's sign-encoded CLASS_INDEX. Retina_RESC and Retina_OCT2017 share a prompt name, hence
+# the same text features: the reference names both "retinal OCT", kept for its numbers
 DATASETS: dict[str, Dataset] = {
-    'Brain': Dataset('Brain_AD', True, 'Brain'),
-    'Liver': Dataset('Liver_AD', True, 'Liver'),
-    'Retina_RESC': Dataset('Retina_RESC_AD', True, 'retinal OCT'),
-    'Retina_OCT2017': Dataset('Retina_OCT2017_AD', False, 'retinal OCT'),
-    'Chest': Dataset('Chest_AD', False, 'Chest X-ray film'),
-    'Histopathology': Dataset('Histopathology_AD', False, 'histopathological image'),
+    "Brain": Dataset("Brain_AD", True, "Brain"),
+    "Liver": Dataset("Liver_AD", True, "Liver"),
+    "Retina_RESC": Dataset("Retina_RESC_AD", True, "retinal OCT"),
+    "Retina_OCT2017": Dataset("Retina_OCT2017_AD", False, "retinal OCT"),
+    "Chest": Dataset("Chest_AD", False, "Chest X-ray film"),
+    "Histopathology": Dataset("Histopathology_AD", False, "histopathological image"),
 }
-CLASS_NAMES: tuple[str, ...] = ('Brain', 'Liver', 'Retina_RESC', 'Retina_OCT2017', 'Chest', 'Histopathology')
+CLASS_NAMES: tuple[str, ...] = ("Brain", "Liver", "Retina_RESC", "Retina_OCT2017", "Chest", "Histopathology")
 
-__all__ = ['DATASETS', 'CLASS_NAMES', 'IMAGE_EXTENSIONS', 'CLIP_MEAN', 'CLIP_STD', 'check_obj', 'dataset_root',
-           'check_target', 'dataset_name', 'has_masks', 'prompt_of',
-           'list_images', 'pair_masks', 'load_image', 'load_input', 'load_mask']
+__all__ = [
+    "DATASETS",
+    "CLASS_NAMES",
+    "IMAGE_EXTENSIONS",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "check_obj",
+    "dataset_root",
+    "check_target",
+    "dataset_name",
+    "has_masks",
+    "prompt_of",
+    "list_images",
+    "pair_masks",
+    "load_image",
+    "load_input",
+    "load_mask",
+]
 
 
 def check_obj(name: str) -> str:
@@ -43,19 +63,22 @@ def dataset_root(data_path: str, obj: str) -> str:
     `{data_path}/{obj}`. Checked to exist (FileNotFoundError saying where the data must go)."""
     if obj not in DATASETS:
         for root in (obj, os.path.join(data_path, obj)):
-            if os.path.isdir(os.path.join(root, 'test')):
+            if os.path.isdir(os.path.join(root, "test")):
                 return root
         if os.sep not in obj and "/" not in obj:
             check_obj(obj)  # a bare name that is no folder: most likely a misspelt BMAD name
-        raise FileNotFoundError(f"--obj {obj}: no dataset in BMAD's layout there (no {os.path.join(obj, 'test')} "
-                                f"folder); see README 'Your own data'")
+        raise FileNotFoundError(
+            f"--obj {obj}: no dataset in BMAD's layout there (no {os.path.join(obj, 'test')} "
+            f"folder); see README 'Your own data'"
+        )
     folder = DATASETS[obj].folder
     root = os.path.join(data_path, folder)
     if not os.path.isdir(root):
         raise FileNotFoundError(
             f"dataset folder not found: {root}; the BMAD data must be placed as data/{folder}/{{valid,test}}/"
-            f"{{good,Ungood}}/img/ (masks in Ungood/anomaly_mask/): run `python -m tools.download data {obj}`, or "
-            f"pass --data_path to the folder holding it")
+            f"{{good,Ungood}}/img/ (masks in Ungood/anomaly_mask/): "
+            f"run `python -m tools.download data {obj}`, or pass --data_path to the folder holding it"
+        )
     return root
 
 
@@ -68,21 +91,25 @@ def has_masks(data_path: str, obj: str) -> bool:
     """BMAD: from the table; one's own dataset: whether its test split has an `Ungood/anomaly_mask` folder."""
     if obj in DATASETS:
         return DATASETS[obj].has_masks
-    return os.path.isdir(os.path.join(dataset_root(data_path, obj), 'test', 'Ungood', 'anomaly_mask'))
+    return os.path.isdir(os.path.join(dataset_root(data_path, obj), "test", "Ungood", "anomaly_mask"))
 
 
 def check_target(data_path: str, obj: str, prompt_name: str | None = None) -> str:
-    """The prompt name of --obj, checked before any work: a BMAD name, or one's own dataset with --prompt_name."""
+    """The prompt name of --obj, checked before any work: a BMAD name, or one's own dataset with
+    --prompt_name."""
     if obj not in DATASETS:
         dataset_root(data_path, obj)
     return prompt_of(obj, prompt_name)
 
 
 def prompt_of(obj: str, prompt_name: str | None = None) -> str:
-    """The object name put into the prompts: --prompt_name if given, else the BMAD dataset's (spec 4.1)."""
+    """The object name put into the prompts: --prompt_name if given, else the BMAD dataset's, word for word
+    the reference's (the text features depend on it)."""
     if prompt_name:
         return prompt_name
     if obj not in DATASETS:
-        raise ValueError(f"--prompt_name is needed for --obj {obj}, which is not one of BMAD's six: the object named "
-                         f"in the text prompts, e.g. --prompt_name 'knee MRI'")
+        raise ValueError(
+            f"--prompt_name is needed for --obj {obj}, which is not one of BMAD's six: the object named "
+            f"in the text prompts, e.g. --prompt_name 'knee MRI'"
+        )
     return DATASETS[obj].prompt_name

@@ -1,31 +1,36 @@
 """Listing the image files of a BMAD folder and pairing abnormal images with their masks by file name."""
+
 import os
 
 from PIL import Image
 
-IMAGE_EXTENSIONS: tuple[str, ...] = ('.png', '.jpeg', '.jpg', '.bmp', '.tif', '.tiff')
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpeg", ".jpg", ".bmp", ".tif", ".tiff")
 
 
 def list_images(folder: str, sort: bool = True) -> list[str]:
-    """Full paths of the image files in `folder`, sorted by name, or in `os.listdir` order if `sort` is False."""
+    """Full paths of the image files in `folder`, sorted by name, or in `os.listdir` order if `sort` is
+    False."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(
             f"image folder not found: {folder}; the BMAD data must be placed as data/<obj>_AD/{{valid,test}}/"
-            f"{{good,Ungood}}/img/ (masks in Ungood/anomaly_mask/); `python -m tools.download --check` says what "
-            f"is missing")
-    # deviation: the reference takes every directory entry (Q41); hidden files (.DS_Store, ._x.png) and files
-    # without an image extension are skipped here. The relative listdir order of the rest is kept.
-    names = [n for n in os.listdir(folder) if not n.startswith('.') and n.lower().endswith(IMAGE_EXTENSIONS)]
+            f"{{good,Ungood}}/img/ (masks in Ungood/anomaly_mask/); "
+            f"`python -m tools.download --check` says what is missing"
+        )
+    # deviation: the reference takes every directory entry, so a stray non-image file crashes its loading or
+    # shifts its image/mask pairing; hidden files (.DS_Store, ._x.png) and files without an image extension
+    # are skipped here. The relative listdir order of the rest is kept.
+    names = [n for n in os.listdir(folder) if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
     if sort:
         names.sort()  # same order as the reference's sorted() of full paths: one folder, one prefix
     return [os.path.join(folder, n) for n in names]
 
 
 def pair_masks(img_paths: list[str], mask_dir: str, require_all: bool = True) -> list[str]:
-    """Mask path for each image: the file of the same name in `mask_dir`. A missing mask is a ValueError; so is, with
-    `require_all`, a mask whose image is not in `img_paths`."""
-    # deviation: the reference replaces every 'img' in the path (few-shot) or pairs two sorted listings by position
-    # (zero-shot test) (Q15); pairing by name gives the same pairs on valid data and an error otherwise.
+    """Mask path for each image: the file of the same name in `mask_dir`. A missing mask is a ValueError; so
+    is, with `require_all`, a mask whose image is not in `img_paths`."""
+    # deviation: the reference replaces every 'img' in the path (few-shot), which breaks when 'img' is in a
+    # folder or file name, or pairs two sorted listings by position (zero-shot test), which breaks when names
+    # or counts differ; pairing by name gives the same pairs on valid data and an error otherwise.
     masks = {os.path.basename(p): p for p in list_images(mask_dir)}
     paired = []
     for path in img_paths:
@@ -37,8 +42,10 @@ def pair_masks(img_paths: list[str], mask_dir: str, require_all: bool = True) ->
     if require_all:
         extra = sorted(set(masks) - {os.path.basename(p) for p in img_paths})
         if extra:
-            raise ValueError(f"mask {masks[extra[0]]} has no image of the same name "
-                             f"({len(extra)} unpaired mask(s); masks are paired with images by file name)")
+            raise ValueError(
+                f"mask {masks[extra[0]]} has no image of the same name "
+                f"({len(extra)} unpaired mask(s); masks are paired with images by file name)"
+            )
     return paired
 
 
@@ -50,5 +57,7 @@ def check_same_size(image: str, mask: str) -> None:
     except OSError:
         return  # unreadable files get their own error when they are loaded
     if sizes[0] != sizes[1]:
-        raise ValueError(f"mask {mask} is {sizes[1][0]}x{sizes[1][1]} but its image {image} is "
-                         f"{sizes[0][0]}x{sizes[0][1]}: a mask must have its image's size")
+        raise ValueError(
+            f"mask {mask} is {sizes[1][0]}x{sizes[1][1]} but its image {image} is "
+            f"{sizes[0][0]}x{sizes[0][1]}: a mask must have its image's size"
+        )

@@ -1,4 +1,5 @@
 """The configs a script builds once from its flags: the model, the run, the precision and the device."""
+
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -10,12 +11,12 @@ from dataset import dataset_name
 from utils import resolve_device
 
 from .precision import Precision
-from .records import checkpoint_path
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The adapted CLIP: architecture, input resolution, weights, activation, attention path, adapted blocks."""
+    """The adapted CLIP: architecture, input resolution, weights, activation, attention path, adapted
+    blocks."""
 
     model_name: str = "ViT-L-14-336"
     pretrain: str = "openai"  # 'openai': read clip_ckpt; 'none': random weights (tests, demo)
@@ -50,7 +51,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What a run does with the model: protocol, data, support set, selection, optimiser, seeds and outputs."""
+    """What a run does with the model: protocol, data, support set, selection, optimiser, seeds and
+    outputs."""
 
     protocol: str  # 'few' or 'zero'
     obj: str
@@ -102,11 +104,13 @@ class RunConfig:
         --shot_in_name), as the reference names it."""
         if self.ckpt:
             return Path(self.ckpt)
-        return checkpoint_path(self.save_path, self.obj, self.shot if self.shot_in_name else None)
+        stem = f"{self.name}_{self.shot}shot" if self.shot_in_name else self.name
+        return Path(self.save_path) / f"{stem}.pth"
 
 
 def pick(config: type, flags: dict):
-    """A config of the flags that are its fields (features_list and iterate as tuples); the others are left."""
+    """A config of the flags that are its fields (features_list and iterate as tuples); the others are
+    left."""
     names = {f.name for f in fields(config)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in flags.items() if k in names}
     return config(**values)

@@ -1,9 +1,11 @@
 """The one evaluation path of training and testing, few-shot and zero-shot.
 
-`collect` runs the model once over the test set and keeps per image only what the maps are made of (17x17 logits
-and distances, image scores, the packed mask): ~21 KB per image at 240 px. `evaluate` turns that into the reference's metrics and more;
-full-size maps are recomputed chunk by chunk whenever they are needed, so memory does not grow with the maps.
+`collect` runs the model once over the test set and keeps per image only what the maps are made of (17x17
+logits and distances, image scores, the packed mask): ~21 KB per image at 240 px. `evaluate` turns that into
+the reference's metrics and more; full-size maps are recomputed chunk by chunk whenever they are needed, so
+memory does not grow with the maps.
 """
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +40,8 @@ def build_memory(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Support images [n, 3, H, W] -> seg and det memory banks: per layer unit rows [n * (1+HW), D].
 
-    As the reference, the bank runs without autocast by default (`Precision.memory_bank`) and keeps the CLS rows,
-    which patches are then compared with too; keep_cls=False (--memory_no_cls) drops them.
+    As the reference, the bank runs without autocast by default (`Precision.memory_bank`) and keeps the CLS
+    rows, which patches are then compared with too; keep_cls=False (--memory_no_cls) drops them.
     """
     device = next(model.parameters()).device
     seg_rows, det_rows = [], []
@@ -47,7 +49,8 @@ def build_memory(
         for batch in tqdm(images.split(batch_size), desc="memory bank", leave=False):
             _, seg, det = model(batch.to(device))
             seg, det = (seg, det) if keep_cls else (patches(seg), patches(det))
-            seg_rows.append([t.flatten(0, 1) for t in seg])  # per layer [b * (1+HW), D] ([b * HW, D] without CLS)
+            # per layer [b * (1+HW), D] ([b * HW, D] without CLS)
+            seg_rows.append([t.flatten(0, 1) for t in seg])
             det_rows.append([t.flatten(0, 1) for t in det])
     seg_bank = [unit_rows(torch.cat(layer).float()) for layer in zip(*seg_rows)]
     det_bank = [unit_rows(torch.cat(layer).float()) for layer in zip(*det_rows)]
@@ -55,15 +58,15 @@ def build_memory(
 
 
 def map_head(has_masks: bool) -> str:
-    """Which adapters the anomaly maps come from: seg where masks trained them, else det (image-only datasets train
-    only the det adapters; their maps show where the image score comes from)."""
+    """Which adapters the anomaly maps come from: seg where masks trained them, else det (image-only datasets
+    train only the det adapters; their maps show where the image score comes from)."""
     return "seg" if has_masks else "det"
 
 
 @dataclass
 class Collected:
-    """Per test image: label, packed mask, the det head's zero-shot score, and the low-resolution material of the
-    maps of one head (`head`): its text logits and, few-shot, its distances to the memory bank."""
+    """Per test image: label, packed mask, the det head's zero-shot score, and the low-resolution material of
+    the maps of one head (`head`): its text logits and, few-shot, its distances to the memory bank."""
 
     has_masks: bool
     img_size: int
@@ -91,8 +94,8 @@ def collect(
     head: str | None = None,
     desc: str = "test",
 ) -> Collected:
-    """One pass over a test set; memory = (seg bank, det bank) of build_memory for few-shot, None for zero-shot.
-    `head`: whose maps are kept (default `map_head(has_masks)`)."""
+    """One pass over a test set; memory = (seg bank, det bank) of build_memory for few-shot, None for
+    zero-shot. `head`: whose maps are kept (default `map_head(has_masks)`)."""
     device = next(model.parameters()).device
     head = head or map_head(has_masks)
     out = Collected(has_masks, loader.dataset.img_size, head)
@@ -104,7 +107,8 @@ def collect(
             with precision.scoring():
                 seg, det = precision.scored(seg), precision.scored(det)
                 tokens = seg if head == "seg" else det
-                if bank is not None:  # before the in-place normalisations of the zero-shot scoring, as the reference
+                # before the in-place normalisations of the zero-shot scoring, as the reference
+                if bank is not None:
                     distances = few_shot_distances(bank, tokens)
                 det_logits = zero_shot_logits(det, text_features)
                 zero = zero_shot_image_score(det_logits)
@@ -121,7 +125,8 @@ def collect(
 def raw_maps(
     c: Collected, start: int, stop: int, device: torch.device, precision: Precision
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Unnormalised full-size zero-shot and few-shot maps [n, H, W] of images start..stop-1 (few: None if absent)."""
+    """Unnormalised full-size zero-shot and few-shot maps [n, H, W] of images start..stop-1 (few: None if
+    absent)."""
     with torch.no_grad(), precision.forward(), precision.scoring():
         logits = torch.stack(c.logits[start:stop]).to(device)  # [n, L, HW, 2]
         zero = zero_shot_map(list(logits.unbind(1)), c.img_size).float()  # [n, H, W]
@@ -135,7 +140,8 @@ def raw_maps(
 class PixelMaps:
     """The test set's full-size maps, recomputed in chunks: zero-shot, few-shot and their 0.5/0.5 fusion.
 
-    Min-max normalisation is global over the test set, as the reference's; the extremes come from one first pass.
+    Min-max normalisation is global over the test set, as the reference's; the extremes come from one first
+    pass.
     """
 
     def __init__(self, c: Collected, device: torch.device, precision: Precision):
@@ -163,7 +169,9 @@ class PixelMaps:
 
     def masks(self, start: int, stop: int) -> np.ndarray:
         size = self.c.img_size
-        return np.stack([np.unpackbits(m, count=size * size).reshape(size, size) for m in self.c.masks[start:stop]])
+        return np.stack(
+            [np.unpackbits(m, count=size * size).reshape(size, size) for m in self.c.masks[start:stop]]
+        )
 
     def chunks(self):
         for start in range(0, len(self.c.labels), CHUNK):
@@ -176,7 +184,8 @@ class PixelMaps:
 
 
 def few_shot_image_means(c: Collected, device: torch.device, precision: Precision) -> np.ndarray:
-    """Each image's mean few-shot map [N] (before normalisation), in numpy float32 as the reference takes it."""
+    """Each image's mean few-shot map [N] (before normalisation), in numpy float32 as the reference takes
+    it."""
     means = []
     for start in range(0, len(c.labels), CHUNK):
         few = raw_maps(c, start, start + CHUNK, device, precision)[1].cpu().numpy()  # [n, H, W]
@@ -213,9 +222,9 @@ def evaluate(c: Collected, device: torch.device, precision: Precision, pixel_ext
 def save_scores(
     path: str | Path, c: Collected, result: dict, files: list[str], device: torch.device, precision: Precision
 ) -> Path:
-    """What the metrics were computed from, in test-set order, as an .npz: `files` (image paths), `labels` [N] and
-    `image_scores` [N] float32; for datasets with masks also `maps` [N, H, W] float32 (the normalised anomaly maps
-    the pixel metrics use) and `masks` [N, H, W] uint8."""
+    """What the metrics were computed from, in test-set order, as an .npz: `files` (image paths), `labels`
+    [N] and `image_scores` [N] float32; for datasets with masks also `maps` [N, H, W] float32 (the normalised
+    anomaly maps the pixel metrics use) and `masks` [N, H, W] uint8."""
     arrays = {
         "files": np.array(files),
         "labels": np.array(c.labels, dtype=np.int64),
@@ -255,8 +264,8 @@ def evaluate_set(
     memory_images: torch.Tensor | None = None,
     pixel_extras: bool = True,
 ) -> tuple[dict, Collected]:
-    """One scored pass over `dataset`: zero-shot, or few-shot with the memory bank of `memory_images` (the augmented
-    normal support images [11k, 3, H, W]). Returns the metrics and what they were computed from."""
+    """One scored pass over `dataset`: zero-shot, or few-shot with the memory bank of `memory_images` (the
+    augmented normal support images [11k, 3, H, W]). Returns the metrics and what they were computed from."""
     memory = None
     if memory_images is not None:
         draw_as_loader(shuffle=True)  # the reference reads the support images through a shuffling loader

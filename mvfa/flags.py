@@ -1,5 +1,6 @@
 """The command-line flags the scripts share, one group per function (the reference's names and defaults), and
 `one_line_errors`, which turns the expected errors of a run into one line and exit code 2."""
+
 import argparse
 import contextlib
 import sys
@@ -10,15 +11,22 @@ SELECTIONS = ("test", "val", "last")
 
 
 def new_parser(description: str, obj: str | None = None) -> argparse.ArgumentParser:
-    """A parser showing `description` (a script's docstring, with its example commands) as written; with `obj`, the
-    flags every script takes (the reference's names and defaults), --obj defaulting to it."""
+    """A parser showing `description` (a script's docstring, with its example commands) as written; with
+    `obj`, the flags every script takes (the reference's names and defaults), --obj defaulting to it."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if obj:
-        p.add_argument("--obj", default=obj, help="dataset: Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, "
-                                                  "Histopathology, or one's own in BMAD's layout (a folder path, or "
-                                                  "a folder name under --data_path; needs --prompt_name)")
-        p.add_argument("--prompt_name", default=None,
-                       help="object name in the text prompts, e.g. 'knee MRI' (default: the BMAD dataset's)")
+        p.add_argument(
+            "--obj",
+            default=obj,
+            help="dataset: Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, "
+            "Histopathology, or one's own in BMAD's layout (a folder path, or "
+            "a folder name under --data_path; needs --prompt_name)",
+        )
+        p.add_argument(
+            "--prompt_name",
+            default=None,
+            help="object name in the text prompts, e.g. 'knee MRI' (default: the BMAD dataset's)",
+        )
         p.add_argument("--data_path", default="./data/", help="folder holding {obj}_AD/ in BMAD's layout")
         p.add_argument("--seed", type=int, default=111, help="random seed")
         p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
@@ -36,81 +44,159 @@ def positive_int(text: str) -> int:
 
 def add_model_args(parser) -> None:
     """The flags that build the model and set how it runs (also predict.py's)."""
-    parser.add_argument("--model_name", default="ViT-L-14-336", help="CLIP architecture (a CLIP/model_configs/*.json)")
-    parser.add_argument("--pretrain", default="openai", choices=["openai", "none"],
-                        help="'openai': read --clip_ckpt; 'none': random weights (tests, demo)")
-    parser.add_argument("--clip_ckpt", default=None,
-                        help="CLIP weights file (default CLIP/ckpt/ViT-L-14-336px.pt in this repository)")
-    parser.add_argument("--batch_size", type=positive_int, default=1,
-                        help="images per forward of test and memory-bank passes (train_zero: also the size of its "
-                             "training groups); above 1 faster (8: ~1.3x on 2 CPU cores), not the reference's last "
-                             "bits")
+    parser.add_argument(
+        "--model_name", default="ViT-L-14-336", help="CLIP architecture (a CLIP/model_configs/*.json)"
+    )
+    parser.add_argument(
+        "--pretrain",
+        default="openai",
+        choices=["openai", "none"],
+        help="'openai': read --clip_ckpt; 'none': random weights (tests, demo)",
+    )
+    parser.add_argument(
+        "--clip_ckpt",
+        default=None,
+        help="CLIP weights file (default CLIP/ckpt/ViT-L-14-336px.pt in this repository)",
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=1,
+        help="images per forward of test and memory-bank passes (train_zero: also the size of its "
+        "training groups); above 1 faster (8: ~1.3x on 2 CPU cores), not the reference's last "
+        "bits",
+    )
     parser.add_argument("--img_size", type=int, default=240, help="input resolution")
-    parser.add_argument("--features_list", type=int, nargs="+", default=[6, 12, 18, 24],
-                        help="1-based ViT block numbers followed by adapters")
-    parser.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda:0', ...")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="'auto': fp16 autocast on CUDA as the reference, fp32 on the CPU; 'bf16' for GPUs and "
-                             "CPUs with bf16 instructions (AVX512-BF16/AMX; slower than fp32 on other CPUs)")
-    parser.add_argument("--fast", action="store_true",
-                        help="fused attention, text prompts run over their own length: the same maths, faster, not "
-                             "the reference's last bits (printed 4-decimal results can move where scores nearly tie)")
-    parser.add_argument("--quick_gelu", action="store_true",
-                        help="fix: use QuickGELU, the activation the CLIP weights were trained with (reference: GELU)")
-    parser.add_argument("--clip_normalize", action="store_true",
-                        help="fix: normalise images with CLIP's mean/std (the reference feeds [0,1] pixels)")
+    parser.add_argument(
+        "--features_list",
+        type=int,
+        nargs="+",
+        default=[6, 12, 18, 24],
+        help="1-based ViT block numbers followed by adapters",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda:0', ..."
+    )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="'auto': fp16 autocast on CUDA as the reference, fp32 on the CPU; 'bf16' for GPUs and "
+        "CPUs with bf16 instructions (AVX512-BF16/AMX; slower than fp32 on other CPUs)",
+    )
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="fused attention, text prompts run over their own length: the same maths, faster, not "
+        "the reference's last bits (printed 4-decimal results can move where scores nearly tie)",
+    )
+    parser.add_argument(
+        "--quick_gelu",
+        action="store_true",
+        help="fix: use QuickGELU, the activation the CLIP weights were trained with (reference: GELU)",
+    )
+    parser.add_argument(
+        "--clip_normalize",
+        action="store_true",
+        help="fix: normalise images with CLIP's mean/std (the reference feeds [0,1] pixels)",
+    )
 
 
 def add_fewshot_args(parser, several: bool = False) -> None:
     parser.add_argument("--shot", type=int, default=4, help="number of normal and of abnormal support images")
-    parser.add_argument("--iterate", type=int, default=[0] if several else 0, nargs="+" if several else None,
-                        help="support list n-/a-{iterate} of dataset/fewshot_seed/{obj}/{shot}-shot.txt; -1 draws "
-                             "a support set with --seed" + ("; several values report mean ± std" if several else ""))
-    parser.add_argument("--seed_dir", default=None,
-                        help="folder of the support lists {obj}/{shot}-shot.txt (default: dataset/fewshot_seed in "
-                             "this repository), or one list file in their format")
-    parser.add_argument("--memory_no_cls", action="store_true",
-                        help="fix: leave the CLS token out of the memory bank (the reference keeps it)")
+    parser.add_argument(
+        "--iterate",
+        type=int,
+        default=[0] if several else 0,
+        nargs="+" if several else None,
+        help="support list n-/a-{iterate} of dataset/fewshot_seed/{obj}/{shot}-shot.txt; -1 draws "
+        "a support set with --seed" + ("; several values report mean ± std" if several else ""),
+    )
+    parser.add_argument(
+        "--seed_dir",
+        default=None,
+        help="folder of the support lists {obj}/{shot}-shot.txt (default: dataset/fewshot_seed in "
+        "this repository), or one list file in their format",
+    )
+    parser.add_argument(
+        "--memory_no_cls",
+        action="store_true",
+        help="fix: leave the CLS token out of the memory bank (the reference keeps it)",
+    )
     add_sort_listing_arg(parser, "the --iterate -1 draws of support images")
 
 
 def add_sort_listing_arg(parser, before: str) -> None:
-    parser.add_argument("--sort_listing", action="store_true",
-                        help=f"fix: sort folder listings before {before} (the reference uses os.listdir order, so "
-                             f"its draws depend on the file system, not only on --seed)")
+    parser.add_argument(
+        "--sort_listing",
+        action="store_true",
+        help=f"fix: sort folder listings before {before} (the reference uses os.listdir order, so "
+        f"its draws depend on the file system, not only on --seed)",
+    )
 
 
 def add_training_args(p, lr: float, save_path: str) -> None:
     p.add_argument("--epoch", type=positive_int, default=50, help="training epochs")
     p.add_argument("--learning_rate", type=float, default=lr, help="Adam learning rate (betas 0.5, 0.999)")
     p.add_argument("--save_model", type=int, default=1, choices=[0, 1], help="1: save the selected adapters")
-    p.add_argument("--save_path", default=save_path, help="folder the adapter checkpoint {obj}.pth is saved in")
-    p.add_argument("--overwrite", action="store_true", help="allow replacing a checkpoint that existed before the run")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the training state beside the checkpoint ({obj}.pth.state), written after "
-                        "every epoch and on SIGTERM / SIGUSR1 / SIGUSR2; without one, start from the beginning")
-    p.add_argument("--init_ckpt", default=None, help="start from these adapters (released layout) instead of random")
-    p.add_argument("--select", default="test", choices=SELECTIONS,
-                   help="checkpoint selection: 'test' scores on the test set as the reference; 'val' on held-out "
-                        "valid images; 'last' keeps the final weights")
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic torch kernels where they exist (slower on CUDA; the reference's training is "
-                        "not bitwise reproducible on CUDA)")
-    p.add_argument("--bce_on_probability", action="store_true",
-                   help="fix: image-level loss = BCE of the mean abnormal probability (the reference passes that "
-                        "probability to BCE-with-logits)")
+    p.add_argument(
+        "--save_path", default=save_path, help="folder the adapter checkpoint {obj}.pth is saved in"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="allow replacing a checkpoint that existed before the run"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the training state beside the checkpoint ({obj}.pth.state), written after "
+        "every epoch and on SIGTERM / SIGUSR1 / SIGUSR2; without one, start from the beginning",
+    )
+    p.add_argument(
+        "--init_ckpt", default=None, help="start from these adapters (released layout) instead of random"
+    )
+    p.add_argument(
+        "--select",
+        default="test",
+        choices=SELECTIONS,
+        help="checkpoint selection: 'test' scores on the test set as the reference; 'val' on held-out "
+        "valid images; 'last' keeps the final weights",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic torch kernels where they exist (slower on CUDA; the reference's training is "
+        "not bitwise reproducible on CUDA)",
+    )
+    p.add_argument(
+        "--bce_on_probability",
+        action="store_true",
+        help="fix: image-level loss = BCE of the mean abnormal probability (the reference passes that "
+        "probability to BCE-with-logits)",
+    )
 
 
 def add_map_args(parser) -> None:
-    parser.add_argument("--save_maps", default=None, metavar="DIR",
-                        help="after evaluation write per test image DIR/{index:05d}_{label}_{stem}.png (normalised "
-                             "anomaly map, ground-truth outline, image score) and DIR/grid.png")
-    parser.add_argument("--grid_n", type=positive_int, default=8,
-                        help="rows of DIR/grid.png: the top-scoring abnormal images, then the top-scoring normal ones")
-    parser.add_argument("--save_scores", default=None, metavar="FILE",
-                        help="write what the metrics are computed from to FILE (.npz, test-set order): files, "
-                             "labels, image_scores and, for datasets with masks, the normalised anomaly maps and "
-                             "the masks at --img_size (several --iterate draws: FILE_iterate_{i}.npz)")
+    parser.add_argument(
+        "--save_maps",
+        default=None,
+        metavar="DIR",
+        help="after evaluation write per test image DIR/{index:05d}_{label}_{stem}.png (normalised "
+        "anomaly map, ground-truth outline, image score) and DIR/grid.png",
+    )
+    parser.add_argument(
+        "--grid_n",
+        type=positive_int,
+        default=8,
+        help="rows of DIR/grid.png: the top-scoring abnormal images, then the top-scoring normal ones",
+    )
+    parser.add_argument(
+        "--save_scores",
+        default=None,
+        metavar="FILE",
+        help="write what the metrics are computed from to FILE (.npz, test-set order): files, "
+        "labels, image_scores and, for datasets with masks, the normalised anomaly maps and "
+        "the masks at --img_size (several --iterate draws: FILE_iterate_{i}.npz)",
+    )
 
 
 @contextlib.contextmanager
@@ -119,8 +205,8 @@ def one_line_errors():
     try:
         yield
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # for an error re-raised from a DataLoader worker ("Caught ValueError in DataLoader worker process 0." + the
-        # worker's traceback), the original error's message: the traceback's last line
+        # for an error re-raised from a DataLoader worker ("Caught ValueError in DataLoader worker process 0."
+        # + the worker's traceback), the original error's message: the traceback's last line
         lines = str(e).strip().splitlines()
         worker = len(lines) > 1 and lines[0].startswith("Caught ") and "Traceback" in lines[1]
         print(f"error: {lines[-1].split(': ', 1)[-1] if worker else e}", file=sys.stderr)

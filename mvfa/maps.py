@@ -1,7 +1,10 @@
-"""Anomaly maps: drawing (matplotlib, no pyplot state, no display) one overlay per image and the paper's grid, the
-maps of a test set from its collected scores, and the test scripts' `--save_maps` loop that writes both."""
+"""Anomaly maps: drawing (matplotlib, no pyplot state, no display) one overlay per image and the paper's
+grid, the maps of a test set from its collected scores, and the test scripts' `--save_maps` loop that writes
+both."""
+
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,7 +24,9 @@ LABELS = {0: "normal", 1: "abnormal"}
 
 
 class Row(NamedTuple):
-    """One image of a grid: image [3, H, W], mask [H, W] or None (image-only), heat [H, W] in [0, 1] or None."""
+    """One image of a grid: image [3, H, W], mask [H, W] or None (image-only), heat [H, W] in [0, 1] or
+    None."""
+
     image: np.ndarray | torch.Tensor
     mask: np.ndarray | torch.Tensor | None
     heat: np.ndarray | torch.Tensor | None
@@ -30,18 +35,22 @@ class Row(NamedTuple):
 
 
 def _arrays(image, heat, mask) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """image [3, H, W] (or [1, H, W]) float in [0, 1] or uint8 -> [H, W, 3] float in [0, 1] for imshow; heat and
-    mask ([1, H, W] too) -> float [H, W] or None. Maps are drawn pixel on pixel: their size must be the image's."""
+    """image [3, H, W] (or [1, H, W]) float in [0, 1] or uint8 -> [H, W, 3] float in [0, 1] for imshow;
+    heat and mask ([1, H, W] too) -> float [H, W] or None. Maps are drawn pixel on pixel: their size must be
+    the image's."""
     a = to_numpy(image)
     a = a.astype(np.float32) / 255 if a.dtype == np.uint8 else a.astype(np.float32)
     if a.ndim != 3 or a.shape[0] not in (1, 3):
         raise ValueError(f"image of shape {a.shape}: [3, H, W] or [1, H, W] expected")
     img = np.clip(np.repeat(a, 3, 0) if a.shape[0] == 1 else a, 0, 1).transpose(1, 2, 0)  # [H, W, 3]
     maps = [None if m is None else to_numpy(m) for m in (heat, mask)]
-    maps = [None if m is None else m.reshape(m.shape[-2:]).astype(np.float32) for m in maps]  # [1, H, W] masks too
+    # [1, H, W] masks too
+    maps = [None if m is None else m.reshape(m.shape[-2:]).astype(np.float32) for m in maps]
     for m in maps:
         if m is not None and m.shape != img.shape[:2]:
-            raise ValueError(f"map or mask of size {m.shape} over an image of size {img.shape[:2]}: resize one of them")
+            raise ValueError(
+                f"map or mask of size {m.shape} over an image of size {img.shape[:2]}: resize one of them"
+            )
     return img, *maps
 
 
@@ -59,8 +68,11 @@ def _heat(ax, image: np.ndarray, heat: np.ndarray, mask: np.ndarray | None) -> N
 
 
 def _colorbar(fig: Figure, ax, caption: str, length: float = 1.0) -> None:
-    """The colour scale at full opacity (a translucent layer's would look washed out); `length` in axes heights."""
-    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), CMAP), ax=ax, fraction=0.046, pad=0.03, aspect=20 * length)
+    """The colour scale at full opacity (a translucent layer's would look washed out); `length` in axes
+    heights."""
+    bar = fig.colorbar(
+        ScalarMappable(Normalize(0, 1), CMAP), ax=ax, fraction=0.046, pad=0.03, aspect=20 * length
+    )
     bar.set_label(caption, fontsize=9)
 
 
@@ -71,9 +83,12 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def overlay(image, heat, mask, score: float, title: str, path: str | Path, caption: str = "anomaly map (0-1)") -> Path:
-    """PNG at `path`: the image ([3, H, W] float in [0, 1] or uint8) with the outline of `mask` ([H, W] or None) |
-    `heat` ([H, W] in [0, 1]; None: no such panel) over it, with a colour bar captioned `caption`; score in title."""
+def overlay(
+    image, heat, mask, score: float, title: str, path: str | Path, caption: str = "anomaly map (0-1)"
+) -> Path:
+    """PNG at `path`: the image ([3, H, W] float in [0, 1] or uint8) with the outline of `mask` ([H, W] or
+    None) | `heat` ([H, W] in [0, 1]; None: no such panel) over it, with a colour bar captioned `caption`;
+    score in title."""
     img, heat, mask = _arrays(image, heat, mask)
     panels = 1 if heat is None else 2
     fig = Figure(figsize=(4.2 * panels + 0.6 * (panels - 1), 4.6), dpi=100, layout="constrained")
@@ -126,15 +141,22 @@ def grid_selection(labels: Sequence[int], scores: Sequence[float], n: int) -> li
     abnormal = [i for i in order if labels[i] == 1]
     normal = [i for i in order if labels[i] != 1]
     take_a = min(len(abnormal), max(n - len(normal), (n + 1) // 2))
-    return abnormal[:take_a] + normal[:n - take_a]
+    return abnormal[:take_a] + normal[: n - take_a]
 
 
-def save_maps(out_dir: str | Path, dataset, maps_fn: Callable[[int, int], torch.Tensor | None],
-              scores: Sequence[float], grid_n: int = 8, caption: str = "anomaly map (0-1)",
-              chunk: int = 16) -> list[Path]:
-    """Per test image one overlay PNG, plus grid.png; returns the paths written (grid last). dataset: has `.items`
-    (path, label, mask path or None), `.img_size`, `.has_masks`; maps_fn(start, stop) -> the maps [n, H, W] in [0, 1]
-    of images start..stop-1 (None: score only). Images are re-read without normalisation."""
+def save_maps(
+    out_dir: str | Path,
+    dataset,
+    maps_fn: Callable[[int, int], torch.Tensor | None],
+    scores: Sequence[float],
+    grid_n: int = 8,
+    caption: str = "anomaly map (0-1)",
+    chunk: int = 16,
+) -> list[Path]:
+    """Per test image one overlay PNG, plus grid.png; returns the paths written (grid last). dataset: has
+    `.items` (path, label, mask path or None), `.img_size`, `.has_masks`; maps_fn(start, stop) -> the maps
+    [n, H, W] in [0, 1] of images start..stop-1 (None: score only). Images are re-read without
+    normalisation."""
     items, size = dataset.items, dataset.img_size
     if len(scores) != len(items):
         raise ValueError(f"save_maps: {len(scores)} scores for {len(items)} test images")
@@ -145,11 +167,14 @@ def save_maps(out_dir: str | Path, dataset, maps_fn: Callable[[int, int], torch.
     rows, written = {}, []
     for start in range(0, len(items), chunk):
         maps = maps_fn(start, min(start + chunk, len(items)))
-        for k, (path, label, mask_path) in enumerate(items[start:start + chunk]):
+        for k, (path, label, mask_path) in enumerate(items[start : start + chunk]):
             i = start + k
             image = load_input(path, size)
-            mask = load_mask(mask_path, size)[0] if mask_path else (np.zeros((size, size)) if dataset.has_masks
-                                                                    else None)
+            mask = (
+                load_mask(mask_path, size)[0]
+                if mask_path
+                else (np.zeros((size, size)) if dataset.has_masks else None)
+            )
             heat = None if maps is None else maps[k]
             word = LABELS.get(label, str(label))
             title = f"#{i} {Path(path).name} ({word})"
@@ -162,11 +187,17 @@ def save_maps(out_dir: str | Path, dataset, maps_fn: Callable[[int, int], torch.
 
 
 def save_test_maps(
-    out_dir: str | Path, dataset, c: Collected, scores, device: torch.device, precision: Precision, grid_n: int = 8
+    out_dir: str | Path,
+    dataset,
+    c: Collected,
+    scores,
+    device: torch.device,
+    precision: Precision,
+    grid_n: int = 8,
 ) -> list[Path]:
-    """--save_maps of the test scripts: per test image the normalised map of the collected material (the pixel
-    metrics' map where there are masks; the det head's map of image-only datasets, the spatial breakdown of their
-    image scores), and the grid."""
+    """--save_maps of the test scripts: per test image the normalised map of the collected material (the
+    pixel metrics' map where there are masks; the det head's map of image-only datasets, the spatial breakdown
+    of their image scores), and the grid."""
     what = ("0.5/0.5 zero-/few-shot" if c.fewshot else "zero-shot") + ("" if c.head == "seg" else " det-head")
     maps = PixelMaps(c, device, precision)
     return save_maps(out_dir, dataset, maps.chunk, scores, grid_n, f"{what} map, min-max over the test set")

@@ -1,12 +1,14 @@
 """Metrics: image AUROC / AP / F1-max, and pixel metrics streamed over chunks of score maps.
 
-Pixel AUROC, AP and F1-max equal sklearn's on the flattened maps without holding the maps: the scores of one class
-are kept sorted (float32, the minority class when only AUROC is asked) and the other class is streamed past them.
-AUPRO is evaluated at a fixed number of FPR-spaced thresholds taken from the negatives (the usual approximation).
+Pixel AUROC, AP and F1-max equal sklearn's on the flattened maps without holding the maps: the scores of one
+class are kept sorted (float32, the minority class when only AUROC is asked) and the other class is streamed
+past them. AUPRO is evaluated at a fixed number of FPR-spaced thresholds taken from the negatives (the usual
+approximation).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 from scipy import ndimage
@@ -20,8 +22,10 @@ _IMAGES = 8  # images labelled at once for AUPRO
 _RADIX = (16, 8, 8)  # key bits resolved per pass when selecting thresholds
 _EIGHT_IN_PLANE = np.zeros((3, 3, 3), bool)
 _EIGHT_IN_PLANE[1] = True  # 8-connectivity inside each image, never across images of a [n, H, W] stack
-_CHANGED = ("pixel_metrics: chunks() gave other data on a later pass; it must return a fresh iterable of the same "
-            "chunks at every call")
+_CHANGED = (
+    "pixel_metrics: chunks() gave other data on a later pass; it must return a fresh iterable of the same "
+    "chunks at every call"
+)
 
 
 def to_numpy(a) -> np.ndarray:
@@ -34,8 +38,10 @@ def to_numpy(a) -> np.ndarray:
 
 def _check_both_classes(n_pos: int, n_neg: int, what: str) -> None:
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"AUROC is undefined: the test set has only normal (or only abnormal) {what} "
-                         f"({n_pos} abnormal, {n_neg} normal); evaluate on a test set that has both")
+        raise ValueError(
+            f"AUROC is undefined: the test set has only normal (or only abnormal) {what} "
+            f"({n_pos} abnormal, {n_neg} normal); evaluate on a test set that has both"
+        )
 
 
 def _f1(precision, recall) -> np.ndarray:
@@ -54,8 +60,11 @@ def image_metrics(labels, scores) -> dict[str, float]:
         raise ValueError("image_metrics: the scores contain NaN (min-max of constant scores?)")
     _check_both_classes(int(y.sum()), int((~y).sum()), "images")
     precision, recall, _ = precision_recall_curve(y, s)
-    return {"auroc": float(roc_auc_score(y, s)), "ap": float(average_precision_score(y, s)),
-            "f1_max": float(_f1(precision, recall).max())}
+    return {
+        "auroc": float(roc_auc_score(y, s)),
+        "ap": float(average_precision_score(y, s)),
+        "f1_max": float(_f1(precision, recall).max()),
+    }
 
 
 def _maps(chunk) -> tuple[np.ndarray, np.ndarray]:
@@ -64,8 +73,10 @@ def _maps(chunk) -> tuple[np.ndarray, np.ndarray]:
     scores = scores[:, 0] if scores.ndim == 4 and scores.shape[1] == 1 else scores
     masks = masks[:, 0] if masks.ndim == 4 and masks.shape[1] == 1 else masks
     if scores.ndim != 3 or scores.shape != masks.shape:
-        raise ValueError(f"pixel_metrics: each chunk must be (scores [n,H,W], masks [n,H,W]) of one shape, got "
-                         f"{scores.shape} and {masks.shape}")
+        raise ValueError(
+            f"pixel_metrics: each chunk must be (scores [n,H,W], masks [n,H,W]) of one shape, got "
+            f"{scores.shape} and {masks.shape}"
+        )
     return scores, masks > 0  # the reference's (gt > 0)
 
 
@@ -75,7 +86,7 @@ def _blocks(chunks: Chunks) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         scores, masks = _maps(chunk)
         scores, masks = scores.reshape(-1), masks.reshape(-1)  # [n*H*W]
         for i in range(0, scores.size, _BLOCK):
-            yield scores[i:i + _BLOCK], masks[i:i + _BLOCK]
+            yield scores[i : i + _BLOCK], masks[i : i + _BLOCK]
 
 
 def _count(chunks: Chunks) -> tuple[int, int, np.dtype]:
@@ -98,7 +109,7 @@ def _collect(chunks: Chunks, positive: bool, count: int, dtype) -> np.ndarray:
         x = s[m] if positive else s[~m]
         if filled + x.size > count:
             break
-        out[filled:filled + x.size] = x
+        out[filled : filled + x.size] = x
         filled += x.size
     if filled != count:
         raise ValueError(_CHANGED)
@@ -107,13 +118,17 @@ def _collect(chunks: Chunks, positive: bool, count: int, dtype) -> np.ndarray:
 
 
 def _scan(chunks: Chunks, stored: np.ndarray, positive: bool, dtype, window=None, n_streamed=0):
-    """Stream one class past the sorted other: sum of #stored < x, sum of #stored == x, and, for r = #stored <= x,
-    the counts of r in window [a, b)."""
+    """Stream one class past the sorted other: sum of #stored < x, sum of #stored == x, and, for
+    r = #stored <= x, the counts of r in window [a, b)."""
     below = equal = 0
-    hist = None if window is None else np.zeros(window[1] - window[0], np.uint32 if n_streamed < 2**32 else
-                                               np.uint64)
+    hist = (
+        None
+        if window is None
+        else np.zeros(window[1] - window[0], np.uint32 if n_streamed < 2**32 else np.uint64)
+    )
     for s, m in _blocks(chunks):
-        x = np.sort((s[m] if positive else s[~m]).astype(dtype, copy=False))  # sorted: searchsorted ~20x faster
+        # sorted: searchsorted ~20x faster
+        x = np.sort((s[m] if positive else s[~m]).astype(dtype, copy=False))
         right = np.searchsorted(stored, x, "right")  # [B] #stored <= x, nondecreasing
         tied = (right > 0) & (stored[np.maximum(right - 1, 0)] == x)
         ties = int((right[tied] - np.searchsorted(stored, x[tied], "left")).sum())
@@ -127,24 +142,28 @@ def _scan(chunks: Chunks, stored: np.ndarray, positive: bool, dtype, window=None
 
 
 def _pr_points(pos: np.ndarray, a: int, b: int, hist: np.ndarray, fp_above: int) -> Iterator[tuple]:
-    """TP and FP at each distinct positive score pos[f], f in [a, b), highest first, _BLOCK positions at a time.
+    """TP and FP at each distinct positive score pos[f], f in [a, b), highest first, _BLOCK positions at a
+    time.
 
     hist[i] = #negatives x with r = #pos <= x equal to a + i; fp_above = #negatives with r >= b;
     FP(f) = #negatives >= pos[f] = #negatives with r > f.
     """
     for d in range(b, a, -_BLOCK):
         c = max(a, d - _BLOCK)
-        tail = np.r_[np.cumsum(hist[c - a:d - a][::-1], dtype=np.int64)[::-1], 0] + fp_above  # #neg, r >= c + i
+        # #neg, r >= c + i
+        tail = np.r_[np.cumsum(hist[c - a : d - a][::-1], dtype=np.int64)[::-1], 0] + fp_above
         fp_above, hi = int(tail[0]), min(d, pos.size)
         if hi > c:
-            start = np.r_[c == 0 or pos[c] != pos[c - 1], pos[c + 1:hi] != pos[c:hi - 1]]  # first of its ties
+            # first of its ties
+            start = np.r_[c == 0 or pos[c] != pos[c - 1], pos[c + 1 : hi] != pos[c : hi - 1]]
             f = c + np.flatnonzero(start)[::-1]
             if f.size:
                 yield pos.size - f, tail[f - c + 1]
 
 
 def _ap_f1(chunks: Chunks, pos: np.ndarray, n_neg: int, dtype, top_hist: np.ndarray) -> tuple[float, float]:
-    """Exact AP (as sklearn's average_precision_score) and F1-max from TP / FP at each distinct positive score."""
+    """Exact AP (as sklearn's average_precision_score) and F1-max from TP / FP at each distinct positive
+    score."""
     ap, f1_max, recall_prev, fp_above = 0.0, 0.0, 0.0, 0
     b = pos.size + 1
     while b > 0:  # windows of positions r = #positives <= score, from the top
@@ -173,7 +192,8 @@ def _from_keys(k: np.ndarray) -> np.ndarray:
 
 
 def _follow(k: np.ndarray, tables: list) -> tuple[np.ndarray, np.ndarray, int]:
-    """Through the key bits resolved so far: each key's slot (prefix still searched), the keys kept, bits left."""
+    """Through the key bits resolved so far: each key's slot (prefix still searched), the keys kept, bits
+    left."""
     slot, left = np.zeros(k.size, np.int64), 32
     for table, width in zip(tables, _RADIX):
         left -= width
@@ -183,17 +203,21 @@ def _follow(k: np.ndarray, tables: list) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def _select_negatives(chunks: Chunks, ranks: np.ndarray) -> np.ndarray:
-    """The negatives' scores (as float32) of the given ascending 0-based ranks: radix selection on 16+8+8 key bits,
-    one streamed pass each, memory independent of the number of pixels."""
+    """The negatives' scores (as float32) of the given ascending 0-based ranks: radix selection on 16+8+8
+    key bits, one streamed pass each, memory independent of the number of pixels."""
     slot_of, n_slots, tables = np.zeros(ranks.size, np.int64), 1, []
     rest, prefix = ranks.astype(np.int64), np.zeros(ranks.size, np.int64)
     for width in _RADIX:
         hist = np.zeros(n_slots << width, np.int64)  # [slots * 2**width]
         for s, m in _blocks(chunks):
             slot, k, left = _follow(_keys(s[~m]), tables)
-            hist += np.bincount((slot << width) | ((k >> (left - width)) & ((1 << width) - 1)), minlength=hist.size)
+            hist += np.bincount(
+                (slot << width) | ((k >> (left - width)) & ((1 << width) - 1)), minlength=hist.size
+            )
         cum = np.cumsum(hist.reshape(n_slots, 1 << width), axis=1)  # [slots, 2**width]
-        digit = np.array([np.searchsorted(cum[slot_of[i]], rest[i], "right") for i in range(ranks.size)], np.int64)
+        digit = np.array(
+            [np.searchsorted(cum[slot_of[i]], rest[i], "right") for i in range(ranks.size)], np.int64
+        )
         rest -= np.where(digit > 0, cum[slot_of, np.maximum(digit - 1, 0)], 0)
         prefix = (prefix << width) | digit
         code, slot_of = np.unique((slot_of << width) | digit, return_inverse=True)
@@ -234,7 +258,7 @@ def _aupro(chunks: Chunks, n_neg: int, dtype, num: int, limit: float) -> float:
     for chunk in chunks():
         scores, masks = _maps(chunk)
         for i in range(0, len(scores), _IMAGES):
-            s, m = scores[i:i + _IMAGES].astype(dtype, copy=False), masks[i:i + _IMAGES]
+            s, m = scores[i : i + _IMAGES].astype(dtype, copy=False), masks[i : i + _IMAGES]
             below += np.searchsorted(np.sort(s[~m]), t, "left")  # negatives < each threshold
             labels, n = ndimage.label(m, structure=_EIGHT_IN_PLANE)  # [n_img, H, W], 1..n
             lab = labels[m]
@@ -246,25 +270,33 @@ def _aupro(chunks: Chunks, n_neg: int, dtype, num: int, limit: float) -> float:
     return _area_to(np.r_[0.0, fpr[::-1]], np.r_[0.0, pro[::-1]], limit) / limit
 
 
-def pixel_metrics(chunks: Chunks, which: Iterable[str] = PIXEL_METRICS, num_thresholds: int = 1000,
-                  fpr_limit: float = 0.3) -> dict[str, float]:
+def pixel_metrics(
+    chunks: Chunks, which: Iterable[str] = PIXEL_METRICS, num_thresholds: int = 1000, fpr_limit: float = 0.3
+) -> dict[str, float]:
     """Pixel AUROC, AP, F1-max (exact, as sklearn on all pixels) and AUPRO over streamed chunks.
 
-    chunks() must return a fresh iterable of (scores [n,H,W], masks [n,H,W]) numpy arrays or tensors (a channel
-    dimension of 1 is allowed; masks > 0 are abnormal); 3 to 8 passes are made. Memory: the sorted float32 scores of
-    the minority class (AUROC only) or of the positives (AP / F1-max; more than half the pixels only when positives
-    are the majority), plus fixed buffers of at most ~50 MB; the maps themselves are never held.
+    chunks() must return a fresh iterable of (scores [n,H,W], masks [n,H,W]) numpy arrays or tensors (a
+    channel dimension of 1 is allowed; masks > 0 are abnormal); 3 to 8 passes are made. Memory: the sorted
+    float32 scores of the minority class (AUROC only) or of the positives (AP / F1-max; more than half the
+    pixels only when positives are the majority), plus fixed buffers of at most ~50 MB; the maps themselves
+    are never held.
     """
     which = tuple(which)
     if not callable(chunks):
-        raise ValueError("pixel_metrics: chunks must be a callable returning a fresh iterable of (scores, masks) "
-                         f"chunks (several passes are made), got {type(chunks).__name__}")
+        raise ValueError(
+            "pixel_metrics: chunks must be a callable returning a fresh iterable of (scores, masks) "
+            f"chunks (several passes are made), got {type(chunks).__name__}"
+        )
     if not set(which) <= set(PIXEL_METRICS):
-        raise ValueError(f"pixel_metrics: unknown metric(s) {sorted(set(which) - set(PIXEL_METRICS))}; choose "
-                         f"from {PIXEL_METRICS}")
+        raise ValueError(
+            f"pixel_metrics: unknown metric(s) {sorted(set(which) - set(PIXEL_METRICS))}; choose "
+            f"from {PIXEL_METRICS}"
+        )
     if num_thresholds < 1 or not 0 < fpr_limit <= 1:
-        raise ValueError(f"pixel_metrics: need num_thresholds >= 1 and 0 < fpr_limit <= 1, got {num_thresholds} "
-                         f"and {fpr_limit}")
+        raise ValueError(
+            f"pixel_metrics: need num_thresholds >= 1 and 0 < fpr_limit <= 1, got {num_thresholds} "
+            f"and {fpr_limit}"
+        )
     n_pos, n_neg, dtype = _count(chunks)
     _check_both_classes(n_pos, n_neg, "pixels")
     out, curve = {}, "ap" in which or "f1_max" in which

@@ -1,4 +1,5 @@
 """One precision policy: how the forward, the scoring, the memory bank and the attention path run."""
+
 import contextlib
 from dataclasses import dataclass
 
@@ -14,8 +15,8 @@ class Precision:
     - auto: fp16 autocast on CUDA, as the reference runs; fp32 on the CPU.
     - amp: fp16 autocast on any device (on the CPU too, where it is slow and only useful to study fp16).
     - fp16 / bf16: autocast to that type on any device; fp32: no autocast.
-    bf16 alone changes the scoring: its 8-bit significand ties the near-equal memory-bank similarities, so every
-    step after the forward (normalisation, logits, similarities, upsampling, losses) runs in fp32.
+    bf16 alone changes the scoring: its 8-bit significand ties the near-equal memory-bank similarities, so
+    every step after the forward (normalisation, logits, similarities, upsampling, losses) runs in fp32.
     """
 
     name: str
@@ -42,8 +43,8 @@ class Precision:
 
     @property
     def fused_attention(self) -> bool:
-        """bf16 always takes the fused attention: it is not the reference's arithmetic anyway, and the explicit
-        path's strided bf16 products are ~35x slower on the CPU at batch >= 2 (docs/precision.md)."""
+        """bf16 always takes the fused attention: it is not the reference's arithmetic anyway, and the
+        explicit path's strided bf16 products are ~35x slower on the CPU at batch >= 2 (docs/precision.md)."""
         return self.name == "bf16"
 
     def forward(self):

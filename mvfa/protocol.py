@@ -1,7 +1,9 @@
-"""The data of each protocol: the test set (with the support set in few-shot), the set checkpoints are selected
-on, and the training set, as the training loop takes it."""
+"""The data of each protocol: the test set (with the support set in few-shot), the set checkpoints are
+selected on, and the training set, as the training loop takes it."""
+
 import os
-from typing import Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -19,8 +21,8 @@ def test_set(run: RunConfig, iterate: int | None = None) -> MedTestDataset:
     check_target(run.data_path, run.obj, run.prompt_name)
     if not run.fewshot:
         return MedTestDataset(run.data_path, run.obj, run.img_size, normalize=run.clip_normalize)
-    # iterate < 0 draws with the global `random` seeded by setup_seed(--seed), as the reference; successive draws
-    # of one run therefore differ
+    # iterate < 0 draws with the global `random` seeded by setup_seed(--seed), as the reference; successive
+    # draws of one run therefore differ
     return MedDataset(
         run.data_path,
         run.obj,
@@ -40,8 +42,8 @@ def prompt(run: RunConfig) -> str:
 
 
 def selection_set(run: RunConfig, test: MedTestDataset) -> MedTestDataset:
-    """What checkpoints are chosen on: the test set (the reference), or with --select val the valid split (few-shot:
-    without the support images)."""
+    """What checkpoints are chosen on: the test set (the reference), or with --select val the valid split
+    (few-shot: without the support images)."""
     if run.select != "val":
         return test
     held_out = MedTestDataset(run.data_path, run.obj, run.img_size, run.clip_normalize, "valid")
@@ -85,7 +87,8 @@ def fewshot_training_set(run: RunConfig, test: MedDataset, memory_images: torch.
     """The augmented support set: abnormal images (label 1, their masks), then the augmented normal images
     `memory_images` (label 0, empty masks), reshuffled every epoch."""
     support = test.support
-    abnormal, abnormal_masks = augment(support.abnormal, support.abnormal_masks)  # [11k, 3, H, W], [11k, 1, H, W]
+    # [11k, 3, H, W], [11k, 1, H, W]
+    abnormal, abnormal_masks = augment(support.abnormal, support.abnormal_masks)
     normal_masks = torch.zeros(len(memory_images), 1, *memory_images.shape[2:])
     labels = torch.tensor([1.0] * len(abnormal) + [0.0] * len(memory_images))  # [22k]
     items = TensorDataset(
@@ -103,6 +106,7 @@ def fewshot_training_set(run: RunConfig, test: MedDataset, memory_images: torch.
 def zeroshot_training_set(run: RunConfig) -> TrainingSet:
     """Groups of --batch_size test images of each other BMAD dataset, regrouped after every epoch as the
     reference does (fresh listing, fresh shuffles)."""
+    check_target(run.data_path, run.obj, run.prompt_name)
     data = MedTrainDataset(
         run.data_path, run.obj, run.img_size, run.batch_size, run.sort_listing, run.clip_normalize
     )
@@ -122,4 +126,3 @@ def zeroshot_training_set(run: RunConfig) -> TrainingSet:
     # deviation: the reference divides by zero below 5 groups; at least one step between selections here
     every = max(1, len(data) // 5)
     return TrainingSet(epoch, every, tuple(n for n in CLASS_NAMES if n != run.obj))
-

@@ -1,5 +1,6 @@
 """Adapter checkpoints (the released layout, written atomically, never replacing a file unasked) and the JSON
 record of every run (metrics, arguments, checksums, library versions)."""
+
 import hashlib
 import json
 import os
@@ -13,19 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset import dataset_name
-
-
-def checkpoint_path(save_path: str, obj: str, shot: int | None = None) -> Path:
-    """`{save_path}/{obj}.pth` as the reference, or `{obj}_{shot}shot.pth` when the shot goes in the name."""
-    name = dataset_name(obj)
-    return Path(save_path) / (f"{name}.pth" if shot is None else f"{name}_{shot}shot.pth")
-
 
 def check_writable(path: Path, overwrite: bool) -> None:
     """Refuse, before any work, to replace a checkpoint that exists already (a downloaded one, say)."""
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists already: pass --overwrite to replace it, or choose another --save_path")
+        raise FileExistsError(
+            f"{path} exists already: pass --overwrite to replace it, or choose another --save_path"
+        )
 
 
 def check_folder(folder: Path, flag: str) -> None:
@@ -44,8 +39,10 @@ def check_folder(folder: Path, flag: str) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise ValueError(f"{flag} {folder} cannot be written ({e.strerror} in {existing}); choose another "
-                         f"{flag} or make it writable") from None
+        raise ValueError(
+            f"{flag} {folder} cannot be written ({e.strerror} in {existing}); choose another "
+            f"{flag} or make it writable"
+        ) from None
 
 
 def check_readable(path: Path, what: str) -> None:
@@ -59,8 +56,10 @@ def check_readable(path: Path, what: str) -> None:
     if not head:
         raise ValueError(f"{what} {path} is empty: download or copy it again")
     if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
-        raise ValueError(f"{what} {path} is cut off (a zip archive without its end): an incomplete download "
-                         f"or copy; download or copy it again")
+        raise ValueError(
+            f"{what} {path} is cut off (a zip archive without its end): an incomplete download "
+            f"or copy; download or copy it again"
+        )
 
 
 def save_atomic(state: dict, path: Path) -> None:
@@ -86,17 +85,26 @@ def versions(device: torch.device | None = None) -> dict:
     """Library versions; on a CUDA `device` (the run's) also what its fp16 autocast does to upsampling."""
     import PIL
     import sklearn
-    return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
-            "scikit-learn": sklearn.__version__, "Pillow": PIL.__version__,
-            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-            # the vector instructions torch's CPU kernels use: they decide the last bits of a CPU run (README)
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cuda_autocast_upsample": autocast_upsample_dtype(device) if device and device.type == "cuda" else None}
+
+    return {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "Pillow": PIL.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        # the vector instructions torch's CPU kernels use: they decide the last bits of a CPU run (README)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda_autocast_upsample": autocast_upsample_dtype(device)
+        if device and device.type == "cuda"
+        else None,
+    }
 
 
 def autocast_upsample_dtype(device: torch.device) -> str:
-    """The dtype of fp16 bilinear upsampling under the device's fp16 autocast (the reference's maps follow it): on CUDA
-    'torch.float16' in torch of the paper's time (its few-shot maps then float16), 'torch.float32' in recent torch."""
+    """The dtype of fp16 bilinear upsampling under the device's fp16 autocast (the reference's maps follow
+    it): on CUDA 'torch.float16' in torch of the paper's time (its few-shot maps then float16),
+    'torch.float32' in recent torch."""
     x = torch.zeros(1, 1, 2, 2, device=device, dtype=torch.float16)
     with torch.autocast(device.type, dtype=torch.float16):
         return str(F.interpolate(x, size=4, mode="bilinear", align_corners=True).dtype)

@@ -1,8 +1,10 @@
-"""MVFA's scoring maths as small pure functions (spec 6.6, 7.5): text logits, zero-shot and few-shot maps.
+"""MVFA's scoring maths as small pure functions, as the reference's few-shot and zero-shot tests compute
+them: text logits, zero-shot and few-shot maps.
 
-Token lists hold one tensor per adapted layer, [B, 1+HW, D] with the CLS token first; `patches` drops it here and
-nowhere else. Operation order follows the reference so that autocast produces the same dtypes.
+Token lists hold one tensor per adapted layer, [B, 1+HW, D] with the CLS token first; `patches` drops it
+here and nowhere else. Operation order follows the reference so that autocast produces the same dtypes.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -18,18 +20,21 @@ def text_logits(unit_tokens: torch.Tensor, text_features: torch.Tensor) -> torch
 
 
 def upsample(patch_values: torch.Tensor, size: int) -> torch.Tensor:
-    """Patch values [B, HW, C] (row-major square grid) -> [B, C, size, size], bilinear with align_corners=True."""
+    """Patch values [B, HW, C] (row-major square grid) -> [B, C, size, size], bilinear with
+    align_corners=True."""
     b, hw, c = patch_values.shape
-    side = round(hw ** 0.5)
+    side = round(hw**0.5)
     grid = patch_values.permute(0, 2, 1).reshape(b, c, side, side)  # [B, C, g, g]
     return F.interpolate(grid, size=size, mode="bilinear", align_corners=True)
 
 
 def zero_shot_logits(tokens: list[torch.Tensor], text_features: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer: patch tokens normalised in place (as the reference's test, spec Q8) -> logits [B, HW, 2]."""
+    """Per layer: patch tokens normalised in place -> logits [B, HW, 2]. The reference's test normalises in
+    place (under autocast the result stays fp16) where its training does not; both are kept for its dtypes."""
     out = []
     for t in patches(tokens):
-        t = t.clone()  # the in-place division keeps the reference's dtype flow without touching the caller's tensor
+        # the in-place division keeps the reference's dtype flow without touching the caller's tensor
+        t = t.clone()
         t /= t.norm(dim=-1, keepdim=True)
         out.append(text_logits(t, text_features))
     return out
@@ -59,7 +64,8 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 def few_shot_distances(memory: list[torch.Tensor], tokens: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per layer: 1 - max cosine similarity of each patch to the memory bank -> [B, HW].
 
-    memory: per layer unit rows [M, D] (support tokens, CLS rows included as in the reference, spec Q6).
+    memory: per layer unit rows [M, D] (support tokens; the reference keeps the CLS rows in its memory bank
+    while its queries are patches only, kept for its numbers).
     min(1 - cos) equals 1 - max(cos) exactly, as float rounding of 1 - x is monotone.
     """
     out = []
@@ -80,5 +86,6 @@ def few_shot_map(distances: list[torch.Tensor], size: int) -> torch.Tensor:
 
 
 def minmax(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """(a - lo) / (hi - lo): the reference's global normalisation over the whole test set (spec Q32)."""
+    """(a - lo) / (hi - lo): the reference's global normalisation over the whole test set, not per image,
+    kept for its AUROCs."""
     return (a - lo) / (hi - lo)

@@ -1,14 +1,14 @@
-"""Adapter training shared by train_few.py and train_zero.py: optimisers, one step, and `Training`: the epoch loop
-with checkpoint selection, the state --resume continues from, and the final test."""
-import os
+"""Adapter training shared by train_few.py and train_zero.py: optimisers, one step, and `Training`: the epoch
+loop with checkpoint selection, the state --resume continues from, and the final test."""
+
 import random
 import signal
 import sys
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -79,7 +79,11 @@ def state_flaw(path: Path) -> str | None:
         return None
     with open(path, "rb") as f:
         zipped = f.read(4) == b"PK\x03\x04"
-    return "it is cut off: a zip archive without its end" if zipped else "it is no zip archive as torch.save writes"
+    return (
+        "it is cut off: a zip archive without its end"
+        if zipped
+        else "it is no zip archive as torch.save writes"
+    )
 
 
 def read_state(target: Path, identity: dict) -> dict:
@@ -93,23 +97,30 @@ def read_state(target: Path, identity: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - damage inside the archive: the loader's first sentence says what
         flaw = f"{type(e).__name__}: {(str(e).split('. ')[0].splitlines() or [''])[0][:200]}"
     if flaw:
-        raise ValueError(f"training state {path} cannot be read ({flaw}): delete it or move it away, {afresh}")
+        raise ValueError(
+            f"training state {path} cannot be read ({flaw}): delete it or move it away, {afresh}"
+        )
     if not isinstance(saved, dict) or "mvfa_training_state" not in saved:
         raise ValueError(f"{path} is not a training state of this code: move it away, {afresh}")
     if saved["mvfa_training_state"] != STATE_VERSION:
-        raise ValueError(f"training state {path} is of state version {saved['mvfa_training_state']}, this "
-                         f"code continues version {STATE_VERSION} only: continue it with the code that wrote "
-                         f"it, or delete it or move it away, {afresh}")
+        raise ValueError(
+            f"training state {path} is of state version {saved['mvfa_training_state']}, this "
+            f"code continues version {STATE_VERSION} only: continue it with the code that wrote "
+            f"it, or delete it or move it away, {afresh}"
+        )
     old = saved["args"]
     changed = [k for k in {**old, **identity} if old.get(k, ...) != identity.get(k, ...)]
     if changed:
-        differences = ", ".join(f"--{k} {shown(old.get(k, 'absent'))} -> {shown(identity.get(k, 'absent'))}"
-                                for k in changed)
+        differences = ", ".join(
+            f"--{k} {shown(old.get(k, 'absent'))} -> {shown(identity.get(k, 'absent'))}" for k in changed
+        )
         original = " ".join(as_flag(k, old[k]) for k in changed if k in old)
         overwrite = f" and replaces {target} with --overwrite" if target.exists() else ""
-        raise ValueError(f"training state {path} is of a run with other arguments: {differences}; to "
-                         f"continue that run, rerun its command ({original} --resume), or run without "
-                         f"--resume, which moves the state aside{overwrite} and starts afresh")
+        raise ValueError(
+            f"training state {path} is of a run with other arguments: {differences}; to "
+            f"continue that run, rerun its command ({original} --resume), or run without "
+            f"--resume, which moves the state aside{overwrite} and starts afresh"
+        )
     return saved
 
 
@@ -128,8 +139,9 @@ def preflight(run: RunConfig, model: ModelConfig, flags: dict, device: torch.dev
     if run.save_model and saved is None:
         if state.exists() and target.exists() and not run.overwrite:
             raise FileExistsError(
-                f"{target} exists already, beside the training state {state} of an unfinished run: add --resume "
-                f"to continue that run, or --overwrite to start afresh (the state is then moved aside)"
+                f"{target} exists already, beside the training state {state} of an unfinished run: "
+                f"add --resume to continue that run, "
+                f"or --overwrite to start afresh (the state is then moved aside)"
             )
         check_writable(target, run.overwrite)
     clip = model.clip_file
@@ -155,8 +167,11 @@ def move_aside(path: Path) -> None:
         n += 1
         new = path.with_name(f"{path.name}.old-{stamp}-{n}")
     path.rename(new)
-    print(f"without --resume this run starts afresh: the training state {path} of an earlier run was moved "
-          f"aside to {new}", file=sys.stderr)
+    print(
+        f"without --resume this run starts afresh: the training state {path} of an earlier run was moved "
+        f"aside to {new}",
+        file=sys.stderr,
+    )
 
 
 def train_step(
@@ -172,8 +187,8 @@ def train_step(
     img_size: int,
     bce_on_probability: bool = False,
 ) -> float:
-    """One update: the det loss always; the seg loss on datasets with masks, and only then the seg step (the seg
-    adapters also get gradients from image-only samples, never applied, as in the reference)."""
+    """One update: the det loss always; the seg loss on datasets with masks, and only then the seg step (the
+    seg adapters also get gradients from image-only samples, never applied, as in the reference)."""
     device = next(model.parameters()).device
     seg_opt, det_opt = optimizers
     with precision.forward():
@@ -202,7 +217,12 @@ def adapter_copy(model) -> dict:
 def rng_states() -> dict:
     """Every generator a training run draws from."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"torch": torch.get_rng_state(), "gpus": cuda, "numpy": np.random.get_state(), "random": random.getstate()}
+    return {
+        "torch": torch.get_rng_state(),
+        "gpus": cuda,
+        "numpy": np.random.get_state(),
+        "random": random.getstate(),
+    }
 
 
 def set_rng_states(states: dict) -> None:
@@ -214,16 +234,23 @@ def set_rng_states(states: dict) -> None:
 
 
 class Training:
-    """One training run: its optimisers, the epoch loop with checkpoint selection, the state --resume continues
-    from (written atomically beside the checkpoint after every epoch and on SIGTERM, SIGUSR1 or SIGUSR2, SLURM's
-    preemption and time-limit signals), and the final test of the chosen weights."""
+    """One training run: its optimisers, the epoch loop with checkpoint selection, the state --resume
+    continues from (written atomically beside the checkpoint after every epoch and on SIGTERM, SIGUSR1 or
+    SIGUSR2, SLURM's preemption and time-limit signals), and the final test of the chosen weights."""
 
     def __init__(
-        self, model, run: RunConfig, flags: dict, precision: Precision, clip_file: Path | None, saved: dict | None
+        self,
+        model,
+        run: RunConfig,
+        flags: dict,
+        precision: Precision,
+        clip_file: Path | None,
+        saved: dict | None,
     ):
-        """`model`: the adapted CLIP with fresh adapters (replaced by --init_ckpt's); `flags`: the command line's
-        values, which the state and the run record keep; `saved`: the state preflight() read for --resume, which
-        fit() continues. Without --resume a state left beside the checkpoint is moved aside."""
+        """`model`: the adapted CLIP with fresh adapters (replaced by --init_ckpt's); `flags`: the command
+        line's values, which the state and the run record keep; `saved`: the state preflight() read for
+        --resume, which fit() continues. Without --resume a state left beside the checkpoint is moved
+        aside."""
         self.model, self.run, self.flags, self.precision = model, run, flags, precision
         self.target, self.clip_file, self.saved = run.checkpoint, clip_file, saved
         self.device = next(model.parameters()).device
@@ -235,7 +262,8 @@ class Training:
         self.extras = {"args": flags, "versions": versions(self.device)}
         self.best, self.result, self.best_adapters = 0.0, {}, None
         self.lines, self.signalled = [], None
-        self.epoch_losses = []  # each epoch's mean training loss at full precision (the run record keeps them)
+        # each epoch's mean training loss at full precision (the run record keeps them)
+        self.epoch_losses = []
 
     def step(self, batch: Batch, texts: dict[str, torch.Tensor]) -> float:
         return train_step(
@@ -260,14 +288,17 @@ class Training:
         prefix = "[valid] " if self.run.select == "val" else ""
         fewshot = self.run.fewshot
         self.say("\n".join(prefix + line for line in result_lines(self.run.obj, result, fewshot)))
-        score = selection_score(result)  # few-shot keeps a higher one (as the reference), zero-shot an equal too
+        # few-shot keeps a higher one (as the reference), zero-shot an equal too
+        score = selection_score(result)
         if score > self.best or (not fewshot and score == self.best):
             self.best, self.result, self.best_adapters = score, result, adapter_copy(self.model)
             where = {"epoch": epoch} if batch is None else {"epoch": epoch, "batch": batch}
             if batch is not None:
                 self.say(f"best epoch found: epoch {epoch} batch {batch}")
             if self.run.save_model:
-                save_checkpoint(self.model, self.target, {**self.extras, **where, "selection": self.run.select})
+                save_checkpoint(
+                    self.model, self.target, {**self.extras, **where, "selection": self.run.select}
+                )
 
     def fit(self, data: TrainingSet, texts: dict[str, torch.Tensor], evaluate: Callable[[], dict]) -> None:
         """--epoch epochs over `data`, each batch a step against its text features in `texts`; selection by
@@ -287,7 +318,8 @@ class Training:
                         if idx == position - 1:
                             set_rng_states(saved["rng"])
                         continue
-                    if every and self.run.select != "last" and idx % every == 0:  # before the step, as the reference
+                    # before the step, as the reference
+                    if every and self.run.select != "last" and idx % every == 0:
                         self.select(evaluate, epoch, idx)
                     losses.append(self.step(batch, texts))
                     if self.signalled:
@@ -311,22 +343,36 @@ class Training:
 
         def handler(number, frame):
             self.signalled = number
+
         return {n: signal.signal(n, handler) for n in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
 
     def stop(self, epoch: int, position: int, losses: list, epoch_rng: dict | None) -> None:
         self.save_state(epoch, position, losses, epoch_rng)
-        raise SystemExit(f"interrupted by signal {self.signalled}: training state saved to {state_file(self.target)}; "
-                         f"run the same command with --resume to continue")
+        raise SystemExit(
+            f"interrupted by signal {self.signalled}: training state saved to {state_file(self.target)}; "
+            f"run the same command with --resume to continue"
+        )
 
     def save_state(self, epoch: int, position: int, losses: list, epoch_rng: dict | None) -> None:
         """Everything the run needs to go on from step `position` of `epoch`, written atomically."""
         path = state_file(self.target)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"mvfa_training_state": STATE_VERSION, "args": run_identity(self.flags, self.device),
-                 "epoch": epoch, "position": position, "losses": losses,
-                 "rng": rng_states(), "epoch_rng": epoch_rng, "adapters": adapter_copy(self.model),
-                 "optimizers": [o.state_dict() for o in self.optimizers], "best": self.best, "result": self.result,
-                 "best_adapters": self.best_adapters, "lines": self.lines, "epoch_losses": self.epoch_losses}
+        state = {
+            "mvfa_training_state": STATE_VERSION,
+            "args": run_identity(self.flags, self.device),
+            "epoch": epoch,
+            "position": position,
+            "losses": losses,
+            "rng": rng_states(),
+            "epoch_rng": epoch_rng,
+            "adapters": adapter_copy(self.model),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "best": self.best,
+            "result": self.result,
+            "best_adapters": self.best_adapters,
+            "lines": self.lines,
+            "epoch_losses": self.epoch_losses,
+        }
         save_atomic(state, path)
 
     def load_state(self) -> dict | None:
@@ -341,17 +387,22 @@ class Training:
         self.best, self.result, self.best_adapters = saved["best"], saved["result"], saved["best_adapters"]
         self.epoch_losses = list(saved["epoch_losses"])
         set_rng_states(saved["rng"])
-        print(f"--resume: continuing from {path} at epoch {saved['epoch']}, step {saved['position']}", file=sys.stderr)
+        print(
+            f"--resume: continuing from {path} at epoch {saved['epoch']}, step {saved['position']}",
+            file=sys.stderr,
+        )
         for line in saved["lines"]:
             self.say(line)
         return saved
 
     def finish(self, script: str, test: Callable[[], dict]) -> dict:
-        """--select last saves the final weights; val and last report the chosen weights on the test set, which
-        selection never saw; then the run record, and the training state is removed."""
+        """--select last saves the final weights; val and last report the chosen weights on the test set,
+        which selection never saw; then the run record, and the training state is removed."""
         run = self.run
         if run.select == "last" and run.save_model:
-            save_checkpoint(self.model, self.target, {**self.extras, "epoch": run.epoch - 1, "selection": "last"})
+            save_checkpoint(
+                self.model, self.target, {**self.extras, "epoch": run.epoch - 1, "selection": "last"}
+            )
         result = self.result
         if run.select != "test":
             if self.best_adapters is not None:
@@ -359,8 +410,11 @@ class Training:
             result = test()
             self.say("test set:\n" + "\n".join(result_lines(run.obj, result, run.fewshot)))
         saved = run.save_model and (self.best_adapters is not None or run.select == "last")
-        if run.save_model and not saved:  # the score never rose above 0 (an AUROC of 0): the reference saves nothing
-            self.say(f"no checkpoint saved: the selection score never rose above 0; {self.target} was not written")
+        # the score never rose above 0 (an AUROC of 0): the reference saves nothing
+        if run.save_model and not saved:
+            self.say(
+                f"no checkpoint saved: the selection score never rose above 0; {self.target} was not written"
+            )
         files = {"clip": self.clip_file, "adapters": self.target if saved else None}
         training = {"epoch_losses": self.epoch_losses}
         write_record(run.out_dir, script, run.name, self.flags, result, files, self.device, training)

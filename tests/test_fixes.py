@@ -1,23 +1,23 @@
 """Opt-in fixes of reference quirks that are not tested elsewhere: --bce_on_probability (spec Q9), --sort_listing
 (Q16) and --deterministic (Q27). Known answers for the maths, and each flag followed from the command line to the
 code it changes."""
+import inspect
 import math
 import os
 import random
 
 import pytest
 import torch
+from test_scripts import TINY, cached_text, one_thread, script_args, synth  # noqa: F401
 
 import dataset.files
-import fewshot
 import loss
 import test_few
 import train_few
 import train_zero
-import training
-import zeroshot
 from dataset.medical_zero import MedTrainDataset
-from test_scripts import TINY, cached_text, one_thread, script_args, synth  # noqa: F401
+from mvfa import protocol, training
+from mvfa.config import configs
 from utils import setup_seed
 
 D = 8  # token width of the hand-made detection tokens
@@ -85,8 +85,7 @@ def test_bce_flag_reaches_every_training_step(module, obj, flag, synth, tmp_path
     seed_dir = synth.seed_root if module is train_few else None
     if module is train_few:
         extra += ["--shot", "1"]
-    args = module.parser().parse_args(script_args(synth.data, tmp_path, obj, *extra, seed_dir=seed_dir))
-    module.run(args)
+    module.main(script_args(synth.data, tmp_path, obj, *extra, seed_dir=seed_dir))
     assert len(seen) > 0 and set(seen) == {flag}
 
 
@@ -97,10 +96,11 @@ def reversed_listing(monkeypatch) -> None:
 
 
 def drawn_support(synth, *flags: str) -> tuple[list[str], list[str]]:
-    args = test_few.parser().parse_args([*TINY, "--obj", "Liver", "--data_path", synth.data, "--shot", "2",
-                                         "--iterate", "-1", *flags])
-    setup_seed(args.seed)
-    support = fewshot.load_fewshot_data(args, -1).support
+    flags = vars(test_few.parser().parse_args([*TINY, "--obj", "Liver", "--data_path", synth.data, "--shot", "2",
+                                               "--iterate", "-1", *flags]))
+    run = configs(flags, protocol="few")[1]
+    setup_seed(run.seed)
+    support = protocol.test_set(run, -1).support
     return support.normal_files, support.abnormal_files
 
 
@@ -131,14 +131,14 @@ def test_train_zero_sort_listing_groups(synth, tmp_path, monkeypatch):
         pass
 
     def spy(*args, **kwargs):
-        made.append(kwargs.get("sort_listing"))
+        made.append(inspect.signature(MedTrainDataset).bind(*args, **kwargs).arguments.get("sort_listing"))
         raise Stop
 
-    monkeypatch.setattr(zeroshot, "MedTrainDataset", spy)
+    monkeypatch.setattr(protocol, "MedTrainDataset", spy)
     for flags, expected in (([], False), (["--sort_listing"], True)):
         with pytest.raises(Stop):
-            train_zero.run(train_zero.parser().parse_args([*TINY, "--data_path", synth.data, *flags, "--save_path",
-                                                           str(tmp_path / "ckpt"), "--out_dir", str(tmp_path)]))
+            train_zero.main([*TINY, "--data_path", synth.data, *flags, "--save_path", str(tmp_path / "ckpt"),
+                             "--out_dir", str(tmp_path)])
         assert made.pop() is expected
 
     def groups() -> list:

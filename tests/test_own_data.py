@@ -1,5 +1,6 @@
 """One's own data: datasets in BMAD's layout under names that are not BMAD's, made with the converter from synthetic
-images (one with masks, one without), through the four scripts and predict.py; and the errors of one's own data."""
+images (one with masks, one without), through the four scripts and tools/predict.py; and the errors of one's own
+data."""
 import shutil
 from pathlib import Path
 
@@ -7,18 +8,28 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_scripts import (  # noqa: F401
+    SIZE,
+    TINY,
+    cached_text,
+    call,
+    expect_error,
+    one_thread,
+    only_record,
+    result_lines,
+    run,
+    synth,
+)
 
-import predict
 import test_few
 import test_zero
 import train_few
 import train_zero
 from dataset import has_masks
-from dataset.convert import convert
-from dataset.convert import main as convert_main
 from dataset.medical_few import MedTestDataset
-from test_scripts import (SIZE, TINY, cached_text, call, expect_error, one_thread, only_record,  # noqa: F401
-                          result_lines, synth)
+from tools import predict
+from tools.convert import convert
+from tools.convert import main as convert_main
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +114,12 @@ def test_predict_on_own_images(own, tmp_path):
                      "1", "--iterate", "-1", "--epoch", "1", "--select", "last", "--save_path", str(tmp_path),
                      "--out_dir", str(tmp_path / "results")])
     shutil.move(tmp_path / "knee.pth", ckpt)
-    out = call(predict, [*TINY, "--input", str(own / "data" / "knee" / "test" / "Ungood" / "img"), "--ckpt",
-                         str(ckpt), "--prompt_name", "knee MRI", "--out", str(tmp_path / "pred")])
+    inputs = own / "data" / "knee" / "test" / "Ungood" / "img"
+    out, rows = run(predict, [*TINY, "--input", str(inputs), "--ckpt", str(ckpt), "--prompt_name", "knee MRI",
+                              "--out", str(tmp_path / "pred")])
     assert len([line for line in out.splitlines() if line.endswith(".png")]) == 2
     assert (tmp_path / "pred" / "scores.csv").read_text().count("\n") == 3  # header + 2 images
+    assert [row["file"] for row in rows] == [str(p) for p in sorted(inputs.iterdir())]  # main returns the rows
 
 
 # ---------------------------------------------------------------- errors

@@ -4,15 +4,27 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from test_scripts import (  # noqa: F401
+    adapter_state,
+    cached_text,
+    call,
+    ckpt_state,
+    expected_lines,
+    load_ckpt,
+    one_thread,
+    only_record,
+    reads,
+    result_lines,
+    same_weights,
+    script_args,
+    split_files,
+    split_of,
+    synth,
+)
 
-import fewshot
 import train_few
 import train_zero
-import training
-import zeroshot
-from test_scripts import (adapter_state, cached_text, call, ckpt_state, expected_lines, load_ckpt,  # noqa: F401
-                          one_thread, only_record, reads, result_lines, same_weights, script_args, split_files,
-                          split_of, synth)
+from mvfa import training
 
 
 def valid_files(data, obj: str) -> list[str]:
@@ -25,7 +37,7 @@ def first_test_read(log: list, folder: str) -> int:
 
 
 def fake_step(model, *args, **kwargs) -> float:
-    """Stands in for training.train_step: moves every adapter weight a little, so each step's weights differ."""
+    """Stands in for mvfa.training.train_step: moves every adapter weight a little, so each step's weights differ."""
     with torch.no_grad():
         for p in model.seg_adapters.parameters():
             p.add_(1e-3)
@@ -35,25 +47,26 @@ def fake_step(model, *args, **kwargs) -> float:
 
 
 class Spies:
-    """Wraps save_checkpoint and a protocol module's evaluation function, recording each call with the weights at
-    that time; `scripted` (a list of metric dicts), if given, replaces the evaluation's results in turn."""
+    """Wraps the training loop's save_checkpoint and a training script's evaluate_set (every selection and test
+    pass), recording each call with the weights at that time; `scripted` (a list of metric dicts), if given,
+    replaces the evaluation's results in turn."""
 
-    def __init__(self, monkeypatch, module, evaluation: str, scripted: list | None = None):
+    def __init__(self, monkeypatch, script, scripted: list | None = None):
         self.saves, self.evals, self.scripted = [], [], scripted
-        save, evaluate = training.save_checkpoint, getattr(module, evaluation)
+        save, evaluate = training.save_checkpoint, script.evaluate_set
 
         def spy_save(model, path, extras):
             self.saves.append((extras, adapter_state(model)))
             save(model, path, extras)
 
-        def spy_evaluate(args, model, dataset, *rest, **kwargs):
+        def spy_evaluate(model, dataset, *rest, **kwargs):
             self.evals.append((dataset, adapter_state(model)))
             if self.scripted is not None:
-                return self.scripted.pop(0)
-            return evaluate(args, model, dataset, *rest, **kwargs)
+                return self.scripted.pop(0), None  # (result, collected): the scripts use the result only
+            return evaluate(model, dataset, *rest, **kwargs)
 
         monkeypatch.setattr(training, "save_checkpoint", spy_save)
-        monkeypatch.setattr(module, evaluation, spy_evaluate)
+        monkeypatch.setattr(script, "evaluate_set", spy_evaluate)
 
 
 def splits(dataset) -> set:
@@ -63,7 +76,7 @@ def splits(dataset) -> set:
 # ---------------------------------------------------------------- few-shot
 
 def test_fewshot_val_never_reads_the_test_set_before_the_final_pass(synth, tmp_path, reads, monkeypatch):
-    spies = Spies(monkeypatch, fewshot, "evaluate_fewshot")  # records, and runs the real evaluation
+    spies = Spies(monkeypatch, train_few)  # records, and runs the real evaluation
     out = call(train_few, script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--epoch", "2", "--select", "val",
                                       seed_dir=synth.seed_root))
     start = first_test_read(reads, "Brain_AD")
@@ -87,8 +100,8 @@ def test_fewshot_val_never_reads_the_test_set_before_the_final_pass(synth, tmp_p
 
 
 def test_fewshot_last_saves_once_with_the_final_weights(synth, tmp_path, monkeypatch):
-    monkeypatch.setattr(fewshot, "train_step", fake_step)
-    spies = Spies(monkeypatch, fewshot, "evaluate_fewshot")
+    monkeypatch.setattr(training, "train_step", fake_step)
+    spies = Spies(monkeypatch, train_few)
     out = call(train_few, script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--epoch", "3", "--select",
                                       "last", seed_dir=synth.seed_root))
     assert len(spies.saves) == 1 and spies.saves[0][0]["epoch"] == 2 and spies.saves[0][0]["selection"] == "last"
@@ -103,8 +116,8 @@ def test_fewshot_test_selection_saves_on_strict_improvement(synth, tmp_path, mon
     """Reference (spec 6.4, Q4): after each epoch, on the test set; saved when pAUC + AUC > the best so far."""
     scores = [(0.5, 0.75), (0.75, 0.5), (0.75, 0.75), (0.25, 0.25)]  # sums 1.25, 1.25 (equal: no save), 1.5, 0.5
     scripted = [{"image_auroc": a, "pixel_auroc": p, "image_scores": [0.0] * 6} for a, p in scores]
-    monkeypatch.setattr(fewshot, "train_step", fake_step)
-    spies = Spies(monkeypatch, fewshot, "evaluate_fewshot", list(scripted))
+    monkeypatch.setattr(training, "train_step", fake_step)
+    spies = Spies(monkeypatch, train_few, list(scripted))
     out = call(train_few, script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--epoch", "4",
                                       seed_dir=synth.seed_root))
     assert [extras["epoch"] for extras, _ in spies.saves] == [0, 2]
@@ -125,8 +138,8 @@ def test_zeroshot_test_selection_saves_on_non_strict_improvement(synth, tmp_path
     the score is >= the best so far."""
     aucs = [0.5, 0.5, 0.25, 0.75, 0.75, 0.75, 0.5, 0.5, 0.5, 0.5]  # two epochs of 5 groups (one per other dataset)
     scripted = [{"image_auroc": a, "image_scores": [0.0] * 6} for a in aucs]
-    monkeypatch.setattr(zeroshot, "train_step", fake_step)
-    spies = Spies(monkeypatch, zeroshot, "evaluate_zeroshot", list(scripted))
+    monkeypatch.setattr(training, "train_step", fake_step)
+    spies = Spies(monkeypatch, train_zero, list(scripted))
     out = call(train_zero, script_args(synth.data, tmp_path, "Chest", "--epoch", "2", "--batch_size", "6"))
     saved_at = [(0, 0), (0, 1), (0, 3), (0, 4), (1, 0)]
     assert [(e["epoch"], e["batch"]) for e, _ in spies.saves] == saved_at
@@ -140,7 +153,7 @@ def test_zeroshot_test_selection_saves_on_non_strict_improvement(synth, tmp_path
 
 
 def test_zeroshot_val_uses_the_valid_split_only(synth, tmp_path, reads, monkeypatch):
-    spies = Spies(monkeypatch, zeroshot, "evaluate_zeroshot")
+    spies = Spies(monkeypatch, train_zero)
     out = call(train_zero, script_args(synth.data, tmp_path, "Brain", "--epoch", "1", "--batch_size", "6",
                                        "--select", "val"))
     evaluated = [p for module, p in reads if module == "dataset.medical_few"]  # selection passes, then the test pass
@@ -161,8 +174,8 @@ def test_zeroshot_val_uses_the_valid_split_only(synth, tmp_path, reads, monkeypa
 
 
 def test_zeroshot_last_saves_once_with_the_final_weights(synth, tmp_path, monkeypatch):
-    monkeypatch.setattr(zeroshot, "train_step", fake_step)
-    spies = Spies(monkeypatch, zeroshot, "evaluate_zeroshot")
+    monkeypatch.setattr(training, "train_step", fake_step)
+    spies = Spies(monkeypatch, train_zero)
     call(train_zero, script_args(synth.data, tmp_path, "Chest", "--epoch", "2", "--batch_size", "6",
                                  "--select", "last"))
     assert [(e["epoch"], e["selection"]) for e, _ in spies.saves] == [(1, "last")]
@@ -173,8 +186,8 @@ def test_zeroshot_last_saves_once_with_the_final_weights(synth, tmp_path, monkey
 
 def test_fewshot_score_never_above_zero_saves_nothing_and_says_so(synth, tmp_path, monkeypatch):
     """An AUROC of 0 in every epoch (tiny test sets): no checkpoint, as the reference, and a run record without one."""
-    monkeypatch.setattr(fewshot, "train_step", fake_step)
-    spies = Spies(monkeypatch, fewshot, "evaluate_fewshot",
+    monkeypatch.setattr(training, "train_step", fake_step)
+    spies = Spies(monkeypatch, train_few,
                   [{"image_auroc": 0.0, "pixel_auroc": 0.0, "image_scores": [0.0] * 6}] * 2)
     out = call(train_few, script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--epoch", "2",
                                       seed_dir=synth.seed_root))

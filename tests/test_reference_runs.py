@@ -34,7 +34,7 @@ def recorded_runs(transcript: str = "reference_outputs_seed0.txt") -> list[tuple
 
 def lay_out_checkout(assets: Path, root: Path) -> Path:
     """This repository's code in `root`, with the inputs in `assets` linked where a user puts the downloads."""
-    for src in [REPO / "CLIP", REPO / "dataset", *REPO.glob("*.py")]:
+    for src in [REPO / "CLIP", REPO / "dataset", REPO / "mvfa", REPO / "tools", *REPO.glob("*.py")]:
         name = src.name
         if src.is_dir():
             shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "ckpt", "fewshot_seed"))
@@ -117,7 +117,7 @@ def test_recorded_run_prints_the_same_lines(user_checkout, tmp_path, command, ex
 
 
 def test_paper_tables_cell_equals_recorded_line(user_checkout):
-    """paper_tables.py on the same inputs: its zero-shot HIS cell is the recorded `Histopathology AUC` line in %.
+    """tools/paper_tables.py on the same inputs: its zero-shot HIS cell is the recorded `Histopathology AUC` line in %.
 
     Only that run is made (no few-shot checkpoints in the folder given): the few-shot row is '-' with a note.
     """
@@ -125,7 +125,7 @@ def test_paper_tables_cell_equals_recorded_line(user_checkout):
     recorded = dict(recorded_runs())["test_zero.py --obj Histopathology"]
     auc = float(next(line for line in recorded if line.startswith("Histopathology AUC : ")).split(":")[1])
     out_dir = user_checkout / "results/paper_tables"
-    out = subprocess.run([sys.executable, "paper_tables.py", "--objs", "Histopathology", "--few_dir", "no-such-dir",
+    out = subprocess.run([sys.executable, "-m", "tools.paper_tables", "--objs", "Histopathology", "--few_dir", "no-such-dir",
                           "--out", str(out_dir)], cwd=user_checkout, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {}

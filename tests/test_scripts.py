@@ -10,7 +10,11 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +26,9 @@ import test_few
 import test_zero
 import train_few
 import train_zero
-import records
 from dataset import CLASS_NAMES, DATASETS
-from dataset.synth import make_synthetic_bmad
+from mvfa import records
+from tools.synth import make_synthetic_bmad
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 56  # image size of the data and the model (a 4x4 patch grid): every pass stays well under a second
@@ -79,12 +83,18 @@ def script_args(data, tmp: Path, obj: str, *extra: str, seed_dir: str | None = N
     return args + (["--seed_dir", str(seed_dir)] if seed_dir else []) + list(extra)
 
 
-def call(module, args: list[str]) -> str:
-    """module.main(args) with stdout captured (also inside module-scoped fixtures); checks the exit status 0."""
+def run(module, args: list[str]):
+    """module.main(args) with stdout captured (also inside module-scoped fixtures): (stdout, what main returned).
+    An expected error would raise SystemExit(2), anything else its exception: returning is the run's success."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert module.main(args) == 0
-    return out.getvalue()
+        result = module.main(args)
+    return out.getvalue(), result
+
+
+def call(module, args: list[str]) -> str:
+    """run(module, args)'s stdout."""
+    return run(module, args)[0]
 
 
 def expect_error(module, args: list[str], capsys) -> str:
@@ -185,21 +195,21 @@ def split_files(data, obj: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def few_brain(synth, tmp_path_factory):
-    """One train_few run on Brain (--select test, the reference's protocol): its folder and stdout."""
+    """One train_few run on Brain (--select test, the reference's protocol): its folder, stdout and result."""
     tmp = tmp_path_factory.mktemp("few_brain")
-    out = call(train_few, script_args(synth.data, tmp, "Brain", "--shot", "2", "--epoch", "1",
-                                      seed_dir=synth.seed_root))
-    return tmp, out
+    out, result = run(train_few, script_args(synth.data, tmp, "Brain", "--shot", "2", "--epoch", "1",
+                                             seed_dir=synth.seed_root))
+    return tmp, out, result
 
 
 def test_train_few_prints_records_and_saves_released_layout(few_brain):
-    tmp, out = few_brain
+    tmp, out, result = few_brain
     lines = result_lines(out, "Brain")
     assert re.fullmatch(r"epoch 0 loss \d+\.\d{4}", out.splitlines()[0])
     assert [line.split(" : ")[0] for line in lines] == ["Brain pAUC", "Brain AUC"]  # few-shot: pAUC first
     record = only_record(tmp / "results")
     assert lines == expected_lines("Brain", record["metrics"], fewshot=True)
-    assert record["script"] == "train_few"
+    assert record["script"] == "train_few" and result == record["metrics"]  # main returns the final result
     assert {k: record["args"][k] for k in ("obj", "shot", "epoch", "select", "img_size")} == \
            {"obj": "Brain", "shot": 2, "epoch": 1, "select": "test", "img_size": SIZE}
     ckpt_file = tmp / "ckpt" / "Brain.pth"  # the reference's name, {save_path}/{obj}.pth
@@ -218,13 +228,14 @@ def test_train_few_prints_records_and_saves_released_layout(few_brain):
 
 def test_test_few_reproduces_the_training_run(few_brain, tmp_path, synth, capsys):
     """Same weights (found through --save_path/{obj}.pth), same support list, same data -> the same printed lines."""
-    tmp, out = few_brain
+    tmp, out, _ = few_brain
     args = script_args(synth.data, tmp_path, "Brain", "--shot", "2", seed_dir=synth.seed_root)
     args[args.index("--save_path") + 1] = str(tmp / "ckpt")
-    assert test_few.main(args) == 0
+    returned = test_few.main(args)
     printed = capsys.readouterr().out
     assert result_lines(printed, "Brain") == result_lines(out, "Brain")
     record = only_record(tmp_path / "results")
+    assert returned == record["metrics"]  # main returns the record's metrics
     assert result_lines(printed, "Brain") == expected_lines("Brain", record["metrics"], fewshot=True)
     ckpt_file = tmp / "ckpt" / "Brain.pth"
     assert record["files"]["adapters"]["sha256"] == hashlib.sha256(ckpt_file.read_bytes()).hexdigest()
@@ -236,12 +247,13 @@ def test_save_scores_holds_what_the_metrics_were_computed_from(few_brain, tmp_pa
     them with scikit-learn, and every image score is its map's maximum (few-shot, masks)."""
     from sklearn.metrics import roc_auc_score
 
-    tmp, _ = few_brain
+    tmp, _, _ = few_brain
     args = script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--save_scores", str(tmp_path / "s.npz"),
                        seed_dir=synth.seed_root)
     args[args.index("--save_path") + 1] = str(tmp / "ckpt")
-    assert test_few.main(args) == 0
+    returned = test_few.main(args)
     metrics = only_record(tmp_path / "results")["metrics"]
+    assert returned == metrics
     scores = np.load(tmp_path / "s.npz")
     assert [os.path.basename(f) for f in scores["files"]] == [f"{i:05d}.png" for i in range(N)] * 2
     assert scores["labels"].tolist() == [0] * N + [1] * N
@@ -254,7 +266,7 @@ def test_save_scores_holds_what_the_metrics_were_computed_from(few_brain, tmp_pa
 
 
 def test_test_few_several_support_draws(few_brain, tmp_path, synth, capsys):
-    tmp, out = few_brain
+    tmp, out, _ = few_brain
     lists = (Path(synth.seed_root) / "Brain" / "2-shot.txt").read_text().splitlines()[:2]  # the training's n-0, a-0
     normals = [lists[0].split(": ")[1], "00002.png 00000.png", "00001.png 00002.png"]  # three different memories
     seeds = tmp_path / "seeds"
@@ -263,9 +275,10 @@ def test_test_few_several_support_draws(few_brain, tmp_path, synth, capsys):
                                                                     for t in "na"]))
     args = script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--iterate", "0", "1", "2",
                        "--ckpt", str(tmp / "ckpt" / "Brain.pth"), seed_dir=seeds)
-    assert test_few.main(args) == 0
+    returned = test_few.main(args)
     printed = capsys.readouterr().out.splitlines()
     record = only_record(tmp_path / "results")["metrics"]
+    assert returned == record  # the draws and their summary, as recorded
     assert [d["iterate"] for d in record["draws"]] == [0, 1, 2]
     for i, draw in enumerate(record["draws"]):
         head = printed.index(f"support draw {i} (--iterate {i}): {normals[i]}")
@@ -288,24 +301,24 @@ def few_chest(synth, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("few_chest")
     (tmp / "ckpt").mkdir()
     (tmp / "ckpt" / "Chest.pth").write_bytes(b"an older checkpoint")
-    out = call(train_few, script_args(synth.data, tmp, "Chest", "--shot", "2", "--epoch", "1", "--overwrite",
-                                      seed_dir=synth.seed_root))
-    return tmp, out
+    return tmp, *run(train_few, script_args(synth.data, tmp, "Chest", "--shot", "2", "--epoch", "1", "--overwrite",
+                                            seed_dir=synth.seed_root))
 
 
 def test_image_only_dataset_prints_auc_only_and_round_trips(few_chest, tmp_path, synth, capsys):
-    tmp, out = few_chest
+    tmp, out, result = few_chest
     lines = result_lines(out, "Chest")
     assert len(lines) == 1 and lines[0].startswith("Chest AUC : ")
     record = only_record(tmp / "results")
-    assert lines == expected_lines("Chest", record["metrics"], fewshot=True)
+    assert lines == expected_lines("Chest", record["metrics"], fewshot=True) and result == record["metrics"]
     assert not any(k.startswith("pixel_") for k in record["metrics"])
     ckpt_file = tmp / "ckpt" / "Chest.pth"
     ckpt = load_ckpt(ckpt_file)  # --overwrite replaced the older file
     assert set(ckpt["det_adapters"]) == ADAPTER_KEYS and ckpt["args"]["overwrite"] is True
-    assert test_few.main(script_args(synth.data, tmp_path, "Chest", "--shot", "2", "--ckpt", str(ckpt_file),
-                                     seed_dir=synth.seed_root)) == 0
+    returned = test_few.main(script_args(synth.data, tmp_path, "Chest", "--shot", "2", "--ckpt", str(ckpt_file),
+                                         seed_dir=synth.seed_root))
     assert result_lines(capsys.readouterr().out, "Chest") == lines
+    assert returned == only_record(tmp_path / "results")["metrics"]
 
 
 # ---------------------------------------------------------------- train_zero -> test_zero
@@ -314,11 +327,11 @@ def test_image_only_dataset_prints_auc_only_and_round_trips(few_chest, tmp_path,
 def zero_brain(synth, tmp_path_factory):
     """train_zero on Brain, --select test: groups of 6 (one per other dataset) -> 5 evaluations in the epoch."""
     tmp = tmp_path_factory.mktemp("zero_brain")
-    return tmp, call(train_zero, script_args(synth.data, tmp, "Brain", "--epoch", "1", "--batch_size", "6"))
+    return tmp, *run(train_zero, script_args(synth.data, tmp, "Brain", "--epoch", "1", "--batch_size", "6"))
 
 
 def test_train_zero_prints_records_and_saves(zero_brain):
-    tmp, out = zero_brain
+    tmp, out, result = zero_brain
     lines = out.splitlines()
     assert [line.split(" : ")[0] for line in result_lines(out, "Brain")] == ["Brain AUC", "Brain pAUC"] * 5
     bests = [i for i, line in enumerate(lines) if line.startswith("best epoch found: ")]
@@ -329,6 +342,7 @@ def test_train_zero_prints_records_and_saves(zero_brain):
     ckpt_file = tmp / "ckpt" / "Brain.pth"
     assert record["files"]["adapters"]["sha256"] == hashlib.sha256(ckpt_file.read_bytes()).hexdigest()
     assert record["script"] == "train_zero" and record["args"]["batch_size"] == 6
+    assert result == record["metrics"]  # main returns the selected evaluation
     ckpt = load_ckpt(ckpt_file)
     assert set(ckpt["seg_adapters"]) == set(ckpt["det_adapters"]) == ADAPTER_KEYS
     assert last == f"best epoch found: epoch {ckpt['epoch']} batch {ckpt['batch']}"
@@ -336,14 +350,15 @@ def test_train_zero_prints_records_and_saves(zero_brain):
 
 
 def test_test_zero_reproduces_the_saved_evaluation(zero_brain, tmp_path, synth, capsys):
-    tmp, out = zero_brain
+    tmp, out, _ = zero_brain
     lines = out.splitlines()
     best = max(i for i, line in enumerate(lines) if line.startswith("best epoch found: "))
     args = script_args(synth.data, tmp_path, "Brain", "--batch_size", "6", "--ckpt", str(tmp / "ckpt" / "Brain.pth"))
-    assert test_zero.main(args) == 0
+    returned = test_zero.main(args)
     assert result_lines(capsys.readouterr().out, "Brain") == lines[best - 2:best]  # AUC first, then pAUC
     record = only_record(tmp_path / "results")
     assert record["script"] == "test_zero" and record["args"]["ckpt"] == str(tmp / "ckpt" / "Brain.pth")
+    assert returned == record["metrics"]
 
 
 @pytest.mark.parametrize("obj", CLASS_NAMES)
@@ -361,19 +376,28 @@ def test_train_zero_leave_one_out_on_every_dataset(obj, synth, tmp_path, reads):
 
 # ---------------------------------------------------------------- the demo
 
-def test_demo_runs_end_to_end_in_a_fresh_folder(tmp_path, monkeypatch, capsys):
-    """The demo as shipped, in an empty working directory, without CLIP weights; the scripts it calls run at SIZE px
-    instead of 240 (the one change, for speed)."""
+def test_demo_runs_end_to_end_in_a_fresh_folder(tmp_path, monkeypatch, capfd):
+    """The demo as shipped, in an empty working directory, without CLIP weights; the scripts it runs (as
+    subprocesses, the commands it prints) run at SIZE px instead of 240 and on one thread (the changes, for speed)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(demo, "default_checkpoint", lambda name: tmp_path / "no-weights" / f"{name}.pt")
-    for module in (train_few, test_few):
-        monkeypatch.setattr(module, "main", lambda argv, _main=module.main: _main(argv + ["--img_size", str(SIZE)]))
+    commands = []
+
+    def run_faster(command, *args, **kwargs):
+        commands.append(list(command))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run([*command, "--img_size", str(SIZE)], *args, env=env, **kwargs)
+
+    monkeypatch.setattr(demo, "subprocess", types.SimpleNamespace(run=run_faster))
     assert demo.main(["--shot", "1", "--epoch", "1"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    out = capfd.readouterr().out.splitlines()  # the scripts write to the file descriptor: capfd, not capsys
     assert out[:3] == ["DEMO - the numbers below are meaningless:",
                        f"  BMAD data not found at ./data/Brain_AD: using synthetic images in {Path('demo') / 'data'}",
                        f"  CLIP weights not found at {tmp_path / 'no-weights' / 'ViT-L-14-336.pt'}: using a small "
                        f"random-weight CLIP"]
+    printed = [line for line in out if line.startswith("$ python ")]  # what a user would type, and what ran
+    assert [line.split()[2] for line in printed] == ["train_few.py", "test_few.py"]
+    assert [[sys.executable, str(REPO / line.split()[2]), *shlex.split(line)[3:]] for line in printed] == commands
     lines = result_lines("\n".join(out), "Brain")
     assert len(lines) == 4 and lines[:2] == lines[2:]  # training's selection pass, then test_few: same numbers
     assert out[-1] == f"checkpoint: {Path('demo') / 'ckpt'}, run records: {Path('demo') / 'results'}"
@@ -473,8 +497,9 @@ def test_zero_shot_with_fewer_than_five_training_groups(synth, tmp_path, capsys)
     data = copy_data(synth, tmp_path)
     for other in ("Brain", "Retina_RESC", "Retina_OCT2017", "Histopathology"):
         empty_test_split(data, other)  # left: Chest's 6 test images, in groups of 2
-    assert train_zero.main(script_args(data, tmp_path, "Liver", "--epoch", "2", "--batch_size", "2")) == 0
+    returned = train_zero.main(script_args(data, tmp_path, "Liver", "--epoch", "2", "--batch_size", "2"))
     out = capsys.readouterr().out
+    assert returned == only_record(tmp_path / "results")["metrics"]
     first, second = out.split("epoch 0 loss")
     assert len(result_lines(first, "Liver")) == len(result_lines(second, "Liver")) == 3 * 2
     assert "best epoch found: epoch 0 batch 0" in first and "epoch 1 loss" in second
@@ -514,8 +539,9 @@ def test_missing_adapter_checkpoint_names_the_path(synth, tmp_path, capsys):
 # ---------------------------------------------------------------- records and checkpoint loading
 
 def test_run_records_of_one_second_do_not_replace_each_other(tmp_path):
-    args = train_zero.parser().parse_args(["--obj", "Chest"])
-    paths = [records.write_record(str(tmp_path), "test_zero", args, {"image_auroc": v}, {}) for v in (0.25, 0.5)]
+    flags = vars(test_zero.parser().parse_args(["--obj", "Chest"]))
+    paths = [records.write_record(str(tmp_path), "test_zero", "Chest", flags, {"image_auroc": v}, {})
+             for v in (0.25, 0.5)]
     assert paths[0] != paths[1]
     assert [json.loads(p.read_text())["metrics"]["image_auroc"] for p in paths] == [0.25, 0.5]
 

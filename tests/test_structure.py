@@ -1,55 +1,130 @@
-"""The layers of the code: command lines import library modules only, and the import graph stays shallow.
+"""The layers of the code: what the root holds, who imports whom, and that no argparse Namespace reaches the library.
 
-Nodes are the top-level modules and the packages CLIP/ and dataset/ (a package is one node); an edge is an import of
-one of them by another. Depth counts the nodes of the longest chain, the ground floor included.
+Nodes of the import graph: the root's modules, the packages CLIP/ and dataset/ (one node each), and every module of
+mvfa/ and tools/ (tools/bench/ included). Depth counts the nodes of the longest chain, the ground floor included.
 """
 import ast
+import subprocess
 from functools import cache
 from pathlib import Path
 
 from conftest import REPO
 
-SCRIPTS = {"train_few", "train_zero", "test_few", "test_zero", "predict", "paper_tables", "demo"}
+SCRIPTS = {"train_few", "train_zero", "test_few", "test_zero"}
+ROOT_MODULES = SCRIPTS | {"loss", "prompt", "utils", "demo"}  # the card's, and demo.py: the README's first command
+ROOT_FOLDERS = {"CLIP", "dataset", "ckpt", "data", "tests", "mvfa", "tools", "docs", ".ci"}
 PACKAGES = {"CLIP", "dataset"}
+LIBRARY_ROOTS = ("CLIP", "dataset", "mvfa", "loss.py", "prompt.py", "utils.py")
+
+
+def tracked_root_entries() -> set[str]:
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return {line.split("/")[0] for line in listed.splitlines()}
 
 
 def product_files() -> dict[str, list[Path]]:
-    """node -> its files: top-level modules, the two packages, and each bench/ script."""
+    """node -> its files."""
     nodes = {p.stem: [p] for p in REPO.glob("*.py")}
     nodes.update({name: sorted((REPO / name).glob("*.py")) for name in PACKAGES})
-    nodes.update({f"bench/{p.stem}": [p] for p in (REPO / "bench").glob("*.py")})
+    for package in ("mvfa", "tools", "tools/bench"):
+        dotted = package.replace("/", ".")
+        nodes.update({f"{dotted}.{p.stem}": [p] for p in (REPO / package).glob("*.py") if p.stem != "__init__"})
     return nodes
 
 
-def imports(files: list[Path], nodes: set[str]) -> set[str]:
-    """The nodes these files import (relative imports stay inside their package)."""
+def imported_nodes(files: list[Path], nodes: set[str]) -> set[str]:
+    """The nodes these files import: `import a.b`, `from a.b import c` (c may be a module), relative imports in
+    mvfa/ and tools/ resolved; relative imports inside CLIP/ and dataset/ stay inside their node."""
     found = set()
     for path in files:
+        package = path.parent.relative_to(REPO).as_posix().replace("/", ".")
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
-            found |= {n.split(".")[0] for n in names} & nodes
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level:
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    module = f"{base}.{module}".strip(".")
+                names = [module, *(f"{module}.{a.name}" for a in node.names)]
+            for name in names:
+                parts = name.split(".")
+                candidates = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+                found |= {c for c in candidates & nodes if c not in ("mvfa", "tools", "tools.bench")}
     return found
 
 
-def graph() -> dict[str, set[str]]:
+@cache
+def graph() -> dict[str, frozenset[str]]:
     nodes = product_files()
-    return {name: imports(files, set(nodes)) - {name} for name, files in nodes.items()}
+    return {name: frozenset(imported_nodes(files, set(nodes)) - {name}) for name, files in nodes.items()}
+
+
+def is_library(node: str) -> bool:
+    return node in PACKAGES or node.startswith("mvfa.") or node in {"loss", "prompt", "utils"}
+
+
+def test_root_holds_the_card_the_method_package_tools_and_docs():
+    entries = tracked_root_entries()
+    modules = {e.removesuffix(".py") for e in entries if e.endswith(".py")}
+    folders = {e for e in entries if (REPO / e).is_dir()}
+    assert modules <= ROOT_MODULES, f"modules at the root beyond the card's: {sorted(modules - ROOT_MODULES)}"
+    assert folders <= ROOT_FOLDERS, f"folders at the root beyond the layout: {sorted(folders - ROOT_FOLDERS)}"
+    assert {"CLIP", "dataset", "mvfa", "tools", "tests"} <= folders and SCRIPTS <= modules
 
 
 def test_command_lines_import_no_command_line():
     edges = graph()
-    offending = {name: sorted(deps & SCRIPTS) for name, deps in edges.items() if deps & SCRIPTS}
-    assert offending == {}
+    drivers = {n for n in edges if n.startswith("tools.")} | {"demo"}
+    offending = {n: sorted(deps & (SCRIPTS | drivers)) for n, deps in edges.items() if n in SCRIPTS or is_library(n)}
+    assert {n: deps for n, deps in offending.items() if deps} == {}
+    assert {n: sorted(deps & SCRIPTS) for n, deps in edges.items() if n in drivers and deps & SCRIPTS} == {}
 
 
-def test_import_graph_at_most_five_floors():
+def test_import_graph_at_most_five_floors_and_no_cycle():
     edges = graph()
 
     @cache
-    def depth(name: str) -> int:
-        return 1 + max((depth(d) for d in edges[name]), default=0)
+    def depth(name: str, path: tuple = ()) -> int:
+        assert name not in path, f"import cycle: {' -> '.join((*path, name))}"
+        return 1 + max((depth(d, (*path, name)) for d in edges[name]), default=0)
 
     deepest = max(edges, key=depth)
     assert depth(deepest) <= 5, f"{deepest}: {depth(deepest)} floors"
-    assert all(depth(name) == 1 for name in PACKAGES | {"utils", "metrics", "scoring"})  # the ground floor
+    ground = PACKAGES | {"utils", "mvfa.metrics", "mvfa.scoring", "mvfa.precision"}
+    assert {name: depth(name) for name in ground} == dict.fromkeys(ground, 1)
+
+
+def library_files() -> list[Path]:
+    files = []
+    for root in LIBRARY_ROOTS:
+        path = REPO / root
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    return files
+
+
+def test_no_namespace_in_the_library():
+    """No parameter named `args` and no attribute read off a name `args` under CLIP/, dataset/, mvfa/ and the
+    card's library modules: they take configs or plain values."""
+    found = []
+    for path in library_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                params = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                found += [f"{path.name}:{node.lineno} parameter args" for a in params if a.arg == "args"]
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args":
+                found.append(f"{path.name}:{node.lineno} args.{node.attr}")
+    assert found == []
+
+
+def test_no_lambda_assigned_to_a_name_and_no_catch_all_keywords():
+    found = []
+    product = library_files() + sorted(REPO.glob("*.py")) + sorted((REPO / "tools").rglob("*.py"))
+    for path in product:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
+                found.append(f"{path.name}:{node.lineno} lambda assigned")
+            if isinstance(node, ast.FunctionDef) and node.args.kwarg and path in library_files():
+                found.append(f"{path.name}:{node.lineno} **{node.args.kwarg.arg}")
+    assert found == []

@@ -1,6 +1,8 @@
-"""The paper's grid as jobs: expansion (datasets x settings x support draws x protocols), one job's run (train with
---resume, then test the chosen weights, each a subprocess of this repository's scripts), their status, and the
-tables over their records (pandas). Executors are existing engines: a thread pool of subprocesses, or submitit."""
+"""The paper's grid as jobs: expansion (datasets x settings x support draws x protocols), one job's run
+(train with --resume, then test the chosen weights, each a subprocess of this repository's scripts), their
+status, and the tables over their records (pandas). Executors are existing engines: a thread pool of
+subprocesses, or submitit."""
+
 import hashlib
 import json
 import os
@@ -20,14 +22,21 @@ from tools.published import PUBLISHED, ROWS
 REPO = Path(__file__).resolve().parents[1]  # the repository root, where the four scripts are
 SHOTS = (2, 4, 8, 16)  # the authors' support lists
 # test images of BMAD's splits (normal + abnormal), for cost estimates where the data is not at hand
-TEST_IMAGES = {"Brain": 3715, "Liver": 1493, "Retina_RESC": 1805, "Retina_OCT2017": 1000, "Chest": 3000,
-               "Histopathology": 2000}
+TEST_IMAGES = {
+    "Brain": 3715,
+    "Liver": 1493,
+    "Retina_RESC": 1805,
+    "Retina_OCT2017": 1000,
+    "Chest": 3000,
+    "Histopathology": 2000,
+}
 
 
 @dataclass(frozen=True)
 class Job:
     """One training and its test: setting 'zero' or the shot count, draw 0 = the listed support (--iterate 0),
     draw d > 0 = drawn with --iterate -1 --seed d; select = the checkpoint-selection protocol."""
+
     obj: str
     setting: str
     draw: int
@@ -44,19 +53,32 @@ class Job:
     def commands(self, folder: Path) -> list[list[str]]:
         """The train command (always --resume) and the test command, as argument lists."""
         few = self.setting != "zero"
-        support = (["--shot", self.setting] + (["--iterate", "0"] if self.draw == 0 else
-                                               ["--iterate", "-1", "--seed", str(self.draw)])
-                   + (["--seed_dir", self.seed_dir] if self.seed_dir else [])) if few else []
+        support = (
+            (
+                ["--shot", self.setting]
+                + (["--iterate", "0"] if self.draw == 0 else ["--iterate", "-1", "--seed", str(self.draw)])
+                + (["--seed_dir", self.seed_dir] if self.seed_dir else [])
+            )
+            if few
+            else []
+        )
         where = ["--obj", self.obj, "--save_path", str(folder / "ckpt"), "--out_dir", str(folder / "records")]
         train, test = ("train_few.py", "test_few.py") if few else ("train_zero.py", "test_zero.py")
         training = ["--select", self.select, "--epoch", str(self.epoch), "--resume"]
         return [[train, *where, *support, *training, *self.extra], [test, *where, *support, *self.extra]]
 
 
-def expand(objs, settings, draws: int, protocols, epoch: int = 50, extra=(), seed_dir: str | None = None) -> list[Job]:
+def expand(
+    objs, settings, draws: int, protocols, epoch: int = 50, extra=(), seed_dir: str | None = None
+) -> list[Job]:
     """Datasets x settings ('zero', shot counts) x draws (zero-shot has none) x protocols, in that nesting."""
-    return [Job(obj, str(setting), draw, select, epoch, tuple(extra), seed_dir) for obj in objs
-            for setting in settings for draw in range(1 if setting == "zero" else draws) for select in protocols]
+    return [
+        Job(obj, str(setting), draw, select, epoch, tuple(extra), seed_dir)
+        for obj in objs
+        for setting in settings
+        for draw in range(1 if setting == "zero" else draws)
+        for select in protocols
+    ]
 
 
 def run_job(job: Job, out: str, env: dict | None = None) -> dict:
@@ -71,8 +93,13 @@ def run_job(job: Job, out: str, env: dict | None = None) -> dict:
             with open(folder / "log.txt", "a") as log:
                 log.write(f"$ python {' '.join(command)}\n")
                 log.flush()
-                done = subprocess.run([sys.executable, str(REPO / command[0]), *command[1:]], stdout=log,
-                                      stderr=subprocess.STDOUT, cwd=folder, env=env)
+                done = subprocess.run(
+                    [sys.executable, str(REPO / command[0]), *command[1:]],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=folder,
+                    env=env,
+                )
             if done.returncode:
                 text = (folder / "log.txt").read_text(errors="replace").replace("\r", "\n")
                 last = ([line for line in text.splitlines() if line.strip()] or ["(no output)"])[-1]
@@ -92,7 +119,9 @@ def is_done(job: Job, out: str) -> bool:
 
 @dataclass
 class Runner:
-    """submitit's job function: run_job, requeued with the same job on preemption or timeout (training resumes)."""
+    """submitit's job function: run_job, requeued with the same job on preemption or timeout (training
+    resumes)."""
+
     out: str
 
     def __call__(self, job: Job) -> dict:
@@ -100,12 +129,13 @@ class Runner:
 
     def checkpoint(self, job: Job):
         import submitit
+
         return submitit.helpers.DelayedSubmission(self, job)
 
 
 def run_local(jobs: list[Job], out: str, gpus: list[str], workers: int) -> list[str]:
-    """Jobs in a thread pool, each a subprocess that sees one GPU of `gpus` (or, without GPUs, none: `workers` at
-    a time on the CPU); returns the failures' messages. One failure never stops the others."""
+    """Jobs in a thread pool, each a subprocess that sees one GPU of `gpus` (or, without GPUs, none: `workers`
+    at a time on the CPU); returns the failures' messages. One failure never stops the others."""
     slots = queue.Queue()
     for slot in gpus or [""] * workers:
         slots.put(slot)
@@ -122,12 +152,23 @@ def run_local(jobs: list[Job], out: str, gpus: list[str], workers: int) -> list[
     return [str(future.exception()) for future in futures if future.exception()]
 
 
-def slurm_parameters(partition: str | None, minutes: int, gpus: int, cpus: int, parallel: int, sbatch: dict) -> dict:
-    """SlurmExecutor parameters of one job: a node's share, a time limit, an array of at most `parallel` at a time,
-    and SIGUSR2 90 s before the limit (submitit then requeues the job, which resumes)."""
-    return {"partition": partition, "time": minutes, "gpus_per_node": gpus, "cpus_per_task": cpus, "nodes": 1,
-            "ntasks_per_node": 1, "array_parallelism": parallel, "signal_delay_s": 90, "job_name": "mvfa",
-            "additional_parameters": sbatch}
+def slurm_parameters(
+    partition: str | None, minutes: int, gpus: int, cpus: int, parallel: int, sbatch: dict
+) -> dict:
+    """SlurmExecutor parameters of one job: a node's share, a time limit, an array of at most `parallel` at a
+    time, and SIGUSR2 90 s before the limit (submitit then requeues the job, which resumes)."""
+    return {
+        "partition": partition,
+        "time": minutes,
+        "gpus_per_node": gpus,
+        "cpus_per_task": cpus,
+        "nodes": 1,
+        "ntasks_per_node": 1,
+        "array_parallelism": parallel,
+        "signal_delay_s": 90,
+        "job_name": "mvfa",
+        "additional_parameters": sbatch,
+    }
 
 
 def submit(jobs: list[Job], out: str, executor) -> list[str]:
@@ -147,8 +188,15 @@ def status(jobs: list[Job], out: str) -> pd.DataFrame:
     rows = []
     for job in jobs:
         folder = Path(out) / "jobs" / job.key
-        state = ("done" if (folder / "done.json").is_file() else "failed" if (folder / "failed.txt").is_file()
-                 else "running" if (folder / "running").is_file() else "pending")
+        state = (
+            "done"
+            if (folder / "done.json").is_file()
+            else "failed"
+            if (folder / "failed.txt").is_file()
+            else "running"
+            if (folder / "running").is_file()
+            else "pending"
+        )
         error = (folder / "failed.txt").read_text().strip() if state == "failed" else ""
         rows.append({"job": job.key, "state": state, "error": error})
     return pd.DataFrame(rows)
@@ -162,20 +210,33 @@ def results(jobs: list[Job], out: str) -> pd.DataFrame:
         if path.is_file():
             metrics = json.loads(path.read_text())["test"]["metrics"]
             metrics = metrics.get("draws", [metrics])[0]  # test_few with one draw records it directly
-            rows.append({"setting": job.setting, "obj": job.obj, "draw": job.draw, "select": job.select,
-                         **{m: 100 * metrics[m] for m in ("image_auroc", "pixel_auroc") if m in metrics}})
+            rows.append(
+                {
+                    "setting": job.setting,
+                    "obj": job.obj,
+                    "draw": job.draw,
+                    "select": job.select,
+                    **{m: 100 * metrics[m] for m in ("image_auroc", "pixel_auroc") if m in metrics},
+                }
+            )
     return pd.DataFrame(rows, columns=["setting", "obj", "draw", "select", "image_auroc", "pixel_auroc"])
 
 
 def setting_table(frame: pd.DataFrame, setting: str) -> pd.DataFrame:
-    """Datasets (the paper's rows) x metric and protocol: mean and std (ddof 0) over the draws, with the paper's
-    and the authors' implementation's numbers where published (zero-shot and k = 4)."""
+    """Datasets (the paper's rows) x metric and protocol: mean and std (ddof 0) over the draws, with the
+    paper's and the authors' implementation's numbers where published (zero-shot and k = 4)."""
     part = frame[frame["setting"] == setting]
     stats = part.groupby(["obj", "select"])[["image_auroc", "pixel_auroc"]].agg(["mean", lambda x: np.std(x)])
     table = pd.DataFrame(index=[label for _, label in ROWS])
-    published = PUBLISHED["zero-shot"] if setting == "zero" else PUBLISHED["few-shot"] if setting == "4" else {}
+    published = (
+        PUBLISHED["zero-shot"] if setting == "zero" else PUBLISHED["few-shot"] if setting == "4" else {}
+    )
     for metric, name in (("image_auroc", "AUC"), ("pixel_auroc", "pAUC")):
-        cells = {key: f"{mean:.2f} ± {std:.2f}" for key, (mean, std) in stats[metric].iterrows() if not np.isnan(mean)}
+        cells = {
+            key: f"{mean:.2f} ± {std:.2f}"
+            for key, (mean, std) in stats[metric].iterrows()
+            if not np.isnan(mean)
+        }
         for select in sorted(part["select"].unique()):
             table[f"{name} {select}"] = [cells.get((obj, select), "-") for obj, _ in ROWS]
         for i, source in enumerate(("paper", "impl.")):
@@ -187,12 +248,15 @@ def setting_table(frame: pd.DataFrame, setting: str) -> pd.DataFrame:
 def write_tables(frame: pd.DataFrame, out: str) -> str:
     """tables.md and one CSV per setting in `out`; returns the Markdown."""
     sections = ["# MVFA reproduced by training: mean ± std over support draws (AUROC, %)"]
-    for setting in sorted(set(frame["setting"]), key=lambda s: -1 if s == "zero" else int(s)):  # zero-shot first
+    # zero-shot first
+    for setting in sorted(set(frame["setting"]), key=lambda s: -1 if s == "zero" else int(s)):
         table = setting_table(frame, setting)
         table.to_csv(Path(out) / f"table_{setting}.csv", index_label="dataset")
         title = "Zero-shot" if setting == "zero" else f"Few-shot, k = {setting}"
         header = "| Dataset | " + " | ".join(table.columns) + " |\n|:---|" + "---:|" * len(table.columns)
-        body = "\n".join("| " + " | ".join([name, *row]) + " |" for name, row in zip(table.index, table.values))
+        body = "\n".join(
+            "| " + " | ".join([name, *row]) + " |" for name, row in zip(table.index, table.values)
+        )
         sections.append(f"## {title}\n\n{header}\n{body}")
     text = "\n\n".join(sections) + "\n"
     (Path(out) / "tables.md").write_text(text, encoding="utf-8")
@@ -200,13 +264,15 @@ def write_tables(frame: pd.DataFrame, out: str) -> str:
 
 
 def cost(job: Job, data_path: str, batch_size: int = 1) -> tuple[int, int]:
-    """(training steps, evaluated images) of a job: few-shot 22k steps and one test pass (11k bank images + the test
-    set) per epoch; zero-shot the other five test sets in groups, 5-6 test passes per epoch; plus the final test.
-    Test-set sizes are counted where the data is, else BMAD's."""
+    """(training steps, evaluated images) of a job: few-shot 22k steps and one test pass (11k bank images +
+    the test set) per epoch; zero-shot the other five test sets in groups, 5-6 test passes per epoch; plus
+    the final test. Test-set sizes are counted where the data is, else BMAD's."""
+
     def size(obj: str) -> int:
         root = Path(data_path) / f"{obj}_AD" / "test"
         found = sum(1 for _ in root.glob("*/img/*")) if root.is_dir() else 0
         return found or TEST_IMAGES[obj]
+
     test, epochs = size(job.obj), job.epoch
     if job.setting == "zero":
         groups = -(-sum(size(o) for o in CLASS_NAMES if o != job.obj) // batch_size)

@@ -1,15 +1,15 @@
-"""The paper's two tables: zero-shot and 4-shot AUROC (%) on the six datasets, ours next to the paper's and the
-authors' implementation numbers, written as Markdown (tables.md) and CSV (zero_shot.csv, few_shot.csv).
+"""The paper's two tables: zero-shot and 4-shot AUROC (%) on the six datasets, ours next to the paper's and
+the authors' implementation numbers, written as Markdown (tables.md) and CSV (zero_shot.csv, few_shot.csv).
 
     python -m tools.paper_tables
     python -m tools.paper_tables --zero_dir my/zero-shot --few_dir my/few-shot --precision bf16 --batch_size 8
     python -m tools.paper_tables --objs Brain Liver --data_path /data/bmad --out results/brain_liver
 """
+
 import argparse
 import csv
-from pathlib import Path
-
 from dataclasses import asdict
+from pathlib import Path
 
 from dataset import dataset_root
 from mvfa.config import ModelConfig, RunConfig, pick
@@ -24,36 +24,77 @@ from utils import augment, resolve_device, setup_seed
 
 SETTINGS = {"zero-shot": "zero", "few-shot": "few"}
 METRICS = (("image_auroc", "AUC"), ("pixel_auroc", "pAUC"))
-PARTS = (("ours", "ours"), ("paper", "paper"), ("impl", "impl."), ("ours-paper", "ours-paper"),
-         ("ours-impl", "ours-impl."))
+PARTS = (
+    ("ours", "ours"),
+    ("paper", "paper"),
+    ("impl", "impl."),
+    ("ours-paper", "ours-paper"),
+    ("ours-impl", "ours-impl."),
+)
 COLUMNS = [f"{m}_{part}" for m, _ in METRICS for part, _ in PARTS]
-TITLES = {"zero-shot": "Zero-shot",
-          "few-shot": "Few-shot, k = 4, support draw --iterate 0 (lines n-0/a-0 of 4-shot.txt)"}
-FOOTNOTES = {"few-shot": "LiverCT AUC paper/impl. 81.18 equals the zero-shot implementation AUC of Liver: probably "
-                         "a copy error in the authors' README, not a target."}
+TITLES = {
+    "zero-shot": "Zero-shot",
+    "few-shot": "Few-shot, k = 4, support draw --iterate 0 (lines n-0/a-0 of 4-shot.txt)",
+}
+FOOTNOTES = {
+    "few-shot": "LiverCT AUC paper/impl. 81.18 equals the zero-shot implementation AUC of Liver: probably "
+    "a copy error in the authors' README, not a target."
+}
 # flags handed unchanged to both scripts when given, so that their defaults, types and checks apply
-PASS_ON = {"--data_path": {}, "--clip_ckpt": {}, "--device": {}, "--precision": {}, "--batch_size": {},
-           "--model_name": {}, "--pretrain": {}, "--features_list": {"nargs": "+"}, "--img_size": {}, "--seed": {},
-           "--num_workers": {}, "--fast": {"action": "store_true"}, "--quick_gelu": {"action": "store_true"},
-           "--clip_normalize": {"action": "store_true"}}
+PASS_ON = {
+    "--data_path": {},
+    "--clip_ckpt": {},
+    "--device": {},
+    "--precision": {},
+    "--batch_size": {},
+    "--model_name": {},
+    "--pretrain": {},
+    "--features_list": {"nargs": "+"},
+    "--img_size": {},
+    "--seed": {},
+    "--num_workers": {},
+    "--fast": {"action": "store_true"},
+    "--quick_gelu": {"action": "store_true"},
+    "--clip_normalize": {"action": "store_true"},
+}
 
 
 def parser() -> argparse.ArgumentParser:
     p = new_parser(__doc__)
-    p.add_argument("--objs", nargs="+", default=[obj for obj, _ in ROWS], choices=[obj for obj, _ in ROWS],
-                   help="datasets to run (default all six; the others get rows of '-')")
-    p.add_argument("--zero_dir", default=None, help="zero-shot adapter checkpoints {obj}.pth (default: test_zero.py's "
-                                                    "--save_path, ./ckpt/zero-shot/)")
-    p.add_argument("--few_dir", default=None, help="4-shot adapter checkpoints {obj}.pth (default: test_few.py's "
-                                                   "--save_path, ./ckpt/few-shot/)")
+    p.add_argument(
+        "--objs",
+        nargs="+",
+        default=[obj for obj, _ in ROWS],
+        choices=[obj for obj, _ in ROWS],
+        help="datasets to run (default all six; the others get rows of '-')",
+    )
+    p.add_argument(
+        "--zero_dir",
+        default=None,
+        help="zero-shot adapter checkpoints {obj}.pth (default: test_zero.py's "
+        "--save_path, ./ckpt/zero-shot/)",
+    )
+    p.add_argument(
+        "--few_dir",
+        default=None,
+        help="4-shot adapter checkpoints {obj}.pth (default: test_few.py's --save_path, ./ckpt/few-shot/)",
+    )
     p.add_argument("--seed_dir", default=None, help="few-shot support lists (default: dataset/fewshot_seed)")
     p.add_argument("--memory_no_cls", action="store_true", help="passed to test_few.py (the few-shot runs)")
-    p.add_argument("--out", default="./results/paper_tables/",
-                   help="folder for tables.md, zero_shot.csv, few_shot.csv and the runs' records (runs/)")
-    p.add_argument("--strict", action="store_true",
-                   help="stop at a missing or unreadable dataset or checkpoint instead of a note and a row of '-'")
+    p.add_argument(
+        "--out",
+        default="./results/paper_tables/",
+        help="folder for tables.md, zero_shot.csv, few_shot.csv and the runs' records (runs/)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at a missing or unreadable dataset or checkpoint instead of a note and a row of '-'",
+    )
     for flag, options in PASS_ON.items():
-        p.add_argument(flag, default=argparse.SUPPRESS, help="passed to test_zero.py and test_few.py", **options)
+        p.add_argument(
+            flag, default=argparse.SUPPRESS, help="passed to test_zero.py and test_few.py", **options
+        )
     return p
 
 
@@ -80,7 +121,8 @@ def run_configs(args) -> dict[tuple[str, str], RunConfig]:
 
 
 def missing_input(run: RunConfig) -> str | None:
-    """Why a run cannot start (its dataset folder or adapter checkpoint is absent), checked before any model work."""
+    """Why a run cannot start (its dataset folder or adapter checkpoint is absent), checked before any model
+    work."""
     try:
         dataset_root(run.data_path, run.obj)
     except FileNotFoundError as e:
@@ -105,7 +147,8 @@ def test_run(model, model_cfg: ModelConfig, run: RunConfig, precision: Precision
 
 
 def run_all(args) -> tuple[dict[str, dict], list[str]]:
-    """Run every (setting, dataset) on one CLIP model; returns setting -> dataset -> result, and one-line notes."""
+    """Run every (setting, dataset) on one CLIP model; returns setting -> dataset -> result, and one-line
+    notes."""
     runs, notes = run_configs(args), []
     for (setting, obj), run in list(runs.items()):
         if why := missing_input(run):
@@ -119,7 +162,9 @@ def run_all(args) -> tuple[dict[str, dict], list[str]]:
     # all runs share the model flags: one model serves them all, only the adapters change
     device = resolve_device(getattr(args, "device", "auto"))
     precision = Precision.of(getattr(args, "precision", "auto"), device)
-    model_cfg = pick(ModelConfig, {flag[2:]: getattr(args, flag[2:]) for flag in PASS_ON if hasattr(args, flag[2:])})
+    model_cfg = pick(
+        ModelConfig, {flag[2:]: getattr(args, flag[2:]) for flag in PASS_ON if hasattr(args, flag[2:])}
+    )
     for (setting, obj), run in runs.items():
         print(f"--- {obj} {setting}")
         model = model or model_cfg.build(device, precision)
@@ -135,8 +180,14 @@ def run_all(args) -> tuple[dict[str, dict], list[str]]:
 def _cells(metric: str, ours: float | None, paper: float | None, impl: float | None) -> dict:
     def diff(a, b):
         return None if a is None or b is None else round(a - b, 2)
-    return {f"{metric}_ours": ours, f"{metric}_paper": paper, f"{metric}_impl": impl,
-            f"{metric}_ours-paper": diff(ours, paper), f"{metric}_ours-impl": diff(ours, impl)}
+
+    return {
+        f"{metric}_ours": ours,
+        f"{metric}_paper": paper,
+        f"{metric}_impl": impl,
+        f"{metric}_ours-paper": diff(ours, paper),
+        f"{metric}_ours-impl": diff(ours, impl),
+    }
 
 
 def _mean(values: list) -> float | None:
@@ -144,10 +195,11 @@ def _mean(values: list) -> float | None:
 
 
 def table(setting: str, ours: dict[str, dict]) -> list[dict]:
-    """Rows in the paper's order plus 'Average': {'dataset': label, COLUMNS...: % with two decimals or None}. `ours`:
-    dataset -> a result of test_zero.py / test_few.py (AUROC as fractions); absent datasets get None. Differences
-    are taken on the rounded values, so they equal the printed ones. The average runs over the datasets we have, and
-    the paper's and implementation's over the same ones (all of them: the published averages)."""
+    """Rows in the paper's order plus 'Average': {'dataset': label, COLUMNS...: % with two decimals or None}.
+    `ours`: dataset -> a result of test_zero.py / test_few.py (AUROC as fractions); absent datasets get None.
+    Differences are taken on the rounded values, so they equal the printed ones. The average runs over the
+    datasets we have, and the paper's and implementation's over the same ones (all of them: the published
+    averages)."""
     rows = []
     for obj, label in ROWS:
         row, result = {"dataset": label}, ours.get(obj) or {}
@@ -158,10 +210,14 @@ def table(setting: str, ours: dict[str, dict]) -> list[dict]:
         rows.append(row)
     average = {"dataset": "Average"}
     for metric, _ in METRICS:
-        basis = ([r for r in rows if r[f"{metric}_ours"] is not None]
-                 or [r for r in rows if r[f"{metric}_paper"] is not None])
-        average.update(_cells(metric, *(_mean([r[f"{metric}_{part}"] for r in basis])
-                                        for part in ("ours", "paper", "impl"))))
+        basis = [r for r in rows if r[f"{metric}_ours"] is not None] or [
+            r for r in rows if r[f"{metric}_paper"] is not None
+        ]
+        average.update(
+            _cells(
+                metric, *(_mean([r[f"{metric}_{part}"] for r in basis]) for part in ("ours", "paper", "impl"))
+            )
+        )
     return rows + [average]
 
 
@@ -172,8 +228,10 @@ def average_notes(rows: list[dict]) -> list[str]:
         have = sum(r[f"{metric}_ours"] is not None for r in rows[:-1])
         published = sum(r[f"{metric}_paper"] is not None for r in rows[:-1])
         if 0 < have < published:
-            out.append(f"Average {name}: over the {have} of {published} datasets with our results (paper and "
-                       f"implementation averaged over the same ones).")
+            out.append(
+                f"Average {name}: over the {have} of {published} datasets with our results (paper and "
+                f"implementation averaged over the same ones)."
+            )
     return out
 
 
@@ -191,8 +249,12 @@ def printed(rows: list[dict]) -> list[list[str]]:
 
 def markdown(setting: str, rows: list[dict]) -> str:
     headers = [f"{name} {label}" for _, name in METRICS for _, label in PARTS]
-    lines = [f"## {TITLES[setting]} (AUROC, %)", "", "| Dataset | " + " | ".join(headers) + " |",
-             "|:---|" + "---:|" * len(headers)]
+    lines = [
+        f"## {TITLES[setting]} (AUROC, %)",
+        "",
+        "| Dataset | " + " | ".join(headers) + " |",
+        "|:---|" + "---:|" * len(headers),
+    ]
     lines += ["| " + " | ".join(cells) + " |" for cells in printed(rows)]
     notes = average_notes(rows) + ([FOOTNOTES[setting]] if setting in FOOTNOTES else [])
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else []))

@@ -1,5 +1,5 @@
-"""Anomaly scores and maps for one's own images with an MVFA adapter checkpoint: zero-shot, or few-shot with a folder
-of normal support images (memory bank of their augmentations, as test_few.py).
+"""Anomaly scores and maps for one's own images with an MVFA adapter checkpoint: zero-shot, or few-shot with a
+folder of normal support images (memory bank of their augmentations, as test_few.py).
 
     python -m tools.predict --input scans/ --ckpt ckpt/zero-shot/Brain.pth --obj Brain --out pred/
     python -m tools.predict --input case7.tif --ckpt ckpt/few-shot/Liver.pth --obj Liver --support normals/ \\
@@ -7,23 +7,24 @@ of normal support images (memory bank of their augmentations, as test_few.py).
     python -m tools.predict --input xrays/ --ckpt ckpt/zero-shot/Chest.pth --prompt_name "Chest X-ray film" \\
         --calibrate normal_xrays/ --fpr 0.05 --out pred/
 
-Writes OUT/scores.csv (file, score, and decision with --calibrate) and OUT/{index:05d}_{stem}.png per input: the
-image at its own size beside the heat map resized onto it (--save_npy: that map as .npy too). Score, zero-shot: the
-det head's image score before the reference's test-set min-max (absolute). Score, few-shot: the max of the 0.5/0.5
-fused zero-shot and memory-bank maps, min-max normalised over the run's pool (the inputs and the --calibrate images)
-standing in for the test set: relative to that pool. One input without --calibrate: its raw maps fused (few-shot
-score: their max), the map scaled by its own range for display only. --calibrate: threshold at the (1 - fpr)
-quantile of the normal images' scores. Images: 8-bit, 16-bit (/ 65535) or float in [0, 1], grey or colour, any size.
+Writes OUT/scores.csv (file, score, and decision with --calibrate) and OUT/{index:05d}_{stem}.png per input:
+the image at its own size beside the heat map resized onto it (--save_npy: that map as .npy too). Score,
+zero-shot: the det head's image score before the reference's test-set min-max (absolute). Score, few-shot: the
+max of the 0.5/0.5 fused zero-shot and memory-bank maps, min-max normalised over the run's pool (the inputs
+and the --calibrate images) standing in for the test set: relative to that pool. One input without
+--calibrate: its raw maps fused (few-shot score: their max), the map scaled by its own range for display only.
+--calibrate: threshold at the (1 - fpr) quantile of the normal images' scores. Images: 8-bit, 16-bit (/ 65535)
+or float in [0, 1], grey or colour, any size.
 """
+
 import argparse
 import csv
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from torch.utils.data import DataLoader
 
 from dataset import DATASETS, IMAGE_EXTENSIONS, check_obj, list_images
@@ -56,9 +57,11 @@ def list_inputs(path: str | Path, flag: str) -> list[Path]:
 def pool_scores(
     c: Collected, device: torch.device, precision: Precision
 ) -> tuple[np.ndarray, Callable[[int, int], torch.Tensor]]:
-    """Image scores [n] and maps_fn(start, stop) -> maps [k, H, W] in [0, 1] of a pool (see the module docstring)."""
-    # deviation: the reference normalises over a test set; a run's inputs (+ calibration images) stand in for it.
-    # Few-shot scores are the fused map's max for every dataset (the reference averages maps of image-only ones).
+    """Image scores [n] and maps_fn(start, stop) -> maps [k, H, W] in [0, 1] of a pool (see the module
+    docstring)."""
+    # deviation: the reference normalises over a test set; a run's inputs (+ calibration images) stand in for
+    # it. Few-shot scores are the fused map's max for every dataset (the reference averages maps of image-only
+    # ones).
     if len(c.labels) > 1:
         maps = PixelMaps(c, device, precision)
         return (maps.image_max() if c.fewshot else np.array(c.zero_image, dtype=np.float32)), maps.chunk
@@ -75,29 +78,54 @@ def pool_scores(
 
 def parser() -> argparse.ArgumentParser:
     p = new_parser(__doc__)
-    p.add_argument("--input", required=True, help="an image file or a folder of images (png, jpg, jpeg, bmp, tif)")
+    p.add_argument(
+        "--input", required=True, help="an image file or a folder of images (png, jpg, jpeg, bmp, tif)"
+    )
     p.add_argument("--ckpt", required=True, help="adapter checkpoint (.pth of train_few.py / train_zero.py)")
     name = p.add_mutually_exclusive_group(required=True)
-    name.add_argument("--obj", help="dataset the images resemble: Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, "
-                                    "Histopathology (its prompt name is used)")
+    name.add_argument(
+        "--obj",
+        help="dataset the images resemble: Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, "
+        "Histopathology (its prompt name is used)",
+    )
     name.add_argument("--prompt_name", help="free-text object name for the prompts, e.g. 'knee MRI'")
-    p.add_argument("--head", default="auto", choices=["auto", "seg", "det"],
-                   help="adapters the maps come from; auto: det for image-only datasets, else seg")
+    p.add_argument(
+        "--head",
+        default="auto",
+        choices=["auto", "seg", "det"],
+        help="adapters the maps come from; auto: det for image-only datasets, else seg",
+    )
     p.add_argument("--support", default=None, metavar="DIR", help="folder of normal images: few-shot scoring")
-    p.add_argument("--calibrate", default=None, metavar="DIR",
-                   help="folder of normal images: threshold at the (1 - fpr) quantile of their scores, and a "
-                        "normal/abnormal decision per input (use at least 1/fpr images)")
+    p.add_argument(
+        "--calibrate",
+        default=None,
+        metavar="DIR",
+        help="folder of normal images: threshold at the (1 - fpr) quantile of their scores, and a "
+        "normal/abnormal decision per input (use at least 1/fpr images)",
+    )
     p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate for --calibrate")
     p.add_argument("--out", default="./predictions/", help="folder for scores.csv and the heat-map PNGs")
-    p.add_argument("--save_npy", action="store_true",
-                   help="also write each heat map at the input's own size as float32 .npy, values as drawn")
+    p.add_argument(
+        "--save_npy",
+        action="store_true",
+        help="also write each heat map at the input's own size as float32 .npy, values as drawn",
+    )
     add_model_args(p)
     return p
 
 
-def write_outputs(out: Path, inputs: list[Path], offset: int, scores: np.ndarray, maps_fn, threshold: float | None,
-                  caption: str, save_npy: bool = False) -> list[dict]:
-    """scores.csv and one overlay per input, drawn at the input's own size; pool entries offset.. are the inputs."""
+def write_outputs(
+    out: Path,
+    inputs: list[Path],
+    offset: int,
+    scores: np.ndarray,
+    maps_fn,
+    threshold: float | None,
+    caption: str,
+    save_npy: bool = False,
+) -> list[dict]:
+    """scores.csv and one overlay per input, drawn at the input's own size; pool entries offset.. are the
+    inputs."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for j, path in enumerate(inputs):
@@ -138,9 +166,11 @@ def main(argv=None) -> list[dict]:
         name = obj or args.prompt_name
         text = text_features_for(model.clipmodel, [name], device, precision)[name]
         memory = None
-        if support:  # memory banks of the augmented support images (11 views each), as test_few.py builds them
+        # memory banks of the augmented support images (11 views each), as test_few.py builds them
+        if support:
             images = [load_input(p, args.img_size, args.clip_normalize) for p in support]
-            memory = build_memory(model, augment(torch.stack(images))[0], precision, args.batch_size)  # [11k, 3, S, S]
+            # from the [11k, 3, S, S] augmented images
+            memory = build_memory(model, augment(torch.stack(images))[0], precision, args.batch_size)
         pool = ImageItems([(str(p), 0, None) for p in normals + inputs], args.img_size, args.clip_normalize)
         # auto: the det head for image-only datasets (their few-shot checkpoints never train the seg adapters)
         head = args.head
@@ -152,8 +182,8 @@ def main(argv=None) -> list[dict]:
         threshold = float(np.quantile(scores[: len(normals)], 1 - args.fpr)) if normals else None
         if normals and len(normals) < 1 / args.fpr:
             print(
-                f"note: {len(normals)} calibration images are too few for --fpr {args.fpr}: the threshold is close "
-                f"to their highest score"
+                f"note: {len(normals)} calibration images are too few for --fpr {args.fpr}: "
+                f"the threshold is close to their highest score"
             )
         if len(pool) == 1:
             caption = "raw map scaled to this image's range"
@@ -164,7 +194,10 @@ def main(argv=None) -> list[dict]:
         for row in rows:
             print(f"{row['score']:.4f} {row.get('decision', '')} {row['file']}")
         if threshold is not None:
-            print(f"threshold {threshold:.4f} at the {1 - args.fpr:.0%} quantile of {len(normals)} normal images")
+            print(
+                f"threshold {threshold:.4f} at the {1 - args.fpr:.0%} quantile "
+                f"of {len(normals)} normal images"
+            )
         print(f"scores and maps written to {args.out}")
     return rows
 

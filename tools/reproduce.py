@@ -1,16 +1,18 @@
-"""Reproduce the paper by training: the whole grid of zero-shot and few-shot runs, resumable, on one GPU, several
-GPUs, or a SLURM cluster (submitit); then one table per setting with mean ± std over support draws.
+"""Reproduce the paper by training: the whole grid of zero-shot and few-shot runs, resumable, on one GPU,
+several GPUs, or a SLURM cluster (submitit); then one table per setting with mean ± std over support draws.
 
-    python -m tools.reproduce --dry_run                                      # the paper's grid: its jobs and their cost
-    python -m tools.reproduce --gpus 0 1 2 3 --out runs/                     # local: one job per GPU at a time
-    python -m tools.reproduce --executor slurm --partition gpu --time 1440 --out runs/ --draws 3 --protocols test val
-    python -m tools.reproduce --status --out runs/                           # done / running / failed (last error line)
-    python -m tools.reproduce --tables --out runs/                           # runs/tables.md, runs/table_{setting}.csv
+    python -m tools.reproduce --dry_run                   # the paper's grid: its jobs and their cost
+    python -m tools.reproduce --gpus 0 1 2 3 --out runs/  # local: one job per GPU at a time
+    python -m tools.reproduce --executor slurm --partition gpu --time 1440 --out runs/ --draws 3 \\
+        --protocols test val
+    python -m tools.reproduce --status --out runs/        # done / running / failed (last error line)
+    python -m tools.reproduce --tables --out runs/        # runs/tables.md, runs/table_{setting}.csv
 
-Flags it does not know go to every training and test command (e.g. --data_path, --clip_ckpt, --precision bf16).
-Rerunning the same command runs only the jobs without a result; trainings resume from their state, and a job that
-fails never stops the others.
+Flags it does not know go to every training and test command (e.g. --data_path, --clip_ckpt, --precision
+bf16). Rerunning the same command runs only the jobs without a result; trainings resume from their state, and
+a job that fails never stops the others.
 """
+
 import sys
 from pathlib import Path
 
@@ -22,45 +24,83 @@ from tools import jobs
 def parser():
     p = new_parser(__doc__)
     p.allow_abbrev = False  # unknown flags go to the scripts: --seed must not be taken for --seed_dir
-    p.add_argument("--out", default="./runs/", help="folder of the jobs (jobs/{key}/: checkpoints, records, log)")
+    p.add_argument(
+        "--out", default="./runs/", help="folder of the jobs (jobs/{key}/: checkpoints, records, log)"
+    )
     p.add_argument("--objs", nargs="+", default=list(CLASS_NAMES), help="datasets")
-    p.add_argument("--settings", nargs="+", default=["zero", *map(str, jobs.SHOTS)], help="'zero' and/or shot counts")
-    p.add_argument("--draws", type=int, default=1, help="support draws per few-shot setting: the listed one "
-                                                        "(--iterate 0), then --iterate -1 with seeds 1, 2, ...")
-    p.add_argument("--protocols", nargs="+", default=["test"], choices=SELECTIONS, help="--select of the trainings")
+    p.add_argument(
+        "--settings", nargs="+", default=["zero", *map(str, jobs.SHOTS)], help="'zero' and/or shot counts"
+    )
+    p.add_argument(
+        "--draws",
+        type=int,
+        default=1,
+        help="support draws per few-shot setting: the listed one "
+        "(--iterate 0), then --iterate -1 with seeds 1, 2, ...",
+    )
+    p.add_argument(
+        "--protocols", nargs="+", default=["test"], choices=SELECTIONS, help="--select of the trainings"
+    )
     p.add_argument("--epoch", type=int, default=50, help="training epochs of every job (the paper's: 50)")
     p.add_argument("--seed_dir", default=None, help="few-shot support lists (default: dataset/fewshot_seed)")
-    p.add_argument("--dry_run", action="store_true", help="list the jobs and their estimated cost, run nothing")
-    p.add_argument("--status", action="store_true", help="each job: done / running / failed (its last error line)")
+    p.add_argument(
+        "--dry_run", action="store_true", help="list the jobs and their estimated cost, run nothing"
+    )
+    p.add_argument(
+        "--status", action="store_true", help="each job: done / running / failed (its last error line)"
+    )
     p.add_argument("--tables", action="store_true", help="write the tables of the finished jobs, run nothing")
-    p.add_argument("--executor", default="local", choices=["local", "submitit-local", "slurm"],
-                   help="local: a pool of subprocesses; submitit-local: submitit without SLURM; slurm: sbatch arrays")
+    p.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "submitit-local", "slurm"],
+        help="local: a pool of subprocesses; submitit-local: submitit without SLURM; slurm: sbatch arrays",
+    )
     p.add_argument("--gpus", nargs="*", default=[], help="local: the GPU ids to use, one job each at a time")
     p.add_argument("--workers", type=int, default=1, help="local without --gpus: jobs at a time on the CPU")
     p.add_argument("--partition", default=None, help="slurm: partition")
-    p.add_argument("--time", type=int, default=24 * 60, help="slurm: time limit per job in minutes (jobs requeue)")
+    p.add_argument(
+        "--time", type=int, default=24 * 60, help="slurm: time limit per job in minutes (jobs requeue)"
+    )
     p.add_argument("--gpus_per_job", type=int, default=1, help="slurm: GPUs per job")
     p.add_argument("--cpus_per_job", type=int, default=8, help="slurm: CPUs per job")
     p.add_argument("--parallel", type=int, default=32, help="slurm: jobs of the array running at a time")
     p.add_argument("--sbatch", nargs="*", default=[], metavar="KEY=VALUE", help="slurm: extra sbatch options")
-    p.add_argument("--sec_per_step", type=float, default=2.49, help="cost estimate: seconds per training step "
-                                                                   "(default: ViT-L, fp32, measured on 2 CPU cores)")
-    p.add_argument("--sec_per_image", type=float, default=1.18,
-                   help="cost estimate: seconds per evaluated image (default: the same CPU; bf16 there: 1.34 and 0.61)")
+    p.add_argument(
+        "--sec_per_step",
+        type=float,
+        default=2.49,
+        help="cost estimate: seconds per training step (default: ViT-L, fp32, measured on 2 CPU cores)",
+    )
+    p.add_argument(
+        "--sec_per_image",
+        type=float,
+        default=1.18,
+        help="cost estimate: seconds per evaluated image (default: the same CPU; bf16 there: 1.34 and 0.61)",
+    )
     return p
 
 
 def executor(args, out: Path):
     """The submitit executor of --executor (submitit-local or slurm)."""
     import submitit
+
     folder = out / "submitit" / "%j"
     if args.executor == "submitit-local":
         ex = submitit.LocalExecutor(folder=folder)
         ex.update_parameters(timeout_min=args.time)
         return ex
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=20)
-    ex.update_parameters(**jobs.slurm_parameters(args.partition, args.time, args.gpus_per_job, args.cpus_per_job,
-                                                 args.parallel, dict(item.split("=", 1) for item in args.sbatch)))
+    ex.update_parameters(
+        **jobs.slurm_parameters(
+            args.partition,
+            args.time,
+            args.gpus_per_job,
+            args.cpus_per_job,
+            args.parallel,
+            dict(item.split("=", 1) for item in args.sbatch),
+        )
+    )
     return ex
 
 
@@ -73,15 +113,21 @@ def dry_run(job_list: list, args, extra: list[str]) -> None:
         total += hours
         draw = "listed" if job.draw == 0 else f"drawn, seed {job.draw}"
         setting = "zero-shot" if job.setting == "zero" else f"{job.setting}-shot"
-        print(f"{job.key}: {job.obj} {setting} draw {job.draw} ({draw}) --select {job.select}: {steps} steps, "
-              f"{images} images, ~{hours:.1f} h")
-    print(f"{len(job_list)} jobs, ~{total:.0f} h estimated at {args.sec_per_step} s/step and {args.sec_per_image} "
-          f"s/image (an estimate, not a measurement)")
+        print(
+            f"{job.key}: {job.obj} {setting} draw {job.draw} ({draw}) --select {job.select}: {steps} steps, "
+            f"{images} images, ~{hours:.1f} h"
+        )
+    print(
+        f"{len(job_list)} jobs, ~{total:.0f} h estimated at {args.sec_per_step} s/step "
+        f"and {args.sec_per_image} s/image (an estimate, not a measurement)"
+    )
 
 
 def run(args, extra: list[str]) -> int:
     out = Path(args.out)
-    job_list = jobs.expand(args.objs, args.settings, args.draws, args.protocols, args.epoch, extra, args.seed_dir)
+    job_list = jobs.expand(
+        args.objs, args.settings, args.draws, args.protocols, args.epoch, extra, args.seed_dir
+    )
     if args.dry_run:
         dry_run(job_list, args, extra)
         return 0
@@ -94,8 +140,11 @@ def run(args, extra: list[str]) -> int:
     if not args.tables:
         todo = [job for job in job_list if not jobs.is_done(job, str(out))]
         print(f"{len(job_list) - len(todo)} of {len(job_list)} jobs done already; running {len(todo)}")
-        failures = (jobs.run_local(todo, str(out), args.gpus, args.workers) if args.executor == "local" else
-                    jobs.submit(todo, str(out), executor(args, out)))
+        failures = (
+            jobs.run_local(todo, str(out), args.gpus, args.workers)
+            if args.executor == "local"
+            else jobs.submit(todo, str(out), executor(args, out))
+        )
         for message in failures:
             print(f"failed: {message}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)

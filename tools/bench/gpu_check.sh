@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 13: packages from a wheel folder, the seed-0 reference inputs, tests/test_cuda.py,
-# bench/speed.py on CUDA, one summary. See --help.
+# The prepared GPU check: packages from a wheel folder, the seed-0 reference inputs, tests/test_cuda.py,
+# python -m tools.bench.speed on CUDA, one summary. See --help.
 set -uo pipefail
 
 usage() {
     cat <<'EOF'
-usage: bash bench/gpu_check.sh [--wheels DIR] [--shared DIR] [--assets DIR] [--work DIR] [--dry_run]
+usage: bash tools/bench/gpu_check.sh [--wheels DIR] [--shared DIR] [--assets DIR] [--work DIR] [--dry_run]
 
 On a machine with a CUDA GPU and no internet, from anywhere (it runs in the repository root); designed to finish
 in under 8 minutes on one H100/H200-class GPU (each step has a time limit; not yet run on a GPU):
@@ -21,11 +21,11 @@ in under 8 minutes on one H100/H200-class GPU (each step has a time limit; not y
      batch 1 against batch 8, a CUDA checkpoint loaded on the CPU, the four recorded reference runs with
      --precision auto (pixel AUROC within 0.01 of the recorded lines, image AUROC reported), training steps under
      fp16 and bf16 autocast;
-  4. runs bench/speed.py --device cuda --precisions fp16 bf16 --batch_sizes 1 32 (stages text, forward,
-     memory_bank, train_step): seconds, images/s, achieved GFLOP/s and its fraction of the GPU's measured 8192^2
-     matrix-product rate in the same precision (~its peak), peak memory;
+  4. runs python -m tools.bench.speed --device cuda --precisions fp16 bf16 --batch_sizes 1 32 (stages text,
+     forward, memory_bank, train_step): seconds, images/s, achieved GFLOP/s and its fraction of the GPU's
+     measured 8192^2 matrix-product rate in the same precision (~its peak), peak memory;
   5. prints one summary, also written to WORK/summary.md (WORK defaults to results/gpu_check; the speed rows are
-     in WORK/speed.json). Paste its tables into the README's "CPU and GPU" section.
+     in WORK/speed.json): the figures docs/gpu.md lists as not yet measured on a GPU.
 
 Prepare the wheel folder beforehand, on a machine with internet, in the repository root:
     pip download ftfy wcwidth -d wheels/
@@ -34,10 +34,10 @@ ftfy and wcwidth are pure-Python wheels, so this works from any platform; for a 
 The lent machines have torch, torchvision, scikit-learn, scipy, pillow, tqdm, regex, matplotlib and pytest.
 Then carry the repository, wheels/ and the shared/ folder (reference/make_ckpts.py, make_synth_bmad.py,
 goldens_seed0.pt, reference_outputs_seed0.txt) to the GPU machine and run:
-    bash bench/gpu_check.sh --shared path/to/shared
+    bash tools/bench/gpu_check.sh --shared path/to/shared
 
 --dry_run: the same steps on the CPU, to check the script where there is no GPU: the CUDA tests report their skip
-reason, and speed.py runs fp32 and bf16 forward and training-step stages at batch 1 on 56-pixel images.
+reason, and the speed tool runs fp32 and bf16 forward and training-step stages at batch 1 on 56-pixel images.
 EOF
 }
 
@@ -61,7 +61,7 @@ absolute() { (mkdir -p "$1" && cd "$1" && pwd); }
 WHEELS=$(cd "$(dirname "$WHEELS")" 2>/dev/null && echo "$PWD/$(basename "$WHEELS")")
 WORK=$(absolute "$WORK")
 [ -n "$ASSETS" ] && ASSETS=$(cd "$ASSETS" && pwd)
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 SHARED=${SHARED:-../shared}
 [ -d "$SHARED" ] && SHARED=$(cd "$SHARED" && pwd)
 SUMMARY=$WORK/summary.md
@@ -89,12 +89,13 @@ note "## GPU check ($(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short 
 note ""
 note "$(python - <<'PY'
 import torch
-from records import autocast_upsample_dtype
+from mvfa.records import autocast_upsample_dtype
 cuda = torch.cuda.is_available()
 name = torch.cuda.get_device_name() if cuda else "no CUDA device (CPU)"
 upsample = autocast_upsample_dtype(torch.device("cuda")) if cuda else "-"
 print(f"- device: {name}, torch {torch.__version__}, CUDA {torch.version.cuda}; "
-      f"fp16 autocast upsamples in {upsample} (spec Q7)")
+      f"fp16 autocast upsamples in {upsample} "
+      "(which decides whether the reference's few-shot maps were float16)")
 PY
 )"
 
@@ -118,17 +119,17 @@ note "- tests/test_cuda.py: $(grep -E '(passed|failed|skipped|error)' "$WORK/tes
 grep -m 1 -o 'SKIPPED.*' "$WORK/test_cuda.log" | sed 's/^/  - /' | tee -a "$SUMMARY"
 sed 's/^/  - /' "$REPORT" | tee -a "$SUMMARY"
 
-step "4/4 bench/speed.py"
+step "4/4 python -m tools.bench.speed"
 if [ "$DRY" = 1 ]; then
     speed=(--device cpu --precisions fp32 bf16 --batch_sizes 1 --stages forward train_step --img_size 56 --repeat 1)
 else
     speed=(--device cuda --precisions fp16 bf16 --batch_sizes 1 32 --stages text forward memory_bank train_step)
 fi
 note ""
-timeout 240 python bench/speed.py "${speed[@]}" --out "$WORK/speed.json" 2>/dev/null | tee -a "$SUMMARY"
+timeout 240 python -m tools.bench.speed "${speed[@]}" --out "$WORK/speed.json" 2>/dev/null | tee -a "$SUMMARY"
 note ""
 note "(fraction: achieved GFLOP/s of the adapted ViT-L/14 over the matrix-product rate measured in the same run and"
-note "precision; train_step: training.train_step, forward + losses + backward + both Adam steps; $((SECONDS - start)) s in all)"
+note "precision; train_step: mvfa.training.train_step, forward + losses + backward + both Adam steps; $((SECONDS - start)) s in all)"
 echo
 echo "==== summary ($SUMMARY)"
 cat "$SUMMARY"
