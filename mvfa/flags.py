@@ -27,12 +27,17 @@ def new_parser(description: str, obj: str | None = None) -> argparse.ArgumentPar
             default=None,
             help="object name in the text prompts, e.g. 'knee MRI' (default: the BMAD dataset's)",
         )
-        p.add_argument("--data_path", default="./data/", help="folder holding {obj}_AD/ in BMAD's layout")
-        p.add_argument("--seed", type=int, default=111, help="random seed")
-        p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+        add_data_args(p)
         p.add_argument("--out_dir", default="./results/", help="where the run's JSON record is written")
         add_model_args(p)
     return p
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Where the data is and how it is read: --data_path, --seed, --num_workers."""
+    parser.add_argument("--data_path", default="./data/", help="folder holding {obj}_AD/ in BMAD's layout")
+    parser.add_argument("--seed", type=int, default=111, help="random seed")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
 
 
 def positive_int(text: str) -> int:

@@ -1,4 +1,5 @@
-"""Tests of the dataset package: reference list order and transforms, support lists, pairing, errors, synth data."""
+"""Tests of the dataset package: reference list order and transforms, support lists, pairing, errors, and the
+synthetic data of tools/synth.py."""
 import hashlib
 import os
 import random
@@ -16,7 +17,7 @@ from dataset import CLASS_NAMES, DATASETS, check_obj, list_images, load_image, l
 from dataset.medical_few import (DEFAULT_SEED_ROOT, MedDataset, MedTestDataset, load_support,
                                  read_support_list)
 from dataset.medical_zero import MedTrainDataset
-from dataset.synth import make_synthetic_bmad
+from tools.synth import make_synthetic_bmad
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = 48  # image size of the synthetic fixtures

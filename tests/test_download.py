@@ -650,8 +650,9 @@ def test_the_check_and_a_script_run_without_network(tmp_path):
     """In subprocesses whose every INET connect raises (sitecustomize): `--check` and a test_zero.py run."""
     import torch
 
-    from CLIP import build_model
-    from dataset.synth import make_synthetic_bmad
+    from mvfa.config import ModelConfig
+    from mvfa.precision import Precision
+    from tools.synth import make_synthetic_bmad
 
     (tmp_path / "site").mkdir()
     (tmp_path / "site/sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -682,17 +683,9 @@ def test_the_check_and_a_script_run_without_network(tmp_path):
     assert out.stdout.splitlines()[-1] == f"0 present, 25 missing, 0 damaged (under {tmp_path / 'empty'})"
 
     synth = make_synthetic_bmad(str(tmp_path / "synth"), n_per_split=2, seed=0, img_size=56, objs=("Chest",))
-    tiny = SimpleNamespace(
-        model_name="demo-tiny",
-        img_size=56,
-        pretrain="none",
-        clip_ckpt=None,
-        quick_gelu=False,
-        fast=False,
-        precision="fp32",
-        features_list=[3, 6, 9, 12],
-    )
-    torch.save(build_model(tiny, torch.device("cpu")).adapter_state(), tmp_path / "Chest.pth")
+    tiny = ModelConfig(model_name="demo-tiny", pretrain="none", img_size=56, features_list=(3, 6, 9, 12))
+    cpu = torch.device("cpu")
+    torch.save(tiny.build(cpu, Precision.of("fp32", cpu)).adapter_state(), tmp_path / "Chest.pth")
     args = [
         "--model_name",
         "demo-tiny",

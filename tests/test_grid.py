@@ -1,5 +1,6 @@
-"""reproduce.py: the grid's jobs, both executors (a local pool of processes and submitit's local executor, the same
-code path as SLURM without sbatch), rerunning after a kill, the tables against the records, SLURM parameters."""
+"""tools/reproduce.py over tools/jobs.py: the grid's jobs, both executors (a local pool of processes and submitit's
+local executor, the same code path as SLURM without sbatch), rerunning after a kill, the tables against the records,
+SLURM parameters."""
 import json
 import os
 import shutil
@@ -14,11 +15,28 @@ import pytest
 import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
-import grid
-import reproduce
-from test_scripts import REPO, TINY, synth  # noqa: F401
+from tools import jobs, reproduce
+from tools.synth import make_synthetic_bmad
 
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 56  # a 4x4 patch grid of the tiny CLIP
+TINY = ["--model_name", "demo-tiny", "--pretrain", "none", "--features_list", "3", "6", "9", "12",
+        "--img_size", str(SIZE), "--device", "cpu"]
 GRID = ["--objs", "Brain", "Chest", "--settings", "1", "zero", "--epoch", "1", "--batch_size", "6"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """All six synthetic datasets, 3 images per folder, and support lists for k = 1 and 2, 3 draws each."""
+    return make_synthetic_bmad(str(tmp_path_factory.mktemp("synth")), n_per_split=3, seed=0, img_size=SIZE,
+                               shots=(1, 2))
+
+
+def test_jobs_run_the_scripts_at_the_repository_root():
+    assert jobs.REPO == REPO
+    train, test = jobs.Job("Brain", "4", 0, "test").commands(Path("f"))
+    assert all((jobs.REPO / command[0]).is_file() for command in (train, test))
+    assert (train[0], test[0]) == ("train_few.py", "test_few.py")
 
 
 def grid_args(synth, out: Path, *more: str) -> list[str]:
@@ -46,7 +64,7 @@ def test_grid_runs_jobs_records_and_tables(executor, synth, tmp_path, capsys, mo
     done = records(tmp_path)
     assert len(done) == 4
     for record in done.values():
-        job = grid.Job(**{**record["job"], "extra": tuple(record["job"]["extra"])})
+        job = jobs.Job(**{**record["job"], "extra": tuple(record["job"]["extra"])})
         assert record["test"]["script"] == ("test_zero" if job.setting == "zero" else "test_few")
         assert record["test"]["args"]["obj"] == job.obj
     assert (tmp_path / "tables.md").is_file() and (tmp_path / "table_zero.csv").is_file()
@@ -61,7 +79,7 @@ def test_tables_are_mean_and_std_of_the_records(synth, tmp_path, capsys):
         metrics = record["test"]["metrics"]
         for m in values:
             values[m].append(100 * metrics[m])
-    table = grid.setting_table(grid.results([grid.Job(**{**r["job"], "extra": tuple(r["job"]["extra"])})
+    table = jobs.setting_table(jobs.results([jobs.Job(**{**r["job"], "extra": tuple(r["job"]["extra"])})
                                                    for r in records(tmp_path).values()], str(tmp_path)), "1")
     for metric, name in (("image_auroc", "AUC"), ("pixel_auroc", "pAUC")):
         assert table.loc["BrainMRI", f"{name} test"] == f"{np.mean(values[metric]):.2f} ± {np.std(values[metric]):.2f}"
@@ -70,7 +88,7 @@ def test_tables_are_mean_and_std_of_the_records(synth, tmp_path, capsys):
 
 
 def test_killed_run_reruns_only_what_is_missing(synth, tmp_path):
-    command = [sys.executable, str(REPO / "reproduce.py"), *grid_args(synth, tmp_path, "--workers", "1")]
+    command = [sys.executable, "-m", "tools.reproduce", *grid_args(synth, tmp_path, "--workers", "1")]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     while proc.poll() is None and not records(tmp_path):
@@ -103,7 +121,7 @@ def test_a_failing_job_never_stops_the_others_and_status_names_it(synth, tmp_pat
 
 def test_slurm_submission_parameters(tmp_path, monkeypatch):
     """Without a cluster: the parameters submitit gets, and the sbatch script they make."""
-    params = grid.slurm_parameters("gpu", 720, 1, 8, 16, {"qos": "high"})
+    params = jobs.slurm_parameters("gpu", 720, 1, 8, 16, {"qos": "high"})
     script = _make_sbatch_string(command="python -m x", folder=str(tmp_path), map_count=30, **params)
     for line in ("#SBATCH --partition=gpu", "#SBATCH --time=720", "#SBATCH --gpus-per-node=1",
                  "#SBATCH --cpus-per-task=8", "#SBATCH --array=0-29%16", "#SBATCH --signal=USR2@90",
@@ -116,6 +134,6 @@ def test_slurm_submission_parameters(tmp_path, monkeypatch):
     assert executor.parameters["partition"] == "gpu" and executor.parameters["time"] == 720
     assert executor.parameters["additional_parameters"] == {"qos": "high"}
     assert executor.max_num_timeout == 20  # requeued after timeouts, resuming from the training state
-    job = grid.Job("Brain", "4", 0, "test")
-    requeued = grid.Runner(str(tmp_path)).checkpoint(job)
+    job = jobs.Job("Brain", "4", 0, "test")
+    requeued = jobs.Runner(str(tmp_path)).checkpoint(job)
     assert isinstance(requeued, submitit.helpers.DelayedSubmission) and requeued.args == (job,)

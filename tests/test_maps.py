@@ -1,5 +1,6 @@
-"""Anomaly maps: the drawing helpers, --save_maps of test_few.py / test_zero.py, and predict.py on one's own images
-(8-bit, grey, 16-bit and TIFF inputs, few-shot, calibration), with the tiny random CLIP on synthetic data."""
+"""Anomaly maps: the drawing helpers of mvfa/maps.py, --save_maps of test_few.py / test_zero.py, and tools/predict.py
+on one's own images (8-bit, grey, 16-bit and TIFF inputs, few-shot, calibration), with the tiny random CLIP on
+synthetic data."""
 import csv
 import re
 from pathlib import Path
@@ -8,18 +9,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
-import fewshot
-import predict
 import prompt
 import test_few
 import test_zero
-import visualize
-import zeroshot
-from CLIP import build_model
 from dataset import load_image
 from dataset.medical_few import ImageItems
-from dataset.synth import make_synthetic_bmad
+from mvfa import maps
+from mvfa.config import ModelConfig, configs, pick
+from mvfa.evaluation import collect
+from mvfa.precision import Precision
+from tools import predict
+from tools.synth import make_synthetic_bmad
 
 SIZE = 56  # model input: a 4x4 patch grid keeps the tiny CLIP fast
 TINY = ["--model_name", "demo-tiny", "--pretrain", "none", "--features_list", "3", "6", "9", "12",
@@ -35,13 +37,13 @@ def fast():
     real, cache, threads = prompt.text_features_for, {}, torch.get_num_threads()
     torch.set_num_threads(1)
 
-    def cached(clip_model, objs, device, precision="auto"):
+    def cached(clip_model, objs, device, precision):
         if tuple(objs) not in cache:
             cache[tuple(objs)] = real(clip_model, objs, device, precision)
         return cache[tuple(objs)]
 
     with pytest.MonkeyPatch.context() as mp:
-        for module in (fewshot, zeroshot, predict):
+        for module in (test_few, test_zero, predict):
             mp.setattr(module, "text_features_for", cached)
         yield
     torch.set_num_threads(threads)
@@ -53,9 +55,9 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("maps")
     synth = make_synthetic_bmad(str(root / "synth"), n_per_split=3, seed=0, img_size=64, objs=("Brain", "Chest"),
                                 shots=(2,))
-    args = test_few.parser().parse_args(TINY)
+    model_cfg, _, precision, device = configs(vars(test_few.parser().parse_args(TINY)), protocol="few")
     torch.manual_seed(0)
-    torch.save(build_model(args, torch.device("cpu")).adapter_state(), root / "tiny.pth")
+    torch.save(model_cfg.build(device, precision).adapter_state(), root / "tiny.pth")
     return synth, root / "tiny.pth"
 
 
@@ -72,9 +74,9 @@ def _pngs(folder: Path) -> list[str]:
 
 def test_grid_selection_known_answers():
     labels, scores = [0, 0, 1, 1, 1], [0.9, 0.1, 0.5, 0.8, 0.2]
-    assert visualize.grid_selection(labels, scores, 3) == [3, 2, 0]  # 2 best abnormal, then the worst normal
-    assert visualize.grid_selection(labels, scores, 8) == [3, 2, 4, 0, 1]  # everything, abnormal first
-    assert visualize.grid_selection([0, 0, 0, 1], [0.3, 0.2, 0.1, 0.0], 3) == [3, 0, 1]  # normals fill in
+    assert maps.grid_selection(labels, scores, 3) == [3, 2, 0]  # 2 best abnormal, then the worst normal
+    assert maps.grid_selection(labels, scores, 8) == [3, 2, 4, 0, 1]  # everything, abnormal first
+    assert maps.grid_selection([0, 0, 0, 1], [0.3, 0.2, 0.1, 0.0], 3) == [3, 0, 1]  # normals fill in
 
 
 def test_overlay_draws_heat_outline_and_sizes(tmp_path):
@@ -83,7 +85,7 @@ def test_overlay_draws_heat_outline_and_sizes(tmp_path):
     mask[10:30, 10:30] = 1
 
     def pixels(heat, mask, name):
-        path = visualize.overlay(image, heat, mask, 0.75, "t", tmp_path / name)
+        path = maps.overlay(image, heat, mask, 0.75, "t", tmp_path / name)
         assert _size(path) == OVERLAY_PX
         return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
@@ -92,13 +94,13 @@ def test_overlay_draws_heat_outline_and_sizes(tmp_path):
     magenta = lambda a: ((a[..., 0] > 180) & (a[..., 1] < 90) & (a[..., 2] > 180)).sum()
     assert magenta(pixels(np.zeros((40, 40)), mask, "outlined.png")) > 50 and magenta(cold) == 0
     # uint8 images, [1, H, W] masks and a missing map are accepted; a wrong shape is refused
-    path = visualize.overlay(torch.full((3, 40, 40), 128, dtype=torch.uint8), None, mask[None], 0.1, "t",
-                             tmp_path / "plain.png")
+    path = maps.overlay(torch.full((3, 40, 40), 128, dtype=torch.uint8), None, mask[None], 0.1, "t",
+                        tmp_path / "plain.png")
     assert _size(path) == (420, 460)
     with pytest.raises(ValueError, match=r"\[3, H, W\]"):
-        visualize.overlay(np.zeros((40, 40, 3)), None, None, 0.0, "t", tmp_path / "bad.png")
+        maps.overlay(np.zeros((40, 40, 3)), None, None, 0.0, "t", tmp_path / "bad.png")
     with pytest.raises(ValueError, match=r"size \(20, 20\) over an image of size \(40, 40\)"):
-        visualize.overlay(image, np.zeros((20, 20)), None, 0.0, "t", tmp_path / "bad.png")
+        maps.overlay(image, np.zeros((20, 20)), None, 0.0, "t", tmp_path / "bad.png")
 
 
 # ---------------------------------------------------------------- --save_maps of the test scripts
@@ -106,9 +108,10 @@ def test_overlay_draws_heat_outline_and_sizes(tmp_path):
 def test_few_shot_save_maps_brain(setup, tmp_path):
     synth, ckpt = setup
     out = tmp_path / "maps"
-    assert test_few.main(TINY + ["--obj", "Brain", "--data_path", synth.data, "--seed_dir", synth.seed_root,
-                                 "--shot", "2", "--ckpt", str(ckpt), "--out_dir", str(tmp_path / "rec"),
-                                 "--save_maps", str(out), "--grid_n", "4"]) == 0
+    record = test_few.main(TINY + ["--obj", "Brain", "--data_path", synth.data, "--seed_dir", synth.seed_root,
+                                   "--shot", "2", "--ckpt", str(ckpt), "--out_dir", str(tmp_path / "rec"),
+                                   "--save_maps", str(out), "--grid_n", "4"])
+    assert len(record["image_scores"]) == 6 and "pixel_auroc" in record  # the run's record: it completed
     names = _pngs(out)
     parsed = [NAME.match(n).groups() for n in names]
     assert [int(i) for i, _, _ in parsed] == list(range(6))
@@ -131,7 +134,8 @@ def test_zero_shot_save_maps_image_only_chest(setup, tmp_path, capsys):
     synth, ckpt = setup
     out = tmp_path / "maps"
     common = TINY + ["--obj", "Chest", "--data_path", synth.data, "--ckpt", str(ckpt), "--out_dir", str(tmp_path)]
-    assert test_zero.main(common + ["--save_maps", str(out)]) == 0  # det-head maps of an image-only dataset
+    record = test_zero.main(common + ["--save_maps", str(out)])  # det-head maps of an image-only dataset
+    assert len(record["image_scores"]) == 6 and "pixel_auroc" not in record
     assert len(_pngs(out)) == 6 and all(_size(out / n) == OVERLAY_PX for n in _pngs(out))
     assert _size(out / "grid.png") == (840, round(100 * (2.7 * 6 + 0.4)))  # --grid_n 8 > 6 images: all rows
     with pytest.raises(SystemExit):
@@ -139,7 +143,7 @@ def test_zero_shot_save_maps_image_only_chest(setup, tmp_path, capsys):
     assert "--grid_n: must be at least 1, got 0" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------- predict.py
+# ---------------------------------------------------------------- tools/predict.py
 
 @pytest.fixture(scope="module")
 def inputs(setup, tmp_path_factory):
@@ -157,9 +161,10 @@ def inputs(setup, tmp_path_factory):
 def _run_predict(setup, tmp_path, inputs, *extra) -> list[dict]:
     _, ckpt = setup
     out = tmp_path / "pred"
-    assert predict.main(TINY + ["--input", str(inputs), "--ckpt", str(ckpt), "--out", str(out), *extra]) == 0
+    returned = predict.main(TINY + ["--input", str(inputs), "--ckpt", str(ckpt), "--out", str(out), *extra])
     with open(out / "scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    assert [{**r, "score": str(r["score"])} for r in returned] == rows  # main returns the rows of scores.csv
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == [f"{i:05d}_{Path(r['file']).stem}.png" for i, r in enumerate(rows)]
     assert all(_size(out / p) == OVERLAY_PX for p in pngs)
@@ -196,14 +201,17 @@ def test_predict_maps_at_the_input_size(setup, inputs, tmp_path):
     out = tmp_path / "pred"
     wide, square = np.load(out / "00000_a_wide16.npy"), np.load(out / "00001_b_model_size.npy")
     assert wide.shape == (40, 90) and square.shape == (SIZE, SIZE) and wide.dtype == np.float32
-    # the same maps from the library: collect over the two inputs, min-max over this pool
-    args = predict.parser().parse_args(TINY + ["--input", str(folder), "--ckpt", str(ckpt), "--obj", "Brain"])
-    model = build_model(args, torch.device("cpu"))
+    # the same maps from the library: collect over the two inputs (seg head, Brain's), min-max over this pool
+    flags = vars(predict.parser().parse_args(TINY + ["--input", str(folder), "--ckpt", str(ckpt), "--obj", "Brain"]))
+    cpu = torch.device("cpu")
+    precision = Precision.of(flags["precision"], cpu)
+    model = pick(ModelConfig, flags).build(cpu, precision)
     model.load_adapters(ckpt)
     pool = ImageItems([(str(p), 0, None) for p in predict.list_inputs(folder, "--input")], SIZE)
-    text = predict.text_features_for(model.clipmodel, ["Brain"], torch.device("cpu"))["Brain"]
-    c = visualize.collect_maps(model, pool, text, torch.device("cpu"), "seg")
-    scores, maps_fn = predict.pool_scores(c, False, torch.device("cpu"))
+    text = predict.text_features_for(model.clipmodel, ["Brain"], cpu, precision)["Brain"]
+    c = collect(model, DataLoader(pool, batch_size=1), text, precision, has_masks=False, head="seg")
+    assert (c.head, c.fewshot) == ("seg", False)
+    scores, maps_fn = predict.pool_scores(c, cpu, precision)
     np.testing.assert_allclose(square, maps_fn(1, 2)[0].numpy(), atol=1e-6)  # equal size: the map itself
     model_map = maps_fn(0, 1)[0].numpy()
     corners = (0, -1)

@@ -1,4 +1,4 @@
-"""metrics.py: known answers, equality with sklearn over many chunkings, AUPRO against an exact implementation."""
+"""mvfa/metrics.py: known answers, equality with sklearn over many chunkings, AUPRO against an exact implementation."""
 import warnings
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-import metrics
-from metrics import _numpy, image_metrics, pixel_metrics
+from mvfa import metrics
+from mvfa.metrics import image_metrics, pixel_metrics, to_numpy
 
 
 def _one(scores, masks):
@@ -85,14 +85,14 @@ def test_image_metrics_errors():
 
 # ---- normalisation -------------------------------------------------------------------------------------------------
 
-# a numpy version of scoring.minmax with its NaN warning, as the reference's numpy normalisation (spec Q7, Q32)
+# a numpy version of mvfa.scoring.minmax with its NaN warning, as the reference's numpy normalisation (spec Q7, Q32)
 def normalize_minmax(a, lo=None, hi=None) -> np.ndarray:
     """(a - min) / (max - min) over the whole array, in a's dtype (float16 stays float16, spec Q7).
 
     lo / hi: the global min / max when a is one chunk of a larger set. max == min gives NaN as in the reference
     (Q32), with a warning.
     """
-    a = _numpy(a)
+    a = to_numpy(a)
     lo = a.min() if lo is None else np.asarray(lo, dtype=a.dtype)
     hi = a.max() if hi is None else np.asarray(hi, dtype=a.dtype)
     if hi == lo:

@@ -1,17 +1,21 @@
-"""Tests of paper_tables.py: the table maths on hand-made results (known answers), the arguments handed to the scripts,
-and one end-to-end run with a tiny random CLIP on synthetic data (one dataset and one checkpoint missing)."""
+"""Tests of tools/paper_tables.py: the table maths on hand-made results (known answers), the runs and the model it
+makes of its flags (those the scripts make of them), and one end-to-end run with a tiny random CLIP on synthetic data
+(one dataset and one checkpoint missing)."""
 import contextlib
 import csv
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-import paper_tables as pt
+import test_few
 import test_zero
+import tools.paper_tables as pt
 from CLIP import CLIP_Inplanted, create_model
 from dataset import CLASS_NAMES
-from dataset.synth import make_synthetic_bmad
+from mvfa.config import ModelConfig, configs
+from tools.synth import make_synthetic_bmad
 
 SIZE = 56  # image size of the end-to-end run: 4x4 patches of the tiny model
 TINY = ["--model_name", "demo-tiny", "--pretrain", "none", "--features_list", "3", "6", "9", "12",
@@ -84,7 +88,7 @@ def test_markdown_lines_known_answer():
     assert lines[4] == "| HIS | 77.90 | 77.90 | 76.90 | +0.00 | +1.00 | - | - | - | - | - |"  # no '-0.00'
     assert lines[7] == "| BrainMRI | 100.00 | 78.63 | 79.80 | +21.37 | +20.20 | 90.00 | 90.27 | 89.68 | -0.27 | +0.32 |"
     few = pt.markdown("few-shot", pt.table("few-shot", _all_six()))
-    assert "spec Q38" in few.splitlines()[-1]
+    assert few.splitlines()[-1].startswith("- LiverCT AUC paper/impl. 81.18 equals the zero-shot implementation AUC")
 
 
 def test_cell():
@@ -100,22 +104,59 @@ def test_setting_notes_name_the_flags_that_change_numbers():
                                       "settings"]
 
 
-def test_script_args_use_the_scripts_parsers():
+def test_run_configs_are_the_scripts_runs():
     args = pt.parser().parse_args(["--objs", "Liver", "Brain", "--zero_dir", "z", "--precision", "bf16",
                                    "--features_list", "3", "6", "--quick_gelu", "--seed_dir", "s", "--out", "o",
-                                   "--memory_no_cls"])
-    runs = pt.script_args(args)
+                                   "--memory_no_cls", "--seed", "7"])
+    runs = pt.run_configs(args)
     assert list(runs) == [("zero-shot", "Brain"), ("zero-shot", "Liver"), ("few-shot", "Brain"), ("few-shot", "Liver")]
     zero, few = runs["zero-shot", "Liver"], runs["few-shot", "Liver"]
-    assert (zero.obj, zero.save_path, zero.precision, zero.features_list, zero.quick_gelu) == \
-        ("Liver", "z", "bf16", [3, 6], True)
-    assert (few.shot, few.iterate, few.seed_dir, few.save_path) == (4, [0], "s", "./ckpt/few-shot/")  # script default
-    assert few.memory_no_cls and not pt.script_args(pt.parser().parse_args([]))["few-shot", "Brain"].memory_no_cls
+    assert (zero.protocol, zero.obj, zero.save_path, zero.checkpoint) == ("zero", "Liver", "z", Path("z/Liver.pth"))
+    assert (few.protocol, few.shot, few.iterate, few.seed_dir, few.save_path) == \
+        ("few", 4, 0, "s", "./ckpt/few-shot/")  # the first support list; test_few.py's default --save_path
+    assert few.memory_no_cls and not pt.run_configs(pt.parser().parse_args([]))["few-shot", "Brain"].memory_no_cls
     assert zero.out_dir == few.out_dir == str(Path("o") / "runs")
+    assert zero.seed == few.seed == 7  # typed as the scripts' parsers type it
     default_batch = test_zero.parser().parse_args([]).batch_size
     assert (zero.data_path, zero.batch_size, zero.clip_normalize) == ("./data/", default_batch, False)  # defaults
-    with pytest.raises(SystemExit):  # checked by test_zero.py's own parser
-        pt.script_args(pt.parser().parse_args(["--precision", "fp8"]))
+    # each run is the one test_zero.py / test_few.py make of the same flags (test_few: of its first draw only)
+    out_dir = ["--out_dir", str(Path("o") / "runs")]
+    handed_on = ["--precision", "bf16", "--features_list", "3", "6", "--quick_gelu", "--seed", "7"]
+    _, own_zero, _, _ = configs(vars(test_zero.parser().parse_args(["--obj", "Liver", "--save_path", "z", *out_dir,
+                                                                     *handed_on])), protocol="zero")
+    _, own_few, _, _ = configs(vars(test_few.parser().parse_args(["--obj", "Liver", "--shot", "4", "--iterate", "0",
+                                                                  "--seed_dir", "s", "--memory_no_cls", *out_dir,
+                                                                  *handed_on])), protocol="few")
+    assert zero == own_zero and few == dataclasses.replace(own_few, iterate=0)
+
+
+def test_the_shared_model_is_the_scripts_model(tiny, monkeypatch):
+    """All runs share one model, built once from the flags handed on, as the scripts would build theirs; the values
+    are those of the scripts' parsers (types included)."""
+    root, flags = tiny
+    made, calls = [], []
+    monkeypatch.setattr(ModelConfig, "build", lambda self, device, precision: made.append(self) or "model")
+    monkeypatch.setattr(pt, "test_run", lambda *a: calls.append(a) or {"image_auroc": 0.5})
+    args = pt.parser().parse_args([*flags, "--objs", "Brain", "--precision", "bf16", "--quick_gelu", "--out",
+                                   str(root / "unused")])
+    results, _ = pt.run_all(args)
+    assert results == {"zero-shot": {"Brain": {"image_auroc": 0.5}}, "few-shot": {"Brain": {"image_auroc": 0.5}}}
+    own, _, precision, _ = configs(vars(test_zero.parser().parse_args(
+        ["--obj", "Brain", *flags[:2], *TINY, "--precision", "bf16", "--quick_gelu"])), protocol="zero")
+    assert made == [own] and own.features_list == (3, 6, 9, 12) and own.img_size == SIZE and own.quick_gelu
+    assert [(model, model_cfg, run.protocol, p) for model, model_cfg, run, p in calls] == \
+        [("model", own, "zero", precision), ("model", own, "few", precision)]
+    assert precision.name == "bf16"
+
+
+def test_bad_precision_stops_before_any_work(tmp_path, capsys):
+    """--precision is checked (as the scripts check it) before any model work or output."""
+    with pytest.raises(SystemExit) as info:
+        pt.main(["--precision", "fp8", "--data_path", str(tmp_path / "none"), "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--precision" in err and "fp8" in err
+    assert not (tmp_path / "out").exists()
 
 
 @contextlib.contextmanager
@@ -152,8 +193,9 @@ def tiny_run(tiny):
     """One end-to-end run of the 6 x 2 table. Returns (out folder, Markdown)."""
     root, flags = tiny
     with one_thread():
-        assert pt.main([*flags, "--out", str(root / "out")]) == 0
-    return root / "out", (root / "out" / "tables.md").read_text()
+        text = pt.main([*flags, "--out", str(root / "out")])
+    assert text == (root / "out" / "tables.md").read_text()  # main returns the Markdown it wrote
+    return root / "out", text
 
 
 def _parse(cell: str) -> float | None:
@@ -211,10 +253,9 @@ def test_end_to_end_notes_and_records(tiny_run):
 def test_shared_model_gives_the_scripts_own_numbers(tiny, tiny_run):
     """A run of test_zero.py on its own (its own model) prints the numbers of the table's Brain row."""
     root, flags = tiny
-    args = test_zero.parser().parse_args(["--obj", "Brain", "--save_path", str(root / "zero-shot"), "--out_dir",
-                                          str(root / "alone"), *flags[:2], *TINY])
     with one_thread():
-        alone = test_zero.run(args)
+        alone = test_zero.main(["--obj", "Brain", "--save_path", str(root / "zero-shot"), "--out_dir",
+                                str(root / "alone"), *flags[:2], *TINY])
     with open(tiny_run[0] / "zero_shot.csv", newline="", encoding="utf-8") as f:
         brain = next(row for row in csv.DictReader(f) if row["dataset"] == "BrainMRI")
     assert brain["image_auroc_ours"] == f"{100 * alone['image_auroc']:.2f}"

@@ -14,7 +14,7 @@ from pathlib import Path
 from dataset import dataset_root
 from mvfa.config import ModelConfig, RunConfig, pick
 from mvfa.evaluation import evaluate_set, result_lines
-from mvfa.flags import new_parser, one_line_errors
+from mvfa.flags import add_data_args, add_model_args, new_parser, one_line_errors
 from mvfa.precision import Precision
 from mvfa.protocol import prompt, test_set
 from mvfa.records import write_record
@@ -38,25 +38,30 @@ TITLES = {
 }
 FOOTNOTES = {
     "few-shot": "LiverCT AUC paper/impl. 81.18 equals the zero-shot implementation AUC of Liver: probably "
-    "a copy error in the authors' README, not a target."
+    "a copy error in the authors' README (kept as published), not a target."
 }
-# flags handed unchanged to both scripts when given, so that their defaults, types and checks apply
-PASS_ON = {
-    "--data_path": {},
-    "--clip_ckpt": {},
-    "--device": {},
-    "--precision": {},
-    "--batch_size": {},
-    "--model_name": {},
-    "--pretrain": {},
-    "--features_list": {"nargs": "+"},
-    "--img_size": {},
-    "--seed": {},
-    "--num_workers": {},
-    "--fast": {"action": "store_true"},
-    "--quick_gelu": {"action": "store_true"},
-    "--clip_normalize": {"action": "store_true"},
-}
+# the scripts' flags handed to every run
+PASS_ON = (
+    "data_path",
+    "seed",
+    "num_workers",
+    "model_name",
+    "pretrain",
+    "clip_ckpt",
+    "batch_size",
+    "img_size",
+    "features_list",
+    "device",
+    "precision",
+    "fast",
+    "quick_gelu",
+    "clip_normalize",
+)
+
+
+def passed_on(args) -> dict:
+    """The values of the PASS_ON flags."""
+    return {name: getattr(args, name) for name in PASS_ON}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -91,17 +96,14 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop at a missing or unreadable dataset or checkpoint instead of a note and a row of '-'",
     )
-    for flag, options in PASS_ON.items():
-        p.add_argument(
-            flag, default=argparse.SUPPRESS, help="passed to test_zero.py and test_few.py", **options
-        )
+    add_data_args(p)  # the scripts' own flags, defaults and checks
+    add_model_args(p)
     return p
 
 
 def run_configs(args) -> dict[tuple[str, str], RunConfig]:
     """(setting, obj) -> the run test_zero.py / test_few.py would make of these flags."""
-    passed = {flag[2:]: getattr(args, flag[2:]) for flag in PASS_ON if hasattr(args, flag[2:])}
-    common = {**passed, "out_dir": str(Path(args.out) / "runs")}
+    common = {**passed_on(args), "out_dir": str(Path(args.out) / "runs")}
     extra = {
         "zero-shot": {"save_path": args.zero_dir or "./ckpt/zero-shot/"},
         "few-shot": {
@@ -162,9 +164,7 @@ def run_all(args) -> tuple[dict[str, dict], list[str]]:
     # all runs share the model flags: one model serves them all, only the adapters change
     device = resolve_device(getattr(args, "device", "auto"))
     precision = Precision.of(getattr(args, "precision", "auto"), device)
-    model_cfg = pick(
-        ModelConfig, {flag[2:]: getattr(args, flag[2:]) for flag in PASS_ON if hasattr(args, flag[2:])}
-    )
+    model_cfg = pick(ModelConfig, passed_on(args))
     for (setting, obj), run in runs.items():
         print(f"--- {obj} {setting}")
         model = model or model_cfg.build(device, precision)
