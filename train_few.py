@@ -7,13 +7,12 @@ python train_few.py --obj Chest --shot 4 --epoch 5 --precision bf16
 
 import argparse
 
-from mvfa.config import configs
 from mvfa.evaluation import evaluate_set
 from mvfa.flags import add_fewshot_args, add_training_args, new_parser, one_line_errors
 from mvfa.protocol import fewshot_training_set, prompt, selection_set, test_set
-from mvfa.training import Training, preflight
+from mvfa.training import Training, start
 from prompt import text_features_for
-from utils import augment, setup_seed
+from utils import augment
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,9 +30,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     flags = vars(parser().parse_args(argv))
     with one_line_errors():
-        model_cfg, run, precision, device = configs(flags, protocol="few")
-        saved = preflight(run, model_cfg, flags, device)  # folders, checkpoint, weights, --resume's state
-        setup_seed(run.seed, run.deterministic)
+        # configs; folders, checkpoint, weights and --resume's state checked; seeds set
+        model_cfg, run, precision, device, saved = start(flags, protocol="few")
         test = test_set(run, run.iterate)  # the test split and the support set
         selection = selection_set(run, test)  # all the data checked before the model is built
         model = model_cfg.build(device, precision)

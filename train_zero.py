@@ -6,13 +6,11 @@ python train_zero.py --obj Brain --select val --save_path ./ckpt/mine/
 
 import argparse
 
-from mvfa.config import configs
 from mvfa.evaluation import evaluate_set
 from mvfa.flags import add_sort_listing_arg, add_training_args, new_parser, one_line_errors
 from mvfa.protocol import prompt, selection_set, test_set, zeroshot_training_set
-from mvfa.training import Training, preflight
+from mvfa.training import Training, start
 from prompt import text_features_for
-from utils import setup_seed
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,9 +23,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     flags = vars(parser().parse_args(argv))
     with one_line_errors():
-        model_cfg, run, precision, device = configs(flags, protocol="zero")
-        saved = preflight(run, model_cfg, flags, device)  # folders, checkpoint, weights, --resume's state
-        setup_seed(run.seed, run.deterministic)
+        # configs; folders, checkpoint, weights and --resume's state checked; seeds set
+        model_cfg, run, precision, device, saved = start(flags, protocol="zero")
         data = zeroshot_training_set(run)  # grouped with the global `random`, as the reference
         test = test_set(run)
         selection = selection_set(run, test)  # deviation: --select val chooses on the valid split

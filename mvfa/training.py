@@ -16,8 +16,9 @@ from tqdm import tqdm
 
 from CLIP.loading import read_state_dict
 from loss import detection_loss, segmentation_loss
+from utils import setup_seed
 
-from .config import ModelConfig, RunConfig
+from .config import ModelConfig, RunConfig, configs
 from .evaluation import result_lines, selection_score
 from .precision import Precision
 from .protocol import Batch, TrainingSet
@@ -154,6 +155,15 @@ def preflight(run: RunConfig, model: ModelConfig, flags: dict, device: torch.dev
             raise FileNotFoundError(f"--init_ckpt {run.init_ckpt}: no such file")
         check_readable(Path(run.init_ckpt), "adapter checkpoint")
     return saved
+
+
+def start(flags: dict, protocol: str) -> tuple[ModelConfig, RunConfig, Precision, torch.device, dict | None]:
+    """What every training does before it reads data: its configs, the checks of preflight() (with --resume,
+    the state it continues: last of the returned values), and the reference's seeding."""
+    model, run, precision, device = configs(flags, protocol)
+    saved = preflight(run, model, flags, device)
+    setup_seed(run.seed, run.deterministic)
+    return model, run, precision, device, saved
 
 
 def move_aside(path: Path) -> None:

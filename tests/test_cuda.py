@@ -1,6 +1,7 @@
 """On a CUDA GPU: the reference's fp16 autocast against fp32 (adapted forward, text features, memory bank, scores),
 batch 1 against batch 8, a checkpoint saved from CUDA loaded on the CPU, the four recorded reference runs, and
-training steps under autocast. Skipped, with the reason, where CUDA is absent; `bash bench/gpu_check.sh` runs them.
+training steps under autocast. Skipped, with the reason, where CUDA is absent; `bash tools/bench/gpu_check.sh`
+runs them.
 
 fp32 here is true fp32 (TF32 off). The fp16 tolerances are the largest differences that bf16 autocast gives on the
 CPU for the same inputs (seed-0 ViT-L, Brain adapters): fp16 keeps 3 more significand bits, about 8x margin.
@@ -14,19 +15,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_reference_runs import recorded_runs, user_checkout  # noqa: F401 (a fixture)
 from torch.utils.data import DataLoader
 
 from CLIP import CLIP_Inplanted, create_model
 from dataset.medical_few import MedDataset
-from evaluate import build_memory, collect, evaluate
+from mvfa.evaluation import build_memory, collect, evaluate
+from mvfa.precision import Precision
+from mvfa.records import save_checkpoint
+from mvfa.training import optimizers, train_step
 from prompt import encode_text_with_prompt_ensemble, text_features_for
-from records import save_checkpoint
-from test_reference_runs import recorded_runs, user_checkout  # noqa: F401 (a fixture)
-from training import optimizers, train_step
-from utils import augment, autocast
+from utils import augment
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA device here; on a GPU machine run bash bench/gpu_check.sh")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device here; on a GPU machine run bash tools/bench/gpu_check.sh",
+)
 CUDA = torch.device("cuda")
 FP32_TOL = 1e-3  # CUDA fp32 against the CPU's goldens, absolute (other summation orders)
 TOKEN_TOL, TOKEN_REL = 0.05, 0.015  # fp16 tokens (|x| up to 4.5): max |diff|, |diff| / |x| (CPU bf16: 0.050, 0.012)
@@ -35,6 +39,11 @@ LOGIT_TOL = 0.15  # text logits at CLIP's scale 100 (CPU bf16: 0.14)
 DIST_TOL = 0.01  # 1 - max cosine similarity to the memory bank (CPU bf16: 0.008)
 SCORE_TOL = 0.02  # zero-shot image scores, sums of 4 mean probabilities
 LR = 1e-3
+
+
+def on_cuda(name: str) -> Precision:
+    """The --precision policy `name` on the GPU."""
+    return Precision.of(name, CUDA)
 
 
 def report(line: str) -> None:
@@ -80,7 +89,7 @@ def test_adapted_forward_fp16_autocast_against_fp32(brain, goldens):
     image = goldens["image"].to(CUDA)
     with torch.no_grad():
         fp32 = brain(image)
-        with autocast(CUDA, "auto"):
+        with on_cuda("auto").forward():
             fp16 = brain(image)
     assert fp16[1][0].dtype == torch.float16  # adapter tokens stay fp16 under the reference's autocast (spec 8.3)
     expected = [goldens["pooled"], *goldens["seg_tokens"], *goldens["det_tokens"]]
@@ -93,7 +102,7 @@ def test_adapted_forward_fp16_autocast_against_fp32(brain, goldens):
 def test_text_features_fp16_autocast_against_fp32(brain, goldens):
     with torch.no_grad():
         fp32 = encode_text_with_prompt_ensemble(brain.clipmodel, "Brain", CUDA)
-        with autocast(CUDA, "auto"):
+        with on_cuda("auto").forward():
             fp16 = encode_text_with_prompt_ensemble(brain.clipmodel, "Brain", CUDA)
     assert (fp32.dtype, fp16.dtype, fp16.shape) == (torch.float32, torch.float16, (768, 2))  # spec 4.3
     within(fp32, goldens["text_features"]["Brain"], FP32_TOL)
@@ -102,10 +111,11 @@ def test_text_features_fp16_autocast_against_fp32(brain, goldens):
 
 def scored(model, data: MedDataset, precision: str, batch_size: int):
     """Few-shot memory bank and collected score material of the seed-0 Brain test set on CUDA."""
-    text = text_features_for(model.clipmodel, ["Brain"], CUDA, precision)["Brain"]
-    memory = build_memory(model, augment(data.support.normal)[0], CUDA, precision, batch_size)
+    policy = on_cuda(precision)
+    text = text_features_for(model.clipmodel, ["Brain"], CUDA, policy)["Brain"]
+    memory = build_memory(model, augment(data.support.normal)[0], policy, batch_size)
     loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-    return memory, collect(model, loader, text, CUDA, has_masks=True, memory=memory, precision=precision)
+    return memory, collect(model, loader, text, policy, has_masks=True, memory=memory)
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +124,11 @@ def runs(brain, brain_data) -> dict:
 
 
 def assert_close_material(a, b, logit_tol: float, dist_tol: float, score_tol: float) -> list[float]:
-    """Two collected runs of the same images: logits, distances, image scores within the tolerances."""
-    return [within(torch.stack(a.zero_logits), torch.stack(b.zero_logits), logit_tol),
-            within(torch.stack(a.few_distances), torch.stack(b.few_distances), dist_tol),
+    """Two collected runs of the same images: the seg head's logits and distances (Brain has masks), image
+    scores within the tolerances."""
+    assert a.head == b.head == "seg"
+    return [within(torch.stack(a.logits), torch.stack(b.logits), logit_tol),
+            within(torch.stack(a.distances), torch.stack(b.distances), dist_tol),
             within(torch.tensor(a.zero_image), torch.tensor(b.zero_image), score_tol)]
 
 
@@ -125,7 +137,8 @@ def test_memory_bank_and_scores_fp16_autocast_against_fp32(runs):
     for a, b in zip(bank32[0] + bank32[1], bank16[0] + bank16[1]):
         assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)  # the bank runs without autocast (spec 8.3)
     diffs = assert_close_material(c16, c32, LOGIT_TOL, DIST_TOL, SCORE_TOL)
-    m32, m16 = (evaluate(c, fewshot=True, device=CUDA, precision=p) for c, p in ((c32, "fp32"), (c16, "auto")))
+    assert c32.fewshot and c16.fewshot
+    m32, m16 = (evaluate(c, CUDA, on_cuda(p)) for c, p in ((c32, "fp32"), (c16, "auto")))
     assert abs(m16["pixel_auroc"] - m32["pixel_auroc"]) <= 0.01
     report(f"Brain scores fp16 - fp32: logits {diffs[0]:.3f}, distances {diffs[1]:.2e}, image scores {diffs[2]:.2e}; "
            f"pixel AUROC {m16['pixel_auroc']:.4f} vs {m32['pixel_auroc']:.4f}, image AUROC "
@@ -189,8 +202,8 @@ def test_training_step_under_autocast(brain, goldens, reference_assets, precisio
     seg_opt, det_opt = optimizers(brain, LR)
     try:
         loss = train_step(brain, goldens["image"], torch.tensor([1.0]), torch.from_numpy(mask)[None, None],
-                          goldens["text_features"]["Brain"].to(CUDA), has_masks=True, seg_opt=seg_opt,
-                          det_opt=det_opt, device=CUDA, precision=precision, img_size=240)
+                          goldens["text_features"]["Brain"].to(CUDA), has_masks=True,
+                          optimizers=(seg_opt, det_opt), precision=on_cuda(precision), img_size=240)
         assert loss == pytest.approx(goldens["step_loss"], rel=0.02 if precision == "auto" else 0.05)
         moved = 0
         for key, before in state.items():

@@ -15,8 +15,9 @@ from test_scripts import cached_text, expect_error, one_thread, synth  # noqa: F
 
 import train_few
 import train_zero
-import training
-from dataset.convert import main as convert_main
+from mvfa import training
+from mvfa.config import ModelConfig
+from tools.convert import main as convert_main
 
 SCRIPTS = {"few": train_few, "zero": train_zero}
 AFRESH = "or run without --resume, which moves it aside and starts afresh"
@@ -55,10 +56,11 @@ def copy(stopped, tmp_path) -> Path:
 
 @pytest.fixture
 def no_model(monkeypatch):
-    """Building the model fails the test: every refusal here must come before it."""
-    def build_model(*a, **k):
+    """Building the model fails the test: every refusal here must come before it (the scripts build it with
+    ModelConfig.build after the checks)."""
+    def build(*a, **k):
         raise AssertionError("the model was built")
-    monkeypatch.setattr(training, "build_model", build_model)
+    monkeypatch.setattr(ModelConfig, "build", build)
 
 
 def refused(args: list[str], state: Path, capsys) -> str:
@@ -145,7 +147,8 @@ def test_result_neutral_flags_may_differ(synthetic, tmp_path, copy, capsys):
     args = arguments("few", synthetic, tmp_path)
     args[args.index("--out_dir") + 1] = str(tmp_path / "elsewhere")
     capsys.readouterr()
-    assert train_few.main(args + ["--num_workers", "1", "--overwrite", "--resume"]) == 0
+    result = train_few.main(args + ["--num_workers", "1", "--overwrite", "--resume"])
+    assert isinstance(result, dict) and {"image_auroc", "pixel_auroc"} <= result.keys()
     assert f"--resume: continuing from {copy} at epoch 1, step 0" in capsys.readouterr().err
     assert len(list((tmp_path / "elsewhere").glob("train_few_*.json"))) == 1 and not copy.exists()
 

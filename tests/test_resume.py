@@ -10,68 +10,71 @@ import threading
 
 import pytest
 import torch
-
-import fewshot
-import train_few
-import train_zero
-import training
-import zeroshot
 from test_scripts import REPO, TINY, cached_text, load_ckpt, one_thread, result_lines, synth  # noqa: F401
 
-CASES = {"few": (train_few, fewshot, "Brain", ["--shot", "1", "--epoch", "2"]),  # 22 steps an epoch
-         "zero": (train_zero, zeroshot, "Chest", ["--epoch", "2", "--batch_size", "6"])}  # 5 groups, 5 selections
+import train_few
+import train_zero
+from mvfa import records, training
+
+CASES = {"few": (train_few, "Brain", ["--shot", "1", "--epoch", "2"]),  # 22 steps an epoch
+         "zero": (train_zero, "Chest", ["--epoch", "2", "--batch_size", "6"])}  # 5 groups, 5 selections
 
 
 def arguments(case: str, synth, folder) -> list[str]:
-    module, _, obj, extra = CASES[case]
+    module, obj, extra = CASES[case]
     seed = ["--seed_dir", synth.seed_root] if module is train_few else []
     return [*TINY, "--obj", obj, "--data_path", synth.data, "--save_path", str(folder / "ckpt"), "--out_dir",
             str(folder / "results"), *seed, *extra]
 
 
 def run(case: str, args: list[str], capsys) -> tuple[int, list[str]]:
-    """main(args): (exit status, printed lines); a stop by signal exits through SystemExit with its message."""
+    """main(args): (exit status, printed lines); a completed run returns its result dict (status 0), a stop by
+    signal exits through SystemExit with its message."""
     capsys.readouterr()
     try:
-        status = CASES[case][0].main(args)
+        result = CASES[case][0].main(args)
+        assert isinstance(result, dict) and "image_auroc" in result
+        status = 0
     except SystemExit as e:
         status = e.code
     return status, capsys.readouterr().out.splitlines()
 
 
 def signal_at_step(monkeypatch, case: str, n: int) -> None:
-    """The n-th training step (1-based) of the run sends SIGUSR1 to this process, as SLURM would."""
-    module, real, calls = CASES[case][1], CASES[case][1].train_step, []
+    """The n-th training step (1-based) of the run sends SIGUSR1 to this process, as SLURM would
+    (Training.step calls mvfa.training.train_step by its module global, in both protocols)."""
+    real, calls = training.train_step, []
 
     def step(*a, **k):
         calls.append(1)
         if len(calls) == n:
             os.kill(os.getpid(), signal.SIGUSR1)
         return real(*a, **k)
-    monkeypatch.setattr(module, "train_step", step)
+    monkeypatch.setattr(training, "train_step", step)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(synth, tmp_path_factory):
     """Each case run once without a stop: (final adapters, printed lines)."""
     out = {}
-    for case, (module, _, obj, _) in CASES.items():
+    for case, (module, obj, _) in CASES.items():
         folder, text = tmp_path_factory.mktemp(case), io.StringIO()
         with contextlib.redirect_stdout(text):
-            assert module.main(arguments(case, synth, folder)) == 0
+            result = module.main(arguments(case, synth, folder))
+        assert isinstance(result, dict) and "image_auroc" in result
         out[case] = load_ckpt(folder / "ckpt" / f"{obj}.pth"), text.getvalue().splitlines()
     return out
 
 
 def assert_same_run(case, folder, lines, uninterrupted):
     expected_ckpt, expected_lines = uninterrupted[case]
-    ckpt = load_ckpt(folder / "ckpt" / f"{CASES[case][2]}.pth")
+    ckpt = load_ckpt(folder / "ckpt" / f"{CASES[case][1]}.pth")
     for part in ("seg_adapters", "det_adapters"):
         assert ckpt[part].keys() == expected_ckpt[part].keys()
         assert all(torch.equal(ckpt[part][k], expected_ckpt[part][k]) for k in ckpt[part])
     assert lines == expected_lines
-    assert result_lines("\n".join(lines), CASES[case][2])  # the lines hold results
-    assert not training.state_file(folder / "ckpt" / f"{CASES[case][2]}.pth").exists()  # removed once finished
+    assert result_lines("\n".join(lines), CASES[case][1])  # the lines hold results
+    assert not training.state_file(folder / "ckpt" / f"{CASES[case][1]}.pth").exists()  # removed when done
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -86,7 +89,7 @@ def test_killed_between_epochs(case, synth, tmp_path, monkeypatch, capsys, unint
     args = arguments(case, synth, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         CASES[case][0].main(args)
-    state = torch.load(training.state_file(tmp_path / "ckpt" / f"{CASES[case][2]}.pth"), weights_only=False)
+    state = torch.load(training.state_file(tmp_path / "ckpt" / f"{CASES[case][1]}.pth"), weights_only=False)
     assert (state["epoch"], state["position"]) == (1, 0)
     monkeypatch.undo()
     status, lines = run(case, args + ["--resume"], capsys)
@@ -101,7 +104,7 @@ def test_signal_inside_an_epoch(case, synth, tmp_path, monkeypatch, capsys, unin
     args = arguments(case, synth, tmp_path)
     status, _ = run(case, args, capsys)
     assert status != 0 and "--resume" in str(status)
-    state = torch.load(training.state_file(tmp_path / "ckpt" / f"{CASES[case][2]}.pth"), weights_only=False)
+    state = torch.load(training.state_file(tmp_path / "ckpt" / f"{CASES[case][1]}.pth"), weights_only=False)
     assert (state["epoch"], state["position"]) == (1, 4)
     monkeypatch.undo()
     status, lines = run(case, args + ["--resume"], capsys)
@@ -120,11 +123,11 @@ def test_death_while_the_state_is_written(case, synth, tmp_path, monkeypatch, ca
         if len(writes) == 2:
             raise KeyboardInterrupt  # stands in for the process being killed in the middle of the write
         real(src, dst)
-    monkeypatch.setattr(training.os, "replace", dying_replace)
+    monkeypatch.setattr(records.os, "replace", dying_replace)  # save_atomic's rename
     args = arguments(case, synth, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         CASES[case][0].main(args)
-    path = training.state_file(tmp_path / "ckpt" / f"{CASES[case][2]}.pth")
+    path = training.state_file(tmp_path / "ckpt" / f"{CASES[case][1]}.pth")
     assert torch.load(path, weights_only=False)["epoch"] == 1  # the state of the first epoch's end
     monkeypatch.undo()
     capsys.readouterr()

@@ -19,9 +19,9 @@ from PIL import Image
 from test_scripts import TINY, cached_text, one_thread  # noqa: F401
 from torch.utils.data import DataLoader
 
-import fewshot
 import train_few
-from dataset.synth import make_synthetic_bmad
+from mvfa import training
+from tools.synth import make_synthetic_bmad
 
 SIZE = 56
 
@@ -131,9 +131,9 @@ def seen_by_training(monkeypatch, args: list[str]) -> tuple[list, list]:
         states.append((len(loader.dataset), torch.get_rng_state()))
         return real_iter(loader)
 
-    monkeypatch.setattr(fewshot, "train_step", step)
+    monkeypatch.setattr(training, "train_step", step)  # Training.step calls it by its module global
     monkeypatch.setattr(DataLoader, "__iter__", iterate)
-    assert train_few.main(args) == 0
+    assert isinstance(train_few.main(args), dict)  # the final result
     return steps, states
 
 
@@ -175,7 +175,7 @@ def test_training_items_in_the_reference_order(data, tmp_path, monkeypatch, obj,
 def test_losses_of_a_run_resumed_at_every_step(data, tmp_path, monkeypatch):
     """One epoch (k = 1: 22 steps) stopped by SIGUSR1 after every step and resumed each time: the same per-step
     losses, bit for bit, and the same checkpoint as the run that was never stopped."""
-    losses, real_step = [], fewshot.train_step
+    losses, real_step = [], training.train_step
 
     def step(*a, **k):
         losses.append(real_step(*a, **k))
@@ -183,9 +183,10 @@ def test_losses_of_a_run_resumed_at_every_step(data, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGUSR1)
         return losses[-1]
 
-    monkeypatch.setattr(fewshot, "train_step", step)
+    monkeypatch.setattr(training, "train_step", step)  # Training.step calls it by its module global
 
     def run(folder, *extra) -> int:
+        """0: the run finished (main returned its result dict); 1: it stopped on the signal (--resume)."""
         args = [
             *TINY,
             "--img_size",
@@ -207,7 +208,9 @@ def test_losses_of_a_run_resumed_at_every_step(data, tmp_path, monkeypatch):
             *extra,
         ]
         try:
-            return train_few.main(args)
+            result = train_few.main(args)
+            assert isinstance(result, dict) and "image_auroc" in result
+            return 0
         except SystemExit as stop:
             assert "--resume" in str(stop.code)
             return 1
