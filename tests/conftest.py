@@ -1,4 +1,5 @@
 """Shared pytest fixtures: where the reference fixtures live and the regenerated seed-0 reference inputs."""
+
 import os
 import subprocess
 import sys
@@ -15,8 +16,11 @@ sys.path.insert(0, str(REPO))
 def require_reference() -> Path:
     """Skip the calling test, with a one-line reason, when ../shared/reference is not beside the checkout."""
     if not (REFERENCE / "goldens_seed0.pt").is_file():
-        if os.environ.get("CI") == "true":  # CI lays shared/ beside the clone: a missing fixture is a failure there
-            pytest.fail(f"reference fixtures not found at {REFERENCE} (set MVFA_SHARED to the shared/ folder)")
+        # CI lays shared/ beside the clone: a missing fixture is a failure there
+        if os.environ.get("CI") == "true":
+            pytest.fail(
+                f"reference fixtures not found at {REFERENCE} (set MVFA_SHARED to the shared/ folder)"
+            )
         pytest.skip(f"reference fixtures not found at {REFERENCE} (set MVFA_SHARED to the shared/ folder)")
     return REFERENCE
 
@@ -39,9 +43,12 @@ def reference_assets(tmp_path_factory) -> Path:
     if cached and (Path(cached) / "CLIP/ckpt/ViT-L-14-336px.pt").is_file():
         return Path(cached)
     out = tmp_path_factory.mktemp("reference_assets")
-    subprocess.run([sys.executable, str(ref / "make_ckpts.py"), str(out), "0"], check=True, capture_output=True)
-    subprocess.run([sys.executable, str(ref / "make_synth_bmad.py"), str(out), "6", "0"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ref / "make_ckpts.py"), str(out), "0"], check=True, capture_output=True
+    )
+    subprocess.run(
+        [sys.executable, str(ref / "make_synth_bmad.py"), str(out), "6", "0"], check=True, capture_output=True
+    )
     return out
 
 

@@ -1,11 +1,13 @@
-"""On a CUDA GPU: the reference's fp16 autocast against fp32 (adapted forward, text features, memory bank, scores),
-batch 1 against batch 8, a checkpoint saved from CUDA loaded on the CPU, the four recorded reference runs, and
-training steps under autocast. Skipped, with the reason, where CUDA is absent; `bash tools/bench/gpu_check.sh`
-runs them.
+"""On a CUDA GPU: the reference's fp16 autocast against fp32 (adapted forward, text features, memory bank,
+scores), batch 1 against batch 8, a checkpoint saved from CUDA loaded on the CPU, the four recorded reference
+runs, and training steps under autocast. Skipped, with the reason, where CUDA is absent;
+`bash tools/bench/gpu_check.sh` runs them.
 
-fp32 here is true fp32 (TF32 off). The fp16 tolerances are the largest differences that bf16 autocast gives on the
-CPU for the same inputs (seed-0 ViT-L, Brain adapters): fp16 keeps 3 more significand bits, about 8x margin.
+fp32 here is true fp32 (TF32 off). The fp16 tolerances are the largest differences that bf16 autocast gives on
+the CPU for the same inputs (seed-0 ViT-L, Brain adapters): fp16 keeps 3 more significand bits, about 8x
+margin.
 """
+
 import os
 import re
 import subprocess
@@ -33,7 +35,8 @@ pytestmark = pytest.mark.skipif(
 )
 CUDA = torch.device("cuda")
 FP32_TOL = 1e-3  # CUDA fp32 against the CPU's goldens, absolute (other summation orders)
-TOKEN_TOL, TOKEN_REL = 0.05, 0.015  # fp16 tokens (|x| up to 4.5): max |diff|, |diff| / |x| (CPU bf16: 0.050, 0.012)
+# fp16 tokens (|x| up to 4.5): max |diff|, |diff| / |x| (CPU bf16: 0.050, 0.012)
+TOKEN_TOL, TOKEN_REL = 0.05, 0.015
 TEXT_TOL = 1e-3  # fp16 text features, unit columns (CPU bf16: 8e-4)
 LOGIT_TOL = 0.15  # text logits at CLIP's scale 100 (CPU bf16: 0.14)
 DIST_TOL = 0.01  # 1 - max cosine similarity to the memory bank (CPU bf16: 0.008)
@@ -65,7 +68,9 @@ def no_tf32():
 @pytest.fixture(scope="module")
 def brain(reference_assets) -> CLIP_Inplanted:
     """The seed-0 ViT-L (frozen) with the few-shot Brain adapters, on CUDA."""
-    clip = create_model("ViT-L-14-336", 240, "openai", CUDA, checkpoint=reference_assets / "CLIP/ckpt/ViT-L-14-336px.pt")
+    clip = create_model(
+        "ViT-L-14-336", 240, "openai", CUDA, checkpoint=reference_assets / "CLIP/ckpt/ViT-L-14-336px.pt"
+    )
     clip.requires_grad_(False)
     model = CLIP_Inplanted(clip).to(CUDA).eval()
     model.load_adapters(reference_assets / "ckpt/few-shot/Brain.pth")
@@ -74,8 +79,14 @@ def brain(reference_assets) -> CLIP_Inplanted:
 
 @pytest.fixture(scope="module")
 def brain_data(reference_assets) -> MedDataset:
-    return MedDataset(str(reference_assets / "data"), "Brain", 240, 4, 0,
-                      seed_root=str(reference_assets / "dataset/fewshot_seed"))
+    return MedDataset(
+        str(reference_assets / "data"),
+        "Brain",
+        240,
+        4,
+        0,
+        seed_root=str(reference_assets / "dataset/fewshot_seed"),
+    )
 
 
 def within(got: torch.Tensor, expected: torch.Tensor, atol: float) -> float:
@@ -91,7 +102,8 @@ def test_adapted_forward_fp16_autocast_against_fp32(brain, goldens):
         fp32 = brain(image)
         with on_cuda("auto").forward():
             fp16 = brain(image)
-    assert fp16[1][0].dtype == torch.float16  # adapter tokens stay fp16 under the reference's autocast (spec 8.3)
+    # adapter tokens stay fp16 under the reference's autocast
+    assert fp16[1][0].dtype == torch.float16
     expected = [goldens["pooled"], *goldens["seg_tokens"], *goldens["det_tokens"]]
     for got32, got16, ref in zip([fp32[0], *fp32[1], *fp32[2]], [fp16[0], *fp16[1], *fp16[2]], expected):
         within(got32, ref, FP32_TOL)
@@ -104,7 +116,8 @@ def test_text_features_fp16_autocast_against_fp32(brain, goldens):
         fp32 = encode_text_with_prompt_ensemble(brain.clipmodel, "Brain", CUDA)
         with on_cuda("auto").forward():
             fp16 = encode_text_with_prompt_ensemble(brain.clipmodel, "Brain", CUDA)
-    assert (fp32.dtype, fp16.dtype, fp16.shape) == (torch.float32, torch.float16, (768, 2))  # spec 4.3
+    # under autocast the reference's text features end in fp16: its in-place normalisations store fp16
+    assert (fp32.dtype, fp16.dtype, fp16.shape) == (torch.float32, torch.float16, (768, 2))
     within(fp32, goldens["text_features"]["Brain"], FP32_TOL)
     report(f"text features fp16 - fp32: max {within(fp16, fp32, TEXT_TOL):.2e}")
 
@@ -127,34 +140,43 @@ def assert_close_material(a, b, logit_tol: float, dist_tol: float, score_tol: fl
     """Two collected runs of the same images: the seg head's logits and distances (Brain has masks), image
     scores within the tolerances."""
     assert a.head == b.head == "seg"
-    return [within(torch.stack(a.logits), torch.stack(b.logits), logit_tol),
-            within(torch.stack(a.distances), torch.stack(b.distances), dist_tol),
-            within(torch.tensor(a.zero_image), torch.tensor(b.zero_image), score_tol)]
+    return [
+        within(torch.stack(a.logits), torch.stack(b.logits), logit_tol),
+        within(torch.stack(a.distances), torch.stack(b.distances), dist_tol),
+        within(torch.tensor(a.zero_image), torch.tensor(b.zero_image), score_tol),
+    ]
 
 
 def test_memory_bank_and_scores_fp16_autocast_against_fp32(runs):
     (bank32, c32), (bank16, c16) = runs["fp32", 1], runs["auto", 1]
     for a, b in zip(bank32[0] + bank32[1], bank16[0] + bank16[1]):
-        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)  # the bank runs without autocast (spec 8.3)
+        # the bank runs without autocast, as the reference's does
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
     diffs = assert_close_material(c16, c32, LOGIT_TOL, DIST_TOL, SCORE_TOL)
     assert c32.fewshot and c16.fewshot
     m32, m16 = (evaluate(c, CUDA, on_cuda(p)) for c, p in ((c32, "fp32"), (c16, "auto")))
     assert abs(m16["pixel_auroc"] - m32["pixel_auroc"]) <= 0.01
-    report(f"Brain scores fp16 - fp32: logits {diffs[0]:.3f}, distances {diffs[1]:.2e}, image scores {diffs[2]:.2e}; "
-           f"pixel AUROC {m16['pixel_auroc']:.4f} vs {m32['pixel_auroc']:.4f}, image AUROC "
-           f"{m16['image_auroc']:.4f} vs {m32['image_auroc']:.4f}")
+    report(
+        f"Brain scores fp16 - fp32: logits {diffs[0]:.3f}, distances {diffs[1]:.2e}, "
+        f"image scores {diffs[2]:.2e}; "
+        f"pixel AUROC {m16['pixel_auroc']:.4f} vs {m32['pixel_auroc']:.4f}, image AUROC "
+        f"{m16['image_auroc']:.4f} vs {m32['image_auroc']:.4f}"
+    )
 
 
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
 def test_batch_1_equals_batch_8(runs, precision):
-    """Other kernels for other batch sizes: equal within float32 rounding in fp32, fp16 rounding under autocast."""
+    """Other kernels for other batch sizes: equal within float32 rounding in fp32, fp16 rounding under
+    autocast."""
     (bank1, c1), (bank8, c8) = runs[precision, 1], runs[precision, 8]
     for a, b in zip(bank1[0] + bank1[1], bank8[0] + bank8[1]):
         within(a, b, 1e-4)
     tol = (1e-3, 1e-5, 1e-5) if precision == "fp32" else (LOGIT_TOL, DIST_TOL, SCORE_TOL)
     diffs = assert_close_material(c1, c8, *tol)
     assert c1.labels == c8.labels
-    report(f"batch 1 vs 8 ({precision}): logits {diffs[0]:.2e}, distances {diffs[1]:.2e}, scores {diffs[2]:.2e}")
+    report(
+        f"batch 1 vs 8 ({precision}): logits {diffs[0]:.2e}, distances {diffs[1]:.2e}, scores {diffs[2]:.2e}"
+    )
 
 
 def test_checkpoint_saved_on_cuda_loads_on_the_cpu(tmp_path):
@@ -176,13 +198,30 @@ def printed_metrics(text: str) -> dict[str, float]:
     return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+) (p?AUC) : ([0-9.]+)$", text, re.MULTILINE)}
 
 
-@pytest.mark.parametrize("command,expected", recorded_runs() or [pytest.param("", [], marks=pytest.mark.skip(
-    reason="reference transcript not found"))])
+@pytest.mark.parametrize(
+    "command,expected",
+    recorded_runs()
+    or [pytest.param("", [], marks=pytest.mark.skip(reason="reference transcript not found"))],
+)
 def test_recorded_run_on_cuda(user_checkout, tmp_path, command, expected):  # noqa: F811
-    """The reference's recorded commands on CUDA with --precision auto (its fp16 autocast): pixel AUROC within 0.01
-    of the recorded line; image AUROC reported (12 random-weight test images nearly tie)."""
-    out = subprocess.run([sys.executable, *command.split(), "--device", "cuda", "--precision", "auto",
-                          "--out_dir", str(tmp_path)], cwd=user_checkout, capture_output=True, text=True, timeout=900)
+    """The reference's recorded commands on CUDA with --precision auto (its fp16 autocast): pixel AUROC within
+    0.01 of the recorded line; image AUROC reported (12 random-weight test images nearly tie)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            *command.split(),
+            "--device",
+            "cuda",
+            "--precision",
+            "auto",
+            "--out_dir",
+            str(tmp_path),
+        ],
+        cwd=user_checkout,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     got, want = printed_metrics(out.stdout), printed_metrics("\n".join(expected))
     assert got.keys() == want.keys()
@@ -194,16 +233,25 @@ def test_recorded_run_on_cuda(user_checkout, tmp_path, command, expected):  # no
 
 @pytest.mark.parametrize("precision", ["auto", "bf16"])
 def test_training_step_under_autocast(brain, goldens, reference_assets, precision):
-    """One step of both optimisers on the goldens' image: the loss near the CPU fp32 one, every adapter weight moved
-    by at most the learning rate (Adam's first step), nothing non-finite. No GradScaler, as the reference (Q12)."""
+    """One step of both optimisers on the goldens' image: the loss near the CPU fp32 one, every adapter weight
+    moved by at most the learning rate (Adam's first step), nothing non-finite. No GradScaler, as the
+    reference (it trains under fp16 autocast without loss scaling)."""
     state = {k: v.clone() for k, v in brain.state_dict().items() if "adapters" in k}
     mask_file = reference_assets / "data" / goldens["image_file"].replace("/img/", "/anomaly_mask/")
     mask = np.asarray(Image.open(mask_file).convert("L").resize((240, 240), Image.NEAREST), np.float32) / 255
     seg_opt, det_opt = optimizers(brain, LR)
     try:
-        loss = train_step(brain, goldens["image"], torch.tensor([1.0]), torch.from_numpy(mask)[None, None],
-                          goldens["text_features"]["Brain"].to(CUDA), has_masks=True,
-                          optimizers=(seg_opt, det_opt), precision=on_cuda(precision), img_size=240)
+        loss = train_step(
+            brain,
+            goldens["image"],
+            torch.tensor([1.0]),
+            torch.from_numpy(mask)[None, None],
+            goldens["text_features"]["Brain"].to(CUDA),
+            has_masks=True,
+            optimizers=(seg_opt, det_opt),
+            precision=on_cuda(precision),
+            img_size=240,
+        )
         assert loss == pytest.approx(goldens["step_loss"], rel=0.02 if precision == "auto" else 0.05)
         moved = 0
         for key, before in state.items():
@@ -211,7 +259,9 @@ def test_training_step_under_autocast(brain, goldens, reference_assets, precisio
             assert torch.isfinite(step).all() and float(step.max()) <= LR * 1.001
             moved += int((step > 0).sum())
         assert moved > 0
-        report(f"training step ({precision}): loss {loss:.5f} (CPU fp32 {goldens['step_loss']:.5f}), "
-               f"{moved / sum(v.numel() for v in state.values()):.1%} of the adapter weights moved")
+        report(
+            f"training step ({precision}): loss {loss:.5f} (CPU fp32 {goldens['step_loss']:.5f}), "
+            f"{moved / sum(v.numel() for v in state.values()):.1%} of the adapter weights moved"
+        )
     finally:
         brain.load_state_dict(state, strict=False)

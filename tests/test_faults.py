@@ -2,6 +2,7 @@
 state version or of other arguments) is refused in one line before the model is built and left as it was; a
 run without --resume moves it aside; an unwritable --save_path is refused in seconds; the converter refuses
 unmatched masks."""
+
 import os
 import shutil
 import time
@@ -40,6 +41,7 @@ def stopped(synthetic, tmp_path_factory) -> Path:
     def save_then_die(self, *a):
         real(self, *a)
         raise KeyboardInterrupt  # stands in for the process being killed there
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(training.Training, "save_state", save_then_die)
         with pytest.raises(KeyboardInterrupt):
@@ -58,8 +60,10 @@ def copy(stopped, tmp_path) -> Path:
 def no_model(monkeypatch):
     """Building the model fails the test: every refusal here must come before it (the scripts build it with
     ModelConfig.build after the checks)."""
+
     def build(*a, **k):
         raise AssertionError("the model was built")
+
     monkeypatch.setattr(ModelConfig, "build", build)
 
 
@@ -74,16 +78,21 @@ def refused(args: list[str], state: Path, capsys) -> str:
 
 # ---------------------------------------------------------------- states that cannot be continued
 
+
 @pytest.mark.parametrize("damage", ["cut off", "empty", "random bytes"])
 def test_damaged_state(damage, synthetic, tmp_path, copy, no_model, capsys):
     data = copy.read_bytes()
-    damaged = {"cut off": data[:len(data) // 2], "empty": b"", "random bytes": os.urandom(4096)}[damage]
+    damaged = {"cut off": data[: len(data) // 2], "empty": b"", "random bytes": os.urandom(4096)}[damage]
     copy.write_bytes(damaged)
     error = refused(arguments("few", synthetic, tmp_path) + ["--resume"], copy, capsys)
-    flaw = {"cut off": "it is cut off: a zip archive without its end", "empty": "it is empty",
-            "random bytes": "it is no zip archive as torch.save writes"}[damage]
-    assert error == (f"error: training state {copy} cannot be read ({flaw}): delete it or move it "
-                     f"away, {AFRESH}")
+    flaw = {
+        "cut off": "it is cut off: a zip archive without its end",
+        "empty": "it is empty",
+        "random bytes": "it is no zip archive as torch.save writes",
+    }[damage]
+    assert error == (
+        f"error: training state {copy} cannot be read ({flaw}): delete it or move it away, {AFRESH}"
+    )
 
 
 def test_state_damaged_inside_its_archive(synthetic, tmp_path, copy, no_model, capsys):
@@ -109,13 +118,17 @@ def test_state_of_another_version(synthetic, tmp_path, copy, no_model, capsys):
     state = torch.load(copy, weights_only=False)
     torch.save({**state, "mvfa_training_state": 1}, copy)
     error = refused(arguments("few", synthetic, tmp_path) + ["--resume"], copy, capsys)
-    assert error == (f"error: training state {copy} is of state version 1, this code continues version "
-                     f"{training.STATE_VERSION} only: continue it with the code that wrote it, or delete it "
-                     f"or move it away, {AFRESH}")
+    assert error == (
+        f"error: training state {copy} is of state version 1, this code continues version "
+        f"{training.STATE_VERSION} only: continue it with the code that wrote it, or delete it "
+        f"or move it away, {AFRESH}"
+    )
 
 
-@pytest.mark.parametrize("flag, new, shown", [("--shot", "2", "--shot 1 -> 2"),
-                                              ("--learning_rate", "0.01", "--learning_rate 0.001 -> 0.01")])
+@pytest.mark.parametrize(
+    "flag, new, shown",
+    [("--shot", "2", "--shot 1 -> 2"), ("--learning_rate", "0.01", "--learning_rate 0.001 -> 0.01")],
+)
 def test_state_of_other_arguments(flag, new, shown, synthetic, tmp_path, copy, no_model, capsys):
     args = arguments("few", synthetic, tmp_path)
     if flag in args:
@@ -124,10 +137,12 @@ def test_state_of_other_arguments(flag, new, shown, synthetic, tmp_path, copy, n
         args += [flag, new]
     error = refused(args + ["--resume"], copy, capsys)
     old = shown.split(" -> ")[0]
-    assert error == (f"error: training state {copy} is of a run with other arguments: {shown}; to continue "
-                     f"that run, rerun its command ({old} --resume), or run without --resume, which moves "
-                     f"the state aside and replaces {copy.parent / 'Brain.pth'} with --overwrite and starts "
-                     f"afresh")
+    assert error == (
+        f"error: training state {copy} is of a run with other arguments: {shown}; to continue "
+        f"that run, rerun its command ({old} --resume), or run without --resume, which moves "
+        f"the state aside and replaces {copy.parent / 'Brain.pth'} with --overwrite and starts "
+        f"afresh"
+    )
 
 
 def test_state_of_another_obj(synthetic, tmp_path, copy, no_model, capsys):
@@ -159,14 +174,17 @@ def test_fresh_run_moves_the_state_aside(synthetic, tmp_path, copy, monkeypatch,
     args = arguments("few", synthetic, tmp_path)
     args[args.index("--shot") + 1] = "2"
     error = expect_error(train_few, args, capsys)  # the stopped run's checkpoint is there
-    assert error == (f"error: {copy.parent / 'Brain.pth'} exists already, beside the training state {copy} "
-                     f"of an unfinished run: add --resume to continue that run, or --overwrite to start "
-                     f"afresh (the state is then moved aside)")
+    assert error == (
+        f"error: {copy.parent / 'Brain.pth'} exists already, beside the training state {copy} "
+        f"of an unfinished run: add --resume to continue that run, or --overwrite to start "
+        f"afresh (the state is then moved aside)"
+    )
     real = training.Training.save_state
 
     def save_then_die(self, *a):
         real(self, *a)
         raise KeyboardInterrupt  # the new run stops after its first state
+
     monkeypatch.setattr(training.Training, "save_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_few.main(args + ["--overwrite"])
@@ -179,6 +197,7 @@ def test_fresh_run_moves_the_state_aside(synthetic, tmp_path, copy, monkeypatch,
 
 # ---------------------------------------------------------------- checks before the first forward pass
 
+
 @pytest.mark.parametrize("case", ["few", "zero"])
 @pytest.mark.parametrize("where", ["file", "below a file", "read-only", "out_dir a file"])
 def test_unwritable_folder_is_refused_in_seconds(case, where, synthetic, tmp_path, no_model, capsys):
@@ -186,8 +205,12 @@ def test_unwritable_folder_is_refused_in_seconds(case, where, synthetic, tmp_pat
         pytest.skip("root writes into read-only folders: the refusal cannot be seen")
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the folder should be")
-    folder = {"file": blocker, "below a file": blocker / "ckpt", "read-only": tmp_path / "locked",
-              "out_dir a file": blocker}[where]
+    folder = {
+        "file": blocker,
+        "below a file": blocker / "ckpt",
+        "read-only": tmp_path / "locked",
+        "out_dir a file": blocker,
+    }[where]
     if where == "read-only":
         folder.mkdir(mode=0o555)
     flag = "--out_dir" if where == "out_dir a file" else "--save_path"
@@ -197,11 +220,13 @@ def test_unwritable_folder_is_refused_in_seconds(case, where, synthetic, tmp_pat
     start = time.perf_counter()
     error = expect_error(SCRIPTS[case], args, capsys)
     assert time.perf_counter() - start < 20
-    expected = {"file": f"is a file, not a folder; choose another {flag}",
-                "below a file": f"cannot be made: {blocker} is a file, not a folder; choose another {flag}",
-                "read-only": f"cannot be written (Permission denied in {folder}); choose another {flag} or "
-                             f"make it writable",
-                "out_dir a file": f"is a file, not a folder; choose another {flag}"}[where]
+    expected = {
+        "file": f"is a file, not a folder; choose another {flag}",
+        "below a file": f"cannot be made: {blocker} is a file, not a folder; choose another {flag}",
+        "read-only": f"cannot be written (Permission denied in {folder}); choose another {flag} or "
+        f"make it writable",
+        "out_dir a file": f"is a file, not a folder; choose another {flag}",
+    }[where]
     assert error == f"error: {flag} {folder} {expected}"
     assert not list(tmp_path.rglob("*.state"))
 
@@ -213,11 +238,14 @@ def test_cut_off_clip_weights_are_refused_before_the_model(synthetic, tmp_path, 
     args = arguments("zero", synthetic, tmp_path) + ["--clip_ckpt", str(weights)]
     args[args.index("--pretrain") + 1] = "openai"
     error = expect_error(train_zero, args, capsys)
-    assert error == (f"error: CLIP weights {weights} is cut off (a zip archive without its end): an "
-                     f"incomplete download or copy; download or copy it again")
+    assert error == (
+        f"error: CLIP weights {weights} is cut off (a zip archive without its end): an "
+        f"incomplete download or copy; download or copy it again"
+    )
 
 
 # ---------------------------------------------------------------- the converter
+
 
 @pytest.fixture
 def flat(synthetic, tmp_path) -> Path:
@@ -240,14 +268,26 @@ def test_converter_refuses_unmatched_masks_and_images(flat, tmp_path):
     shutil.copy(masks / "test0.png", masks / "stray.png")
     shutil.copy(masks / "test1.png", masks / "other.png")
     (masks / "valid1.png").unlink()
-    argv = ["--normal", str(flat / "normal"), "--abnormal", str(flat / "abnormal"), "--masks", str(masks),
-            "--out", str(tmp_path / "knee"), "--valid", "0.34"]
+    argv = [
+        "--normal",
+        str(flat / "normal"),
+        "--abnormal",
+        str(flat / "abnormal"),
+        "--masks",
+        str(masks),
+        "--out",
+        str(tmp_path / "knee"),
+        "--valid",
+        "0.34",
+    ]
     with pytest.raises(SystemExit) as e:
         convert_main(argv)
-    assert str(e.value.code) == (f"error: no mask for image valid1.png of --abnormal; 2 mask(s) of --masks "
-                                 f"{masks} match no image of --abnormal: other.png, stray.png (masks pair "
-                                 f"with images by file name); rename them, or pass --allow_unmatched to "
-                                 f"leave these images and masks out")
+    assert str(e.value.code) == (
+        f"error: no mask for image valid1.png of --abnormal; 2 mask(s) of --masks "
+        f"{masks} match no image of --abnormal: other.png, stray.png (masks pair "
+        f"with images by file name); rename them, or pass --allow_unmatched to "
+        f"leave these images and masks out"
+    )
     assert not (tmp_path / "knee").exists()
     assert convert_main(argv + ["--allow_unmatched"]) == 0
     images = sorted(p.name for p in (tmp_path / "knee").rglob("Ungood/img/*"))

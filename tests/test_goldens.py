@@ -1,4 +1,6 @@
-"""The core model against the reference's recorded outputs (../shared/reference/goldens_seed0.pt), spec section 13."""
+"""The core model against the reference's recorded outputs
+(../shared/reference/goldens_seed0.pt, recorded on the CPU in fp32)."""
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,9 @@ LOSS_RTOL = 1e-5
 
 @pytest.fixture(scope="module")
 def brain_model(reference_assets):
-    clip = create_model("ViT-L-14-336", 240, "openai", "cpu",
-                        checkpoint=reference_assets / "CLIP/ckpt/ViT-L-14-336px.pt")
+    clip = create_model(
+        "ViT-L-14-336", 240, "openai", "cpu", checkpoint=reference_assets / "CLIP/ckpt/ViT-L-14-336px.pt"
+    )
     model = CLIP_Inplanted(clip).eval()
     model.load_adapters(reference_assets / "ckpt/few-shot/Brain.pth")
     return model
@@ -60,7 +63,8 @@ def test_focal_and_dice(goldens):
 
 
 def test_one_training_step(goldens, brain_model, reference_assets):
-    """Losses and every updated adapter weight after one Adam step of both optimisers (spec 5.4, 6.4)."""
+    """Losses and every updated adapter weight after one Adam step of both optimisers,
+    as the reference's training loop takes it."""
     model = brain_model
     state = {k: v.clone() for k, v in model.state_dict().items() if "adapters" in k}
     mask_file = reference_assets / "data" / goldens["image_file"].replace("/img/", "/anomaly_mask/")
@@ -87,8 +91,9 @@ def test_one_training_step(goldens, brain_model, reference_assets):
             assert set(weights) == set(goldens[f"step_{name}"])
             for key, probe in goldens[f"step_{name}"].items():
                 flat = weights[key].flatten()
-                torch.testing.assert_close(flat[probe["index"]], probe["values"], atol=1e-5, rtol=0,
-                                           msg=f"{name}.{key}")
+                torch.testing.assert_close(
+                    flat[probe["index"]], probe["values"], atol=1e-5, rtol=0, msg=f"{name}.{key}"
+                )
                 assert flat.double().sum().item() == pytest.approx(probe["sum"], abs=1e-3)
                 assert flat.double().norm().item() == pytest.approx(probe["norm"], rel=1e-6)
     finally:

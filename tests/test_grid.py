@@ -1,6 +1,7 @@
-"""tools/reproduce.py over tools/jobs.py: the grid's jobs, both executors (a local pool of processes and submitit's
-local executor, the same code path as SLURM without sbatch), rerunning after a kill, the tables against the records,
-SLURM parameters."""
+"""tools/reproduce.py over tools/jobs.py: the grid's jobs, both executors (a local pool of processes and
+submitit's local executor, the same code path as SLURM without sbatch), rerunning after a kill, the tables
+against the records, SLURM parameters."""
+
 import json
 import os
 import shutil
@@ -20,16 +21,30 @@ from tools.synth import make_synthetic_bmad
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 56  # a 4x4 patch grid of the tiny CLIP
-TINY = ["--model_name", "demo-tiny", "--pretrain", "none", "--features_list", "3", "6", "9", "12",
-        "--img_size", str(SIZE), "--device", "cpu"]
+TINY = [
+    "--model_name",
+    "demo-tiny",
+    "--pretrain",
+    "none",
+    "--features_list",
+    "3",
+    "6",
+    "9",
+    "12",
+    "--img_size",
+    str(SIZE),
+    "--device",
+    "cpu",
+]
 GRID = ["--objs", "Brain", "Chest", "--settings", "1", "zero", "--epoch", "1", "--batch_size", "6"]
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     """All six synthetic datasets, 3 images per folder, and support lists for k = 1 and 2, 3 draws each."""
-    return make_synthetic_bmad(str(tmp_path_factory.mktemp("synth")), n_per_split=3, seed=0, img_size=SIZE,
-                               shots=(1, 2))
+    return make_synthetic_bmad(
+        str(tmp_path_factory.mktemp("synth")), n_per_split=3, seed=0, img_size=SIZE, shots=(1, 2)
+    )
 
 
 def test_jobs_run_the_scripts_at_the_repository_root():
@@ -79,18 +94,27 @@ def test_tables_are_mean_and_std_of_the_records(synth, tmp_path, capsys):
         metrics = record["test"]["metrics"]
         for m in values:
             values[m].append(100 * metrics[m])
-    table = jobs.setting_table(jobs.results([jobs.Job(**{**r["job"], "extra": tuple(r["job"]["extra"])})
-                                                   for r in records(tmp_path).values()], str(tmp_path)), "1")
+    table = jobs.setting_table(
+        jobs.results(
+            [jobs.Job(**{**r["job"], "extra": tuple(r["job"]["extra"])}) for r in records(tmp_path).values()],
+            str(tmp_path),
+        ),
+        "1",
+    )
     for metric, name in (("image_auroc", "AUC"), ("pixel_auroc", "pAUC")):
-        assert table.loc["BrainMRI", f"{name} test"] == f"{np.mean(values[metric]):.2f} ± {np.std(values[metric]):.2f}"
+        assert (
+            table.loc["BrainMRI", f"{name} test"]
+            == f"{np.mean(values[metric]):.2f} ± {np.std(values[metric]):.2f}"
+        )
     csv = (tmp_path / "table_1.csv").read_text()
     assert f"{np.mean(values['image_auroc']):.2f} ± {np.std(values['image_auroc']):.2f}" in csv
 
 
 def test_killed_run_reruns_only_what_is_missing(synth, tmp_path):
     command = [sys.executable, "-m", "tools.reproduce", *grid_args(synth, tmp_path, "--workers", "1")]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     while proc.poll() is None and not records(tmp_path):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the run and the job it was in the middle of
@@ -108,8 +132,21 @@ def test_a_failing_job_never_stops_the_others_and_status_names_it(synth, tmp_pat
     data = tmp_path / "data"
     shutil.copytree(synth.data, data)
     shutil.rmtree(data / "Chest_AD" / "test" / "good")  # Chest's jobs cannot read their test set
-    args = [*GRID, "--out", str(tmp_path / "out"), "--data_path", str(data), "--seed_dir", synth.seed_root, *TINY,
-            "--settings", "1", "--draws", "2"]  # few-shot only: zero-shot Brain would train on Chest's test set too
+    # few-shot only: zero-shot Brain would train on Chest's test set too
+    args = [
+        *GRID,
+        "--out",
+        str(tmp_path / "out"),
+        "--data_path",
+        str(data),
+        "--seed_dir",
+        synth.seed_root,
+        *TINY,
+        "--settings",
+        "1",
+        "--draws",
+        "2",
+    ]
     assert reproduce.main(args) == 1
     assert len(records(tmp_path / "out")) == 2  # Brain's two jobs
     capsys.readouterr()
@@ -123,13 +160,31 @@ def test_slurm_submission_parameters(tmp_path, monkeypatch):
     """Without a cluster: the parameters submitit gets, and the sbatch script they make."""
     params = jobs.slurm_parameters("gpu", 720, 1, 8, 16, {"qos": "high"})
     script = _make_sbatch_string(command="python -m x", folder=str(tmp_path), map_count=30, **params)
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --time=720", "#SBATCH --gpus-per-node=1",
-                 "#SBATCH --cpus-per-task=8", "#SBATCH --array=0-29%16", "#SBATCH --signal=USR2@90",
-                 "#SBATCH --qos=high"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=720",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --array=0-29%16",
+        "#SBATCH --signal=USR2@90",
+        "#SBATCH --qos=high",
+    ):
         assert line in script
     monkeypatch.setattr(submitit.SlurmExecutor, "affinity", staticmethod(lambda: 1))  # pretend srun exists
-    args, _ = reproduce.parser().parse_known_args(["--executor", "slurm", "--partition", "gpu", "--time", "720",
-                                                   "--parallel", "16", "--sbatch", "qos=high"])
+    args, _ = reproduce.parser().parse_known_args(
+        [
+            "--executor",
+            "slurm",
+            "--partition",
+            "gpu",
+            "--time",
+            "720",
+            "--parallel",
+            "16",
+            "--sbatch",
+            "qos=high",
+        ]
+    )
     executor = reproduce.executor(args, tmp_path)
     assert executor.parameters["partition"] == "gpu" and executor.parameters["time"] == 720
     assert executor.parameters["additional_parameters"] == {"qos": "high"}

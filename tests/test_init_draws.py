@@ -1,8 +1,9 @@
-"""The reference's random draws before and during training (spec 8.2), replayed without the objects that draw them.
+"""The reference's random draws before and during training, replayed without the objects that draw them.
 
 The oracle builds what the reference builds, with torch's own modules in the reference's construction order (a
 throw-away CLIP, then the one it runs); the replay must leave the global generator in the same state.
 """
+
 from collections import OrderedDict
 
 import pytest
@@ -21,18 +22,23 @@ class Block(nn.Module):
 
     def __init__(self, width: int):
         super().__init__()
-        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(width), nn.MultiheadAttention(width, width // 64), \
-            nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(),
-                                             c_proj=nn.Linear(4 * width, width)))
+        self.ln_1, self.attn, self.ln_2 = (
+            nn.LayerNorm(width),
+            nn.MultiheadAttention(width, width // 64),
+            nn.LayerNorm(width),
+        )
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(), c_proj=nn.Linear(4 * width, width))
+        )
 
 
 def build_like_reference(config: dict) -> None:
-    """Vision tower (conv1, class and positional embeddings, blocks, proj), then the text tower and its init."""
+    """Vision tower (conv1, class and positional embeddings, blocks, proj),
+    then the text tower and its init."""
     v, t, embed = config["vision_cfg"], config["text_cfg"], config["embed_dim"]
     width, grid = v["width"], v["image_size"] // v["patch_size"]
     nn.Conv2d(3, width, v["patch_size"], v["patch_size"], bias=False)
-    scale = width ** -0.5
+    scale = width**-0.5
     scale * torch.randn(width), scale * torch.randn(grid * grid + 1, width)
     [Block(width) for _ in range(v["layers"])]
     scale * torch.randn(width, embed)
@@ -43,10 +49,14 @@ def build_like_reference(config: dict) -> None:
     nn.init.normal_(token_embedding.weight, std=0.02)
     nn.init.normal_(positional, std=0.01)
     for block in blocks:
-        for weight in (block.attn.in_proj_weight, block.attn.out_proj.weight, block.mlp.c_fc.weight,
-                       block.mlp.c_proj.weight):
+        for weight in (
+            block.attn.in_proj_weight,
+            block.attn.out_proj.weight,
+            block.mlp.c_fc.weight,
+            block.mlp.c_proj.weight,
+        ):
             nn.init.normal_(weight, std=0.02)
-    nn.init.normal_(projection, std=text_width ** -0.5)
+    nn.init.normal_(projection, std=text_width**-0.5)
 
 
 @pytest.mark.parametrize("image_size", [240, 336])
@@ -88,8 +98,10 @@ def test_fused_path_matches_the_reference_path():
     """--fast: fused attention and text over each row's own length, the same outputs within float rounding."""
     torch.manual_seed(0)
     model = create_model("demo-tiny", 56, "none")
-    images, ids = torch.rand(2, 3, 56, 56), torch.tensor([[49406, 320, 1125, 49407] + [0] * 73,
-                                                          [49406, 320, 49407] + [0] * 74])
+    images, ids = (
+        torch.rand(2, 3, 56, 56),
+        torch.tensor([[49406, 320, 1125, 49407] + [0] * 73, [49406, 320, 49407] + [0] * 74]),
+    )
     with torch.no_grad():
         exact = model.encode_image(images), model.encode_text(ids)
         fused = model.set_fused(True).encode_image(images), model.encode_text(ids)

@@ -1,6 +1,7 @@
-"""Anomaly maps: the drawing helpers of mvfa/maps.py, --save_maps of test_few.py / test_zero.py, and tools/predict.py
-on one's own images (8-bit, grey, 16-bit and TIFF inputs, few-shot, calibration), with the tiny random CLIP on
-synthetic data."""
+"""Anomaly maps: the drawing helpers of mvfa/maps.py, --save_maps of test_few.py / test_zero.py, and
+tools/predict.py on one's own images (8-bit, grey, 16-bit and TIFF inputs, few-shot, calibration), with the
+tiny random CLIP on synthetic data."""
+
 import csv
 import re
 from pathlib import Path
@@ -24,16 +25,29 @@ from tools import predict
 from tools.synth import make_synthetic_bmad
 
 SIZE = 56  # model input: a 4x4 patch grid keeps the tiny CLIP fast
-TINY = ["--model_name", "demo-tiny", "--pretrain", "none", "--features_list", "3", "6", "9", "12",
-        "--img_size", str(SIZE), "--device", "cpu"]
+TINY = [
+    "--model_name",
+    "demo-tiny",
+    "--pretrain",
+    "none",
+    "--features_list",
+    "3",
+    "6",
+    "9",
+    "12",
+    "--img_size",
+    str(SIZE),
+    "--device",
+    "cpu",
+]
 OVERLAY_PX = (900, 460)  # figsize (4.2 * 2 + 0.6, 4.6) at 100 dpi
 NAME = re.compile(r"^(\d{5})_(normal|abnormal)_(\d{5})\.png$")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def fast():
-    """The tiny CLIP is the same seed-0 model in every run, so are its text features: encode each name once. One
-    thread: on a shared 2-core machine, torch's thread pool makes these tiny forwards ~30x slower."""
+    """The tiny CLIP is the same seed-0 model in every run, so are its text features: encode each name once.
+    One thread: on a shared 2-core machine, torch's thread pool makes these tiny forwards ~30x slower."""
     real, cache, threads = prompt.text_features_for, {}, torch.get_num_threads()
     torch.set_num_threads(1)
 
@@ -53,8 +67,9 @@ def fast():
 def setup(tmp_path_factory):
     """Synthetic Brain (masks) and Chest (image-only), 3 images per folder, and a tiny adapter checkpoint."""
     root = tmp_path_factory.mktemp("maps")
-    synth = make_synthetic_bmad(str(root / "synth"), n_per_split=3, seed=0, img_size=64, objs=("Brain", "Chest"),
-                                shots=(2,))
+    synth = make_synthetic_bmad(
+        str(root / "synth"), n_per_split=3, seed=0, img_size=64, objs=("Brain", "Chest"), shots=(2,)
+    )
     model_cfg, _, precision, device = configs(vars(test_few.parser().parse_args(TINY)), protocol="few")
     torch.manual_seed(0)
     torch.save(model_cfg.build(device, precision).adapter_state(), root / "tiny.pth")
@@ -71,6 +86,7 @@ def _pngs(folder: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- drawing helpers, no model
+
 
 def test_grid_selection_known_answers():
     labels, scores = [0, 0, 1, 1, 1], [0.9, 0.1, 0.5, 0.8, 0.2]
@@ -94,8 +110,9 @@ def test_overlay_draws_heat_outline_and_sizes(tmp_path):
     magenta = lambda a: ((a[..., 0] > 180) & (a[..., 1] < 90) & (a[..., 2] > 180)).sum()
     assert magenta(pixels(np.zeros((40, 40)), mask, "outlined.png")) > 50 and magenta(cold) == 0
     # uint8 images, [1, H, W] masks and a missing map are accepted; a wrong shape is refused
-    path = maps.overlay(torch.full((3, 40, 40), 128, dtype=torch.uint8), None, mask[None], 0.1, "t",
-                        tmp_path / "plain.png")
+    path = maps.overlay(
+        torch.full((3, 40, 40), 128, dtype=torch.uint8), None, mask[None], 0.1, "t", tmp_path / "plain.png"
+    )
     assert _size(path) == (420, 460)
     with pytest.raises(ValueError, match=r"\[3, H, W\]"):
         maps.overlay(np.zeros((40, 40, 3)), None, None, 0.0, "t", tmp_path / "bad.png")
@@ -105,12 +122,31 @@ def test_overlay_draws_heat_outline_and_sizes(tmp_path):
 
 # ---------------------------------------------------------------- --save_maps of the test scripts
 
+
 def test_few_shot_save_maps_brain(setup, tmp_path):
     synth, ckpt = setup
     out = tmp_path / "maps"
-    record = test_few.main(TINY + ["--obj", "Brain", "--data_path", synth.data, "--seed_dir", synth.seed_root,
-                                   "--shot", "2", "--ckpt", str(ckpt), "--out_dir", str(tmp_path / "rec"),
-                                   "--save_maps", str(out), "--grid_n", "4"])
+    record = test_few.main(
+        TINY
+        + [
+            "--obj",
+            "Brain",
+            "--data_path",
+            synth.data,
+            "--seed_dir",
+            synth.seed_root,
+            "--shot",
+            "2",
+            "--ckpt",
+            str(ckpt),
+            "--out_dir",
+            str(tmp_path / "rec"),
+            "--save_maps",
+            str(out),
+            "--grid_n",
+            "4",
+        ]
+    )
     assert len(record["image_scores"]) == 6 and "pixel_auroc" in record  # the run's record: it completed
     names = _pngs(out)
     parsed = [NAME.match(n).groups() for n in names]
@@ -123,9 +159,30 @@ def test_few_shot_save_maps_brain(setup, tmp_path):
 def test_several_draws_get_a_folder_each(setup, tmp_path):
     synth, ckpt = setup
     out = tmp_path / "maps"
-    test_few.main(TINY + ["--obj", "Brain", "--data_path", synth.data, "--seed_dir", synth.seed_root, "--shot", "2",
-                          "--iterate", "0", "1", "--ckpt", str(ckpt), "--out_dir", str(tmp_path / "rec"),
-                          "--save_maps", str(out), "--grid_n", "2"])
+    test_few.main(
+        TINY
+        + [
+            "--obj",
+            "Brain",
+            "--data_path",
+            synth.data,
+            "--seed_dir",
+            synth.seed_root,
+            "--shot",
+            "2",
+            "--iterate",
+            "0",
+            "1",
+            "--ckpt",
+            str(ckpt),
+            "--out_dir",
+            str(tmp_path / "rec"),
+            "--save_maps",
+            str(out),
+            "--grid_n",
+            "2",
+        ]
+    )
     for it in (0, 1):
         assert len(_pngs(out / f"iterate_{it}")) == 6 and (out / f"iterate_{it}" / "grid.png").is_file()
 
@@ -133,7 +190,16 @@ def test_several_draws_get_a_folder_each(setup, tmp_path):
 def test_zero_shot_save_maps_image_only_chest(setup, tmp_path, capsys):
     synth, ckpt = setup
     out = tmp_path / "maps"
-    common = TINY + ["--obj", "Chest", "--data_path", synth.data, "--ckpt", str(ckpt), "--out_dir", str(tmp_path)]
+    common = TINY + [
+        "--obj",
+        "Chest",
+        "--data_path",
+        synth.data,
+        "--ckpt",
+        str(ckpt),
+        "--out_dir",
+        str(tmp_path),
+    ]
     record = test_zero.main(common + ["--save_maps", str(out)])  # det-head maps of an image-only dataset
     assert len(record["image_scores"]) == 6 and "pixel_auroc" not in record
     assert len(_pngs(out)) == 6 and all(_size(out / n) == OVERLAY_PX for n in _pngs(out))
@@ -145,15 +211,17 @@ def test_zero_shot_save_maps_image_only_chest(setup, tmp_path, capsys):
 
 # ---------------------------------------------------------------- tools/predict.py
 
+
 @pytest.fixture(scope="module")
 def inputs(setup, tmp_path_factory):
-    """A folder with an 8-bit RGB png, a grey png, a 16-bit png (up to 60000) and a tif of the same grey scan."""
+    """A folder with an 8-bit RGB png, a grey png, a 16-bit png (up to 60000)
+    and a tif of the same grey scan."""
     synth, _ = setup
     folder = tmp_path_factory.mktemp("inputs")
     grey = np.asarray(Image.open(Path(synth.data) / "Brain_AD/test/Ungood/img/00000.png"))  # uint8 [64, 64]
     Image.fromarray(np.stack([grey, grey // 2, grey], -1)).save(folder / "a_rgb.png")
     Image.fromarray(grey).save(folder / "b_grey.png")
-    Image.fromarray((grey.astype(np.uint16) * 235)).save(folder / "c_deep.png")  # 255 * 235 = 59925
+    Image.fromarray(grey.astype(np.uint16) * 235).save(folder / "c_deep.png")  # 255 * 235 = 59925
     Image.fromarray(grey).save(folder / "d_scan.tif")
     return folder
 
@@ -183,10 +251,14 @@ def test_predict_zero_shot_scores_are_absolute(setup, inputs, tmp_path):
     assert [Path(r["file"]).name for r in alone] == ["c_deep.png"]
     assert float(alone[0]["score"]) == pytest.approx(scores["c_deep.png"], rel=1e-6)
     # calibrated on the inputs themselves: same scores, abnormal above their 50% quantile
-    rows = _run_predict(setup, tmp_path / "cal", inputs, "--obj", "Brain", "--calibrate", str(inputs), "--fpr", "0.5")
+    rows = _run_predict(
+        setup, tmp_path / "cal", inputs, "--obj", "Brain", "--calibrate", str(inputs), "--fpr", "0.5"
+    )
     assert {Path(r["file"]).name: float(r["score"]) for r in rows} == pytest.approx(scores, rel=1e-6)
     threshold = np.quantile(list(scores.values()), 0.5)
-    assert [r["decision"] for r in rows] == ["abnormal" if s > threshold else "normal" for s in scores.values()]
+    assert [r["decision"] for r in rows] == [
+        "abnormal" if s > threshold else "normal" for s in scores.values()
+    ]
 
 
 def test_predict_maps_at_the_input_size(setup, inputs, tmp_path):
@@ -202,7 +274,9 @@ def test_predict_maps_at_the_input_size(setup, inputs, tmp_path):
     wide, square = np.load(out / "00000_a_wide16.npy"), np.load(out / "00001_b_model_size.npy")
     assert wide.shape == (40, 90) and square.shape == (SIZE, SIZE) and wide.dtype == np.float32
     # the same maps from the library: collect over the two inputs (seg head, Brain's), min-max over this pool
-    flags = vars(predict.parser().parse_args(TINY + ["--input", str(folder), "--ckpt", str(ckpt), "--obj", "Brain"]))
+    flags = vars(
+        predict.parser().parse_args(TINY + ["--input", str(folder), "--ckpt", str(ckpt), "--obj", "Brain"])
+    )
     cpu = torch.device("cpu")
     precision = Precision.of(flags["precision"], cpu)
     model = pick(ModelConfig, flags).build(cpu, precision)
@@ -216,15 +290,27 @@ def test_predict_maps_at_the_input_size(setup, inputs, tmp_path):
     model_map = maps_fn(0, 1)[0].numpy()
     corners = (0, -1)
     np.testing.assert_allclose(wide[np.ix_(corners, corners)], model_map[np.ix_(corners, corners)], atol=1e-6)
-    assert wide.min() >= model_map.min() - 1e-6 and wide.max() <= model_map.max() + 1e-6  # bilinear: within range
+    # bilinear: within range
+    assert wide.min() >= model_map.min() - 1e-6 and wide.max() <= model_map.max() + 1e-6
     assert [float(r["score"]) for r in rows] == pytest.approx(scores.tolist(), rel=1e-6)
 
 
 def test_predict_few_shot_with_calibration(setup, inputs, tmp_path):
     synth, _ = setup
     support = Path(synth.data) / "Brain_AD/valid/good/img"
-    rows = _run_predict(setup, tmp_path, inputs, "--obj", "Brain", "--support", str(support),
-                        "--calibrate", str(inputs), "--fpr", "0.3")
+    rows = _run_predict(
+        setup,
+        tmp_path,
+        inputs,
+        "--obj",
+        "Brain",
+        "--support",
+        str(support),
+        "--calibrate",
+        str(inputs),
+        "--fpr",
+        "0.3",
+    )
     assert list(rows[0]) == ["file", "score", "decision"]
     scores = np.array([float(r["score"]) for r in rows])
     assert ((scores >= 0) & (scores <= 1)).all()  # max of maps min-max normalised over the pool
@@ -236,9 +322,17 @@ def test_predict_few_shot_with_calibration(setup, inputs, tmp_path):
 
 def test_predict_few_shot_single_image_uses_raw_maps(setup, inputs, tmp_path):
     synth, _ = setup
-    rows = _run_predict(setup, tmp_path, inputs / "a_rgb.png", "--obj", "Chest", "--support",
-                        str(Path(synth.data) / "Chest_AD/valid/good/img"))
-    assert len(rows) == 1 and float(rows[0]["score"]) > 0  # the max of raw 1 - cos and softmax sums, not a 0-1 scale
+    rows = _run_predict(
+        setup,
+        tmp_path,
+        inputs / "a_rgb.png",
+        "--obj",
+        "Chest",
+        "--support",
+        str(Path(synth.data) / "Chest_AD/valid/good/img"),
+    )
+    # the max of raw 1 - cos and softmax sums, not a 0-1 scale
+    assert len(rows) == 1 and float(rows[0]["score"]) > 0
 
 
 def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
@@ -252,7 +346,8 @@ def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
     Image.fromarray(np.full((30, 20), 60000, np.uint16)).save(tmp_path / "flat.png")
     x = predict.load_input(tmp_path / "flat.png", 56)
     assert x.shape == (3, 56, 56) and torch.allclose(x, torch.tensor(60000 / 65535), atol=1e-6)
-    assert load_image(str(tmp_path / "flat.png"), 56).min() == 1.0  # what an 8-bit conversion would give: clipped
+    # what an 8-bit conversion would give: clipped
+    assert load_image(str(tmp_path / "flat.png"), 56).min() == 1.0
     # 8-bit files load exactly as the test datasets load them
     Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(tmp_path / "e.png")
     assert torch.equal(predict.load_input(tmp_path / "e.png", 56), load_image(str(tmp_path / "e.png"), 56))
@@ -269,11 +364,16 @@ def test_predict_bad_inputs(setup, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "broken.png").write_bytes(b"not a png")
     base = TINY + ["--ckpt", str(ckpt), "--obj", "Brain", "--out", str(tmp_path / "o")]
-    cases = [(["--input", str(tmp_path / "missing")], "--input " + str(tmp_path / "missing") + ": no such file"),
-             (["--input", str(tmp_path / "empty")], "no image files"),
-             (["--input", str(tmp_path / "notes.txt")], "not an image file name"),
-             (["--input", str(tmp_path / "broken.png")], "cannot read image " + str(tmp_path / "broken.png")),
-             (["--input", str(tmp_path / "broken.png"), "--fpr", "1.5"], "--fpr must lie strictly between 0 and 1")]
+    cases = [
+        (["--input", str(tmp_path / "missing")], "--input " + str(tmp_path / "missing") + ": no such file"),
+        (["--input", str(tmp_path / "empty")], "no image files"),
+        (["--input", str(tmp_path / "notes.txt")], "not an image file name"),
+        (["--input", str(tmp_path / "broken.png")], "cannot read image " + str(tmp_path / "broken.png")),
+        (
+            ["--input", str(tmp_path / "broken.png"), "--fpr", "1.5"],
+            "--fpr must lie strictly between 0 and 1",
+        ),
+    ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as info:
             predict.main(base + argv)

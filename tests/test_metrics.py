@@ -1,4 +1,6 @@
-"""mvfa/metrics.py: known answers, equality with sklearn over many chunkings, AUPRO against an exact implementation."""
+"""mvfa/metrics.py: known answers, equality with sklearn over many chunkings,
+AUPRO against an exact implementation."""
+
 import warnings
 
 import numpy as np
@@ -16,7 +18,7 @@ def _one(scores, masks):
 
 
 def _chunked(scores, masks, size):
-    return lambda: ((scores[i:i + size], masks[i:i + size]) for i in range(0, len(scores), size))
+    return lambda: ((scores[i : i + size], masks[i : i + size]) for i in range(0, len(scores), size))
 
 
 def _sklearn(scores, masks) -> dict:
@@ -54,7 +56,8 @@ def _random_maps(seed, n=7, h=9, w=11, levels=6, frac=0.3):
     return scores.astype(np.float32), masks
 
 
-# ---- image metrics -------------------------------------------------------------------------------------------------
+# ---- image metrics -----------------------------------------------------------------------------------------
+
 
 def test_image_metrics_known_answers():
     y = np.array([0, 0, 1, 1, 0, 1])
@@ -83,21 +86,27 @@ def test_image_metrics_errors():
         image_metrics([0, 1], [np.nan, np.nan])
 
 
-# ---- normalisation -------------------------------------------------------------------------------------------------
+# ---- normalisation -----------------------------------------------------------------------------------------
 
-# a numpy version of mvfa.scoring.minmax with its NaN warning, as the reference's numpy normalisation (spec Q7, Q32)
+
+# a numpy version of mvfa.scoring.minmax with its NaN warning, as the reference's numpy normalisation
 def normalize_minmax(a, lo=None, hi=None) -> np.ndarray:
-    """(a - min) / (max - min) over the whole array, in a's dtype (float16 stays float16, spec Q7).
+    """(a - min) / (max - min) over the whole array, in a's dtype (float16 stays float16: the reference's
+    few-shot maps can be float16 arrays).
 
-    lo / hi: the global min / max when a is one chunk of a larger set. max == min gives NaN as in the reference
-    (Q32), with a warning.
+    lo / hi: the global min / max when a is one chunk of a larger set. max == min gives NaN as in the
+    reference, with a warning.
     """
     a = to_numpy(a)
     lo = a.min() if lo is None else np.asarray(lo, dtype=a.dtype)
     hi = a.max() if hi is None else np.asarray(hi, dtype=a.dtype)
     if hi == lo:
-        warnings.warn(f"normalize_minmax: all scores are equal ({lo}); the normalised scores are NaN as in the "
-                      "reference", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"normalize_minmax: all scores are equal ({lo}); the normalised scores are NaN as in the "
+            "reference",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     with np.errstate(invalid="ignore", divide="ignore"):
         return (a - lo) / (hi - lo)
 
@@ -108,7 +117,7 @@ def test_normalize_minmax_values_dtype_and_chunks():
     assert out.dtype == np.float16 and out.tolist() == [[0.0, 0.5], [0.25, 1.0]]
     b = np.random.default_rng(0).random((5, 3, 4)).astype(np.float32)
     whole = normalize_minmax(b)
-    parts = np.concatenate([normalize_minmax(b[i:i + 2], b.min(), b.max()) for i in range(0, 5, 2)])
+    parts = np.concatenate([normalize_minmax(b[i : i + 2], b.min(), b.max()) for i in range(0, 5, 2)])
     assert np.array_equal(whole, parts) and whole.dtype == np.float32
 
 
@@ -118,7 +127,8 @@ def test_normalize_minmax_constant_warns_and_gives_nan():
     assert np.isnan(out).all()
 
 
-# ---- pixel metrics: known answers ----------------------------------------------------------------------------------
+# ---- pixel metrics: known answers --------------------------------------------------------------------------
+
 
 def test_pixel_perfect_inverted_constant():
     _, masks = _random_maps(1)
@@ -129,13 +139,17 @@ def test_pixel_perfect_inverted_constant():
     assert const["auroc"] == 0.5 and const["ap"] == pytest.approx(masks.mean(), abs=1e-15)
 
 
-# ---- pixel metrics: equality with sklearn --------------------------------------------------------------------------
+# ---- pixel metrics: equality with sklearn ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("size", [7, 1, 3])  # one chunk, one image per chunk, a size that does not divide n
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_pixel_metrics_match_sklearn(seed, size):
     scores, masks = _random_maps(seed)
-    got, ref = pixel_metrics(_chunked(scores, masks, size), which=("auroc", "ap", "f1_max")), _sklearn(scores, masks)
+    got, ref = (
+        pixel_metrics(_chunked(scores, masks, size), which=("auroc", "ap", "f1_max")),
+        _sklearn(scores, masks),
+    )
     for k in ref:
         assert got[k] == pytest.approx(ref[k], abs=1e-12), k
 
@@ -180,7 +194,8 @@ def test_pixel_auroc_float64_large_counts_exact():
     assert got == pytest.approx(roc_auc_score(masks.reshape(-1), scores.reshape(-1)), abs=1e-13)
 
 
-# ---- AUPRO ---------------------------------------------------------------------------------------------------------
+# ---- AUPRO -------------------------------------------------------------------------------------------------
+
 
 def test_aupro_one_region_found_one_missed():
     """Region A scores above every negative, region B below: PRO = 0.5 over the whole FPR range."""
@@ -216,16 +231,21 @@ def test_aupro_exact_when_thresholds_suffice(seed):
 def test_aupro_approximation_on_a_larger_set():
     """~4.7k negatives below FPR 0.3, more than the 1000 thresholds: the approximation stays within 1e-3."""
     rng = np.random.default_rng(8)
-    masks = ndimage.binary_dilation(rng.random((10, 40, 40)) < 0.003, structure=np.ones((1, 5, 5)), iterations=2)
+    masks = ndimage.binary_dilation(
+        rng.random((10, 40, 40)) < 0.003, structure=np.ones((1, 5, 5)), iterations=2
+    )
     scores = (rng.random(masks.shape) + masks * rng.random((10, 1, 1))).astype(np.float32)
     scores = np.round(scores * 2000) / 2000  # keeps the exact reference fast
     exact = _exact_aupro(scores, masks)
-    assert pixel_metrics(_chunked(scores, masks, 8), which=("aupro",))["aupro"] == pytest.approx(exact, abs=1e-3)
+    assert pixel_metrics(_chunked(scores, masks, 8), which=("aupro",))["aupro"] == pytest.approx(
+        exact, abs=1e-3
+    )
     coarse = pixel_metrics(_one(scores, masks), which=("aupro",), num_thresholds=20)["aupro"]
     assert coarse == pytest.approx(exact, abs=0.5 / 20) and coarse != pytest.approx(exact, abs=1e-6)
 
 
-# ---- errors --------------------------------------------------------------------------------------------------------
+# ---- errors ------------------------------------------------------------------------------------------------
+
 
 def test_pixel_metrics_errors():
     scores, masks = _random_maps(0)

@@ -1,5 +1,7 @@
-"""CLIP/model.py, CLIP/loading.py and CLIP/adapter.py on tiny random models: weight files in their real formats,
-every bad input of weight loading, the positional-embedding resize, the adapted forward and adapter checkpoints."""
+"""CLIP/model.py, CLIP/loading.py and CLIP/adapter.py on tiny random models: weight files in their real
+formats, every bad input of weight loading, the positional-embedding resize, the adapted forward and
+adapter checkpoints."""
+
 import math
 import re
 from pathlib import Path
@@ -19,17 +21,22 @@ SOT, EOT = 49406, 49407
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
 # Files: an architecture read off a state dict's shapes assumes OpenAI's head width 64 (as openai/CLIP does).
 # Different depths per tower so that a mix-up of the two block counts shows.
-FILE_CFG = {"embed_dim": 32,
-            "vision_cfg": {"image_size": 56, "layers": 3, "width": 128, "patch_size": 14},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2}}
+FILE_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 56, "layers": 3, "width": 128, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2},
+}
 # In-memory models: narrow heads, several per tower.
-SMALL_CFG = {"embed_dim": 32,
-             "vision_cfg": {"image_size": 56, "layers": 4, "width": 64, "patch_size": 14, "head_width": 16},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+SMALL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 56, "layers": 4, "width": 64, "patch_size": 14, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
 
 
 def build(cfg: dict, seed: int = 0, quick_gelu: bool = False) -> CLIP:
-    """A tiny CLIP with OpenAI-scale random weights, then every tensor nudged so no LayerNorm or bias is trivial."""
+    """A tiny CLIP with OpenAI-scale random weights, then every tensor nudged
+    so no LayerNorm or bias is trivial."""
     model = init_parameters(CLIP(**cfg, quick_gelu=quick_gelu), torch.Generator().manual_seed(seed))
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -39,12 +46,13 @@ def build(cfg: dict, seed: int = 0, quick_gelu: bool = False) -> CLIP:
 
 
 def token_ids(lengths: list[int], seed: int = 0) -> torch.Tensor:
-    """int32 [N, 77] rows `SOT, words..., EOT, 0...` with `lengths` tokens incl. SOT and EOT, as tokenize() gives."""
+    """int32 [N, 77] rows `SOT, words..., EOT, 0...` with `lengths` tokens incl. SOT and EOT,
+    as tokenize() gives."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.zeros(len(lengths), 77, dtype=torch.int32)
     for row, n in enumerate(lengths):
         ids[row, 0], ids[row, n - 1] = SOT, EOT
-        ids[row, 1:n - 1] = torch.randint(1, SOT, (n - 2,), generator=g, dtype=torch.int32)
+        ids[row, 1 : n - 1] = torch.randint(1, SOT, (n - 2,), generator=g, dtype=torch.int32)
     return ids
 
 
@@ -85,7 +93,8 @@ def tiny_file(tiny, tmp_path_factory) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------------------------- file round trips
+# ------------------------------------------------------------------------------------------- file round trips
+
 
 @pytest.mark.parametrize("kind", ["archive", "state_dict", "openclip"])
 def test_strict_round_trip(kind, tiny, tmp_path):
@@ -96,14 +105,19 @@ def test_strict_round_trip(kind, tiny, tmp_path):
         raw = read_state_dict(path)
         assert set(raw) == set(sd) | set(loading.METADATA_KEYS)  # the file really is OpenAI-like
         assert {k for k in raw if raw[k].dtype == torch.float16} == set(sd)
-        assert {k: int(raw[k]) for k in loading.METADATA_KEYS} == {"input_resolution": 56, "context_length": 77,
-                                                                   "vocab_size": 49408}
+        assert {k: int(raw[k]) for k in loading.METADATA_KEYS} == {
+            "input_resolution": 56,
+            "context_length": 77,
+            "vocab_size": 49408,
+        }
         expected = {k: v.half().float() for k, v in sd.items()}
     elif kind == "state_dict":
         torch.save(sd, path)
         expected = sd
     else:
-        torch.save({"epoch": 3, "name": "tiny", "state_dict": {"module." + k: v for k, v in sd.items()}}, path)
+        torch.save(
+            {"epoch": 3, "name": "tiny", "state_dict": {"module." + k: v for k, v in sd.items()}}, path
+        )
         expected = sd
 
     model = create_model("tiny-test", 56, "openai", "cpu", checkpoint=path)
@@ -121,7 +135,8 @@ def test_strict_round_trip(kind, tiny, tmp_path):
     with torch.no_grad():
         assert torch.equal(model.encode_image(images(2)), reference.encode_image(images(2)))
         assert torch.equal(model.encode_text(ids), reference.encode_text(ids))
-    if kind == "archive":  # fp16 rounding of the weights is visible in the outputs, so the comparison above is sharp
+    # fp16 rounding of the weights is visible in the outputs, so the comparison above is sharp
+    if kind == "archive":
         with torch.no_grad():
             assert not torch.allclose(model.encode_image(images(2)), tiny.encode_image(images(2)), atol=1e-4)
 
@@ -138,7 +153,8 @@ def test_archive_loads_at_another_resolution(tiny, tmp_path):
         assert model.encode_image(images(2, 84)).shape == (2, 32)
 
 
-# ------------------------------------------------------------------------------------ positional-embedding resize
+# -------------------------------------------------------------------------------- positional-embedding resize
+
 
 def test_resize_pos_embed_577_to_290():
     g = torch.Generator().manual_seed(0)
@@ -162,7 +178,8 @@ def test_resize_pos_embed_identity_at_equal_size():
     assert resize_pos_embed(sd, 17)["visual.positional_embedding"] is pos
 
 
-# ---------------------------------------------------------------------------------------------- adapted forward
+# -------------------------------------------------------------------------------------------- adapted forward
+
 
 @pytest.fixture(scope="module")
 def small() -> CLIP:
@@ -179,19 +196,20 @@ def test_batch_of_three_equals_single_images(small):
     x = images(3)
     with torch.no_grad():
         pooled, seg, det = model(x)
-        singles = [model(x[i:i + 1]) for i in range(3)]
+        singles = [model(x[i : i + 1]) for i in range(3)]
     assert pooled.shape == (3, 32)
     assert len(seg) == len(det) == 3
     for tokens in seg + det:
         assert tokens.shape == (3, 1 + 16, 24)  # [B, 1+HW, bottleneck], CLS included
     for i, (p, s, d) in enumerate(singles):
-        torch.testing.assert_close(pooled[i:i + 1], p, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pooled[i : i + 1], p, atol=1e-5, rtol=0)
         for batched, single in zip(seg + det, s + d):
-            torch.testing.assert_close(batched[i:i + 1], single, atol=1e-5, rtol=0)
+            torch.testing.assert_close(batched[i : i + 1], single, atol=1e-5, rtol=0)
 
 
 def test_adapter_mixing_after_last_block(small):
-    """features=[4] on a 4-block tower: tokens = LeakyReLU(x W1^T); pooled from 0.8 x + 0.1 seg_out + 0.1 det_out."""
+    """features=[4] on a 4-block tower: tokens = LeakyReLU(x W1^T);
+    pooled from 0.8 x + 0.1 seg_out + 0.1 det_out."""
     model = adapted(small, features=[4])
     x = images(2)
     v = small.visual
@@ -215,10 +233,12 @@ def test_features_list_validation(small, features):
         CLIP_Inplanted(small, features)
 
 
-# ------------------------------------------------------------------------------------------- adapter checkpoints
+# ---------------------------------------------------------------------------------------- adapter checkpoints
+
 
 def released_layout(model: CLIP_Inplanted, seed: int = 5) -> dict:
-    """Random adapter weights keyed as the released checkpoints are: '{k}.fc1.0.weight', '{k}.fc2.0.weight'."""
+    """Random adapter weights keyed as the released checkpoints are:
+    '{k}.fc1.0.weight', '{k}.fc2.0.weight'."""
     g = torch.Generator().manual_seed(seed)
     ckpt = {}
     for name in ("seg_adapters", "det_adapters"):
@@ -232,8 +252,14 @@ def released_layout(model: CLIP_Inplanted, seed: int = 5) -> dict:
 def test_load_adapters_released_layout_with_extras(small, tmp_path):
     model = adapted(small)
     ckpt = released_layout(model)
-    assert sorted(ckpt["seg_adapters"]) == ["0.fc1.0.weight", "0.fc2.0.weight", "1.fc1.0.weight",
-                                            "1.fc2.0.weight", "2.fc1.0.weight", "2.fc2.0.weight"]
+    assert sorted(ckpt["seg_adapters"]) == [
+        "0.fc1.0.weight",
+        "0.fc2.0.weight",
+        "1.fc1.0.weight",
+        "1.fc2.0.weight",
+        "2.fc1.0.weight",
+        "2.fc2.0.weight",
+    ]
     torch.save({**ckpt, "args": {"shot": 4, "features_list": [1, 3, 4]}, "epoch": 50}, tmp_path / "a.pth")
     returned = model.load_adapters(tmp_path / "a.pth")
     assert returned["epoch"] == 50
@@ -251,12 +277,16 @@ def test_load_adapters_released_layout_with_extras(small, tmp_path):
 
 
 def test_load_adapters_maps_to_cpu(small, tmp_path, monkeypatch):
-    """A file whose storages are tagged 'cuda:0' (as one saved on a GPU) only loads with map_location='cpu'."""
+    """A file whose storages are tagged 'cuda:0' (as one saved on a GPU) only loads with
+    map_location='cpu'."""
     model = adapted(small)
     ckpt = released_layout(model)
     with monkeypatch.context() as m:
-        m.setattr(torch.serialization, "_package_registry",
-                  [(0, lambda obj: "cuda:0", lambda obj, location: None)] + torch.serialization._package_registry)
+        m.setattr(
+            torch.serialization,
+            "_package_registry",
+            [(0, lambda obj: "cuda:0", lambda obj, location: None)] + torch.serialization._package_registry,
+        )
         torch.save(ckpt, tmp_path / "gpu.pth")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
@@ -279,12 +309,15 @@ def _corrupt(ckpt: dict, how: str) -> dict:
     return {**ckpt, "seg_adapters": seg}
 
 
-@pytest.mark.parametrize("how, message", [
-    ("renamed", r"missing key 'seg_adapters\.1\.fc1\.0\.weight'"),
-    ("extra", r"unexpected key 'seg_adapters\.3\.fc1\.0\.weight'"),
-    ("shape", r"'seg_adapters\.1\.fc2\.0\.weight' has shape \(64, 20\), the model expects \(64, 24\)"),
-    ("no_det", r"no 'det_adapters' entry"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("renamed", r"missing key 'seg_adapters\.1\.fc1\.0\.weight'"),
+        ("extra", r"unexpected key 'seg_adapters\.3\.fc1\.0\.weight'"),
+        ("shape", r"'seg_adapters\.1\.fc2\.0\.weight' has shape \(64, 20\), the model expects \(64, 24\)"),
+        ("no_det", r"no 'det_adapters' entry"),
+    ],
+)
 def test_load_adapters_rejects_bad_checkpoints(small, tmp_path, how, message):
     model = adapted(small)
     torch.save(_corrupt(released_layout(model), how), tmp_path / "bad.pth")
@@ -304,7 +337,8 @@ def test_load_adapters_of_other_features_list_and_missing_file(small, tmp_path):
         adapted(small).load_adapters(tmp_path / "empty.pth")
 
 
-# -------------------------------------------------------------------------------------- bad inputs to create_model
+# --------------------------------------------------------------------------------- bad inputs to create_model
+
 
 def test_missing_file_names_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nothere.pt"))):
@@ -318,16 +352,23 @@ def test_missing_default_file_names_path_url_and_place(tmp_path, monkeypatch):
     message = str(info.value)
     assert "\n" not in message
     assert str(tmp_path / "ckpt" / "ViT-L-14-336px.pt") in message
-    assert ("https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2da"
-            "c08641f02/ViT-L-14-336px.pt") in message
+    assert (
+        "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2da"
+        "c08641f02/ViT-L-14-336px.pt"
+    ) in message
     assert "put it there" in message
 
 
 @pytest.mark.parametrize("name", ["junk.pt", "junk.safetensors", "empty.pt"])
 def test_unreadable_file_names_it(tmp_path, name):
     path = tmp_path / name
-    path.write_bytes(b"" if name == "empty.pt" else torch.randint(0, 256, (4096,), generator=torch.Generator()
-                                                                  .manual_seed(0), dtype=torch.uint8).numpy().tobytes())
+    path.write_bytes(
+        b""
+        if name == "empty.pt"
+        else torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        .numpy()
+        .tobytes()
+    )
     with pytest.raises(ValueError, match=re.escape(f"cannot read CLIP weights {path}: ")) as info:
         create_model("tiny-test", 56, "openai", checkpoint=path)
     assert "\n" not in str(info.value)
@@ -342,23 +383,35 @@ def test_truncated_archive_names_it(tiny, tmp_path):
 
 
 def test_weights_of_another_architecture(tiny_file):
-    """The tiny file read as ViT-L-14-336 (architecture from the JSON): the first key in the model's order (CLIP's
-    own parameters come before its submodules') with another shape is named."""
-    with pytest.raises(ValueError, match=r"'positional_embedding' has shape \(77, 64\), the model expects "
-                                         r"\(77, 768\).*--model_name") as info:
+    """The tiny file read as ViT-L-14-336 (architecture from the JSON): the first key in the model's order
+    (CLIP's own parameters come before its submodules') with another shape is named."""
+    with pytest.raises(
+        ValueError,
+        match=r"'positional_embedding' has shape \(77, 64\), the model expects "
+        r"\(77, 768\).*--model_name",
+    ) as info:
         create_model("ViT-L-14-336", 240, "openai", checkpoint=tiny_file)
     assert str(tiny_file) in str(info.value)
 
 
-@pytest.mark.parametrize("how, message", [
-    ("shape", r"'visual\.transformer\.resblocks\.1\.mlp\.c_fc\.bias' has shape \(511,\), the model expects \(512,\)"),
-    ("missing", r"missing key 'transformer\.resblocks\.1\.attn\.out_proj\.weight'"),
-    ("extra", r"unexpected key 'visual\.attnpool\.weight'"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        (
+            "shape",
+            r"'visual\.transformer\.resblocks\.1\.mlp\.c_fc\.bias' has shape \(511,\), "
+            r"the model expects \(512,\)",
+        ),
+        ("missing", r"missing key 'transformer\.resblocks\.1\.attn\.out_proj\.weight'"),
+        ("extra", r"unexpected key 'visual\.attnpool\.weight'"),
+    ],
+)
 def test_state_dict_that_does_not_fit(tiny, tmp_path, how, message):
     sd = dict(tiny.state_dict())
     if how == "shape":
-        sd["visual.transformer.resblocks.1.mlp.c_fc.bias"] = sd["visual.transformer.resblocks.1.mlp.c_fc.bias"][:511]
+        sd["visual.transformer.resblocks.1.mlp.c_fc.bias"] = sd[
+            "visual.transformer.resblocks.1.mlp.c_fc.bias"
+        ][:511]
     elif how == "missing":
         del sd["transformer.resblocks.1.attn.out_proj.weight"]
     else:
@@ -376,7 +429,8 @@ def test_unsupported_pretrained_and_unknown_name():
         create_model("tiny-test", 56, "none")
 
 
-# -------------------------------------------------------------------------------------------------- activations
+# ------------------------------------------------------------------------------------------------ activations
+
 
 def test_gelu_default_and_quick_gelu_option(small):
     quick = CLIP(**SMALL_CFG, quick_gelu=True).eval()
@@ -385,7 +439,9 @@ def test_gelu_default_and_quick_gelu_option(small):
     quick_blocks = list(quick.visual.transformer.resblocks) + list(quick.transformer.resblocks)
     x = torch.linspace(-6, 6, 241)
     for block, quick_block in zip(blocks, quick_blocks):
-        torch.testing.assert_close(block.mlp.gelu(x), 0.5 * x * (1 + torch.erf(x / math.sqrt(2))), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            block.mlp.gelu(x), 0.5 * x * (1 + torch.erf(x / math.sqrt(2))), atol=1e-6, rtol=0
+        )
         torch.testing.assert_close(quick_block.mlp.gelu(x), x * torch.sigmoid(1.702 * x), atol=1e-6, rtol=0)
     ids = token_ids([6, 9])
     with torch.no_grad():
@@ -401,18 +457,25 @@ def test_create_model_quick_gelu_flag(tiny_file):
         assert flag or all(b.mlp.gelu.approximate == "none" for b in blocks)
 
 
-# ------------------------------------------------------------------------------------------------- text encoder
+# ----------------------------------------------------------------------------------------------- text encoder
+
 
 def full_text_pass(model: CLIP, ids: torch.Tensor) -> torch.Tensor:
-    """The reference's text encoder: all 77 positions, an explicit -inf causal mask, the row at argmax(ids)."""
+    """The reference's text encoder: all 77 positions, an explicit -inf causal mask,
+    the row at argmax(ids)."""
     x = model.token_embedding(ids.long()) + model.positional_embedding  # [N, 77, W]
     mask = torch.full((77, 77), float("-inf")).triu_(1)
     for block in model.transformer.resblocks:
         attn, heads = block.attn, block.attn.heads
-        q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)  # [N, 77, W]
-        split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # [N, H, 77, W/H]
+        # [N, 77, W]
+        q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+
+        def split(t, heads=heads):
+            return t.unflatten(-1, (heads, -1)).transpose(1, 2)  # [N, H, 77, W/H]
+
         q, k, v = split(q), split(k), split(v)
-        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask, dim=-1)  # [N, H, 77, 77]
+        # [N, H, 77, 77]
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask, dim=-1)
         x = x + attn.out_proj((weights @ v).transpose(1, 2).flatten(2))  # [N, 77, W]
         x = x + block.mlp(block.ln_2(x))
     x = model.ln_final(x)

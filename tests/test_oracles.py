@@ -1,5 +1,6 @@
-"""Independent oracles for our CLIP: open_clip's CLIP and Hugging Face's CLIPModel, given the same random weights
-(open_clip directly; transformers through its own files, read by our create_model)."""
+"""Independent oracles for our CLIP: open_clip's CLIP and Hugging Face's CLIPModel, given the same random
+weights (open_clip directly; transformers through its own files, read by our create_model)."""
+
 import json
 from pathlib import Path
 
@@ -13,9 +14,11 @@ TOL = 1e-4
 # OpenAI ships TorchScript archives; torch 2.14 flags torch.jit as deprecated on every save/load.
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")
 TEXTS = ["a photo of a brain.", "a bad photo of a damaged chest x-ray film.", "x", "histopathological image"]
-TINY = {"embed_dim": 32,
-        "vision_cfg": {"image_size": 56, "layers": 4, "width": 64, "patch_size": 14, "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}}
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 56, "layers": 4, "width": 64, "patch_size": 14, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
 FULL_CONFIG = Path(__file__).resolve().parents[1] / "CLIP" / "model_configs" / "ViT-L-14-336.json"
 
 
@@ -35,7 +38,8 @@ def shapes(model: torch.nn.Module) -> dict:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-# --------------------------------------------------------------------------------------------------------- open_clip
+# -------------------------------------------------------------------------------------------------- open_clip
+
 
 def open_clip_model(cfg: dict, quick_gelu: bool):
     model = pytest.importorskip("open_clip").model
@@ -48,7 +52,8 @@ def test_open_clip_same_outputs_from_our_weights(quick_gelu):
     ours = init_parameters(CLIP(**TINY, quick_gelu=quick_gelu), torch.Generator().manual_seed(0))
     perturb_(ours, 1)
     theirs = open_clip_model(TINY, quick_gelu)
-    assert shapes(theirs) == shapes(ours)  # OpenAI's key names in both; their causal mask is a non-persistent buffer
+    # OpenAI's key names in both; their causal mask is a non-persistent buffer
+    assert shapes(theirs) == shapes(ours)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     ours.eval(), theirs.eval()
     ids = tokenize(TEXTS)
@@ -62,32 +67,55 @@ def test_open_clip_same_outputs_from_our_weights(quick_gelu):
 
 @pytest.mark.parametrize("img_size", [336, 240])
 def test_open_clip_full_size_architecture(img_size):
-    """ViT-L-14-336 from our JSON and from open_clip's own config: same keys and shapes (meta device, no memory)."""
+    """ViT-L-14-336 from our JSON and from open_clip's own config: same keys and shapes
+    (meta device, no memory)."""
     open_clip = pytest.importorskip("open_clip")
     ours_cfg, their_cfg = json.loads(FULL_CONFIG.read_text()), open_clip.get_model_config("ViT-L-14-336")
     ours_cfg["vision_cfg"]["image_size"] = their_cfg["vision_cfg"]["image_size"] = img_size
     with torch.device("meta"):
         ours, theirs = CLIP(**ours_cfg), open_clip.model.CLIP(**their_cfg)
     assert shapes(ours) == shapes(theirs)
-    assert len(shapes(ours)) == (8 + 24 * 12) + (6 + 12 * 12)  # vision, text: the table of spec section 1.2
+    # vision, text: the tensors of OpenAI's ViT-L/14 checkpoint (12 per block)
+    assert len(shapes(ours)) == (8 + 24 * 12) + (6 + 12 * 12)
     grid = img_size // 14
     assert shapes(ours)["visual.positional_embedding"] == (grid * grid + 1, 1024)
-    assert ours.visual.transformer.resblocks[0].attn.heads == 16 and ours.transformer.resblocks[0].attn.heads == 12
+    assert (
+        ours.visual.transformer.resblocks[0].attn.heads == 16
+        and ours.transformer.resblocks[0].attn.heads == 12
+    )
 
 
-# ------------------------------------------------------------------------------------------------------ transformers
+# ----------------------------------------------------------------------------------------------- transformers
+
 
 @pytest.fixture(scope="module")
 def hf_model():
     transformers = pytest.importorskip("transformers")
     # head width 64, MLP ratio 4: what our create_model infers from the files' shapes (as openai/CLIP does)
     config = transformers.CLIPConfig(
-        text_config={"vocab_size": 49408, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-                     "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 0},
-        vision_config={"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3,
-                       "num_attention_heads": 2, "image_size": 56, "patch_size": 14, "hidden_act": "quick_gelu"},
-        projection_dim=32)
+        text_config={
+            "vocab_size": 49408,
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+            "bos_token_id": 49406,
+            "eos_token_id": 49407,
+            "pad_token_id": 0,
+        },
+        vision_config={
+            "hidden_size": 128,
+            "intermediate_size": 512,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "image_size": 56,
+            "patch_size": 14,
+            "hidden_act": "quick_gelu",
+        },
+        projection_dim=32,
+    )
     torch.manual_seed(0)  # transformers initialises from the global generator
     model = transformers.CLIPModel(config)
     perturb_(model, 2)
@@ -107,7 +135,9 @@ def test_transformers_files_read_by_create_model(hf_model, tmp_path, kind):
     else:
         path = tmp_path / "pytorch_model.bin"
         torch.save(hf_model.state_dict(), path)
-    ours = create_model(model_name="tiny-hf", img_size=56, pretrained="openai", checkpoint=path, quick_gelu=True)
+    ours = create_model(
+        model_name="tiny-hf", img_size=56, pretrained="openai", checkpoint=path, quick_gelu=True
+    )
     assert len(ours.visual.transformer.resblocks) == 3 and len(ours.transformer.resblocks) == 2
     ids = tokenize(TEXTS)  # SOT ... EOT then zeros
     mask = (torch.arange(77) <= ids.argmax(dim=-1, keepdim=True)).long()  # ones up to the EOT

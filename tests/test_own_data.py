@@ -1,6 +1,7 @@
-"""One's own data: datasets in BMAD's layout under names that are not BMAD's, made with the converter from synthetic
-images (one with masks, one without), through the four scripts and tools/predict.py; and the errors of one's own
-data."""
+"""One's own data: datasets in BMAD's layout under names that are not BMAD's, made with the converter from
+synthetic images (one with masks, one without), through the four scripts and tools/predict.py; and the errors
+of one's own data."""
+
 import shutil
 from pathlib import Path
 
@@ -33,23 +34,32 @@ from tools.convert import main as convert_main
 
 
 @pytest.fixture(scope="module")
-def own(synth, tmp_path_factory) -> Path:
-    """`knee` (with masks, from the synthetic Brain images) and `wrist` (image-only, from Chest) in a folder of their
-    own, made by the converter: 4 normal and 4 abnormal images each, half in valid."""
+def own(synth, tmp_path_factory) -> Path:  # noqa: F811
+    """`knee` (with masks, from the synthetic Brain images) and `wrist` (image-only, from Chest) in a folder
+    of their own, made by the converter: 4 normal and 4 abnormal images each, half in valid."""
     root = tmp_path_factory.mktemp("own")
     for name, source in (("knee", "Brain_AD"), ("wrist", "Chest_AD")):
         flat = root / "flat" / name
         for state, folder in (("good", "normal"), ("Ungood", "abnormal")):
             (flat / folder).mkdir(parents=True)
             for split in ("valid", "test"):
-                for i, src in enumerate(sorted((Path(synth.data) / source / split / state / "img").iterdir())[:2]):
+                for i, src in enumerate(
+                    sorted((Path(synth.data) / source / split / state / "img").iterdir())[:2]
+                ):
                     shutil.copy(src, flat / folder / f"{split}{i}{src.suffix}")
                     mask = src.parent.parent / "anomaly_mask" / src.name
                     if mask.is_file():
                         (flat / "masks").mkdir(exist_ok=True)
                         shutil.copy(mask, flat / "masks" / f"{split}{i}{src.suffix}")
         masks = flat / "masks" if (flat / "masks").is_dir() else None
-        convert(str(flat / "normal"), str(flat / "abnormal"), str(root / "data" / name), masks and str(masks), 0.5, 3)
+        convert(
+            str(flat / "normal"),
+            str(flat / "abnormal"),
+            str(root / "data" / name),
+            masks and str(masks),
+            0.5,
+            3,
+        )
     return root
 
 
@@ -66,8 +76,19 @@ def test_converter_output_loads_with_masks_detected(own):
 
 
 def test_fewshot_train_then_test_on_a_dataset_with_masks(own, tmp_path):
-    common = [*TINY, "--obj", "knee", "--data_path", str(own / "data"), "--prompt_name", "knee MRI", "--shot", "1",
-              "--save_path", str(tmp_path / "ckpt")]
+    common = [
+        *TINY,
+        "--obj",
+        "knee",
+        "--data_path",
+        str(own / "data"),
+        "--prompt_name",
+        "knee MRI",
+        "--shot",
+        "1",
+        "--save_path",
+        str(tmp_path / "ckpt"),
+    ]
     args = [*common, "--iterate", "-1", "--seed", "3", "--out_dir", str(tmp_path / "results")]
     trained = call(train_few, args + ["--epoch", "1"])
     assert len(result_lines(trained, "knee")) == 2  # pAUC and AUC: the seg path
@@ -77,19 +98,43 @@ def test_fewshot_train_then_test_on_a_dataset_with_masks(own, tmp_path):
     metrics = only_record(tmp_path / "tested")["metrics"]
     assert result_lines(tested, "knee") == expected_lines_for("knee", metrics, True)
     valid = own / "data" / "knee" / "valid"
-    names = {state: sorted(p.name for p in (valid / state / "img").iterdir())[-1] for state in ("good", "Ungood")}
-    (tmp_path / "mine.txt").write_text(f"n-0: {names['good']}\na-0: {names['Ungood']}")  # a support list of one's own
-    listed = call(test_few, [*common, "--iterate", "0", "--seed_dir", str(tmp_path / "mine.txt"), "--out_dir",
-                             str(tmp_path / "listed")])
+    names = {
+        state: sorted(p.name for p in (valid / state / "img").iterdir())[-1] for state in ("good", "Ungood")
+    }
+    # a support list of one's own
+    (tmp_path / "mine.txt").write_text(f"n-0: {names['good']}\na-0: {names['Ungood']}")
+    listed = call(
+        test_few,
+        [
+            *common,
+            "--iterate",
+            "0",
+            "--seed_dir",
+            str(tmp_path / "mine.txt"),
+            "--out_dir",
+            str(tmp_path / "listed"),
+        ],
+    )
     assert only_record(tmp_path / "listed")["args"]["seed_dir"] == str(tmp_path / "mine.txt")
     assert len(result_lines(listed, "knee")) == 2
 
 
-def test_zeroshot_train_then_test_on_an_image_only_dataset_given_by_path(own, synth, tmp_path):
+def test_zeroshot_train_then_test_on_an_image_only_dataset_given_by_path(own, synth, tmp_path):  # noqa: F811
     """The target is none of the six: train_zero trains on all six BMAD datasets under --data_path."""
     wrist = str(own / "data" / "wrist")
-    args = [*TINY, "--obj", wrist, "--data_path", synth.data, "--prompt_name", "wrist X-ray", "--save_path",
-            str(tmp_path / "ckpt"), "--out_dir", str(tmp_path / "results")]
+    args = [
+        *TINY,
+        "--obj",
+        wrist,
+        "--data_path",
+        synth.data,
+        "--prompt_name",
+        "wrist X-ray",
+        "--save_path",
+        str(tmp_path / "ckpt"),
+        "--out_dir",
+        str(tmp_path / "results"),
+    ]
     trained = call(train_zero, args + ["--epoch", "1", "--batch_size", "6"])
     assert "best epoch found: epoch 0 batch 0" in trained and len(result_lines(trained, "wrist")) >= 5
     tested = call(test_zero, args + ["--out_dir", str(tmp_path / "tested")])
@@ -110,19 +155,54 @@ def expected_lines_for(name: str, metrics: dict, fewshot: bool) -> list[str]:
 def test_predict_on_own_images(own, tmp_path):
     torch.manual_seed(0)
     ckpt = tmp_path / "tiny.pth"
-    call(train_few, [*TINY, "--obj", "knee", "--data_path", str(own / "data"), "--prompt_name", "knee MRI", "--shot",
-                     "1", "--iterate", "-1", "--epoch", "1", "--select", "last", "--save_path", str(tmp_path),
-                     "--out_dir", str(tmp_path / "results")])
+    call(
+        train_few,
+        [
+            *TINY,
+            "--obj",
+            "knee",
+            "--data_path",
+            str(own / "data"),
+            "--prompt_name",
+            "knee MRI",
+            "--shot",
+            "1",
+            "--iterate",
+            "-1",
+            "--epoch",
+            "1",
+            "--select",
+            "last",
+            "--save_path",
+            str(tmp_path),
+            "--out_dir",
+            str(tmp_path / "results"),
+        ],
+    )
     shutil.move(tmp_path / "knee.pth", ckpt)
     inputs = own / "data" / "knee" / "test" / "Ungood" / "img"
-    out, rows = run(predict, [*TINY, "--input", str(inputs), "--ckpt", str(ckpt), "--prompt_name", "knee MRI",
-                              "--out", str(tmp_path / "pred")])
+    out, rows = run(
+        predict,
+        [
+            *TINY,
+            "--input",
+            str(inputs),
+            "--ckpt",
+            str(ckpt),
+            "--prompt_name",
+            "knee MRI",
+            "--out",
+            str(tmp_path / "pred"),
+        ],
+    )
     assert len([line for line in out.splitlines() if line.endswith(".png")]) == 2
     assert (tmp_path / "pred" / "scores.csv").read_text().count("\n") == 3  # header + 2 images
-    assert [row["file"] for row in rows] == [str(p) for p in sorted(inputs.iterdir())]  # main returns the rows
+    # main returns the rows
+    assert [row["file"] for row in rows] == [str(p) for p in sorted(inputs.iterdir())]
 
 
 # ---------------------------------------------------------------- errors
+
 
 def test_missing_prompt_name(own, tmp_path, capsys):
     err = expect_error(test_zero, [*TINY, "--obj", "knee", "--data_path", str(own / "data")], capsys)
@@ -132,10 +212,13 @@ def test_missing_prompt_name(own, tmp_path, capsys):
 def test_unknown_dataset_folder(own, capsys):
     ankle = own / "data" / "ankle"
     err = expect_error(test_zero, [*TINY, "--obj", str(ankle), "--prompt_name", "x"], capsys)
-    assert err == f"error: --obj {ankle}: no dataset in BMAD's layout there (no {ankle / 'test'} folder); see README " \
-                  f"'Your own data'"
+    assert err == (
+        f"error: --obj {ankle}: no dataset in BMAD's layout there (no {ankle / 'test'} folder); "
+        f"see README 'Your own data'"
+    )
     err = expect_error(test_zero, [*TINY, "--obj", "ankle", "--data_path", str(own / "data")], capsys)
-    assert err.startswith("error: unknown --obj 'ankle': choose one of Brain, Liver,")  # a bare name: a BMAD typo?
+    # a bare name: a BMAD typo?
+    assert err.startswith("error: unknown --obj 'ankle': choose one of Brain, Liver,")
 
 
 def test_missing_split_or_class_folder(own, tmp_path, capsys):
@@ -165,20 +248,53 @@ def test_image_and_mask_of_different_sizes(own, tmp_path, capsys):
 
 
 def test_fewer_valid_images_than_shot(own, capsys):
-    err = expect_error(test_few, [*TINY, "--obj", "knee", "--data_path", str(own / "data"), "--prompt_name", "knee",
-                                  "--shot", "3", "--iterate", "-1"], capsys)
+    err = expect_error(
+        test_few,
+        [
+            *TINY,
+            "--obj",
+            "knee",
+            "--data_path",
+            str(own / "data"),
+            "--prompt_name",
+            "knee",
+            "--shot",
+            "3",
+            "--iterate",
+            "-1",
+        ],
+        capsys,
+    )
     assert "holds 2 images, fewer than --shot 3" in err
 
 
 def test_converter_errors(own, tmp_path, capsys):
     flat = own / "flat" / "knee"
     with pytest.raises(SystemExit, match=r"error: --out .* exists already"):
-        convert_main(["--normal", str(flat / "normal"), "--abnormal", str(flat / "abnormal"), "--out",
-                      str(own / "data" / "knee")])
+        convert_main(
+            [
+                "--normal",
+                str(flat / "normal"),
+                "--abnormal",
+                str(flat / "abnormal"),
+                "--out",
+                str(own / "data" / "knee"),
+            ]
+        )
     partial = tmp_path / "masks"
     shutil.copytree(flat / "masks", partial)
     sorted(partial.iterdir())[0].unlink()
     with pytest.raises(SystemExit, match=r"error: no mask for image .*abnormal"):
-        convert_main(["--normal", str(flat / "normal"), "--abnormal", str(flat / "abnormal"), "--masks", str(partial),
-                      "--out", str(tmp_path / "new")])
+        convert_main(
+            [
+                "--normal",
+                str(flat / "normal"),
+                "--abnormal",
+                str(flat / "abnormal"),
+                "--masks",
+                str(partial),
+                "--out",
+                str(tmp_path / "new"),
+            ]
+        )
     assert not (tmp_path / "new").exists()  # nothing written before every check passed

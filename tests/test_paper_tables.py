@@ -1,6 +1,7 @@
-"""Tests of tools/paper_tables.py: the table maths on hand-made results (known answers), the runs and the model it
-makes of its flags (those the scripts make of them), and one end-to-end run with a tiny random CLIP on synthetic data
-(one dataset and one checkpoint missing)."""
+"""Tests of tools/paper_tables.py: the table maths on hand-made results (known answers), the runs and the
+model it makes of its flags (those the scripts make of them), and one end-to-end run with a tiny random CLIP
+on synthetic data (one dataset and one checkpoint missing)."""
+
 import contextlib
 import csv
 import dataclasses
@@ -18,8 +19,21 @@ from mvfa.config import ModelConfig, configs
 from tools.synth import make_synthetic_bmad
 
 SIZE = 56  # image size of the end-to-end run: 4x4 patches of the tiny model
-TINY = ["--model_name", "demo-tiny", "--pretrain", "none", "--features_list", "3", "6", "9", "12",
-        "--img_size", str(SIZE), "--device", "cpu"]
+TINY = [
+    "--model_name",
+    "demo-tiny",
+    "--pretrain",
+    "none",
+    "--features_list",
+    "3",
+    "6",
+    "9",
+    "12",
+    "--img_size",
+    str(SIZE),
+    "--device",
+    "cpu",
+]
 LABELS = ["HIS", "ChestXray", "OCT17", "BrainMRI", "LiverCT", "RESC", "Average"]
 # the averages the paper and the README print, in %: (image paper, image impl., pixel paper, pixel impl.)
 PUBLISHED_AVERAGES = {"zero-shot": (80.43, 82.23, 93.39, 92.68), "few-shot": (88.97, 88.95, 98.67, 98.65)}
@@ -30,7 +44,10 @@ def _result(image: float, pixel: float | None = None) -> dict:
 
 
 def _all_six(image: float = 0.8, pixel: float = 0.9) -> dict:
-    return {obj: _result(image, pixel if obj in ("Brain", "Liver", "Retina_RESC") else None) for obj in CLASS_NAMES}
+    return {
+        obj: _result(image, pixel if obj in ("Brain", "Liver", "Retina_RESC") else None)
+        for obj in CLASS_NAMES
+    }
 
 
 @pytest.mark.parametrize("setting", ["zero-shot", "few-shot"])
@@ -38,40 +55,71 @@ def test_table_all_datasets_known_answer(setting):
     rows = pt.table(setting, _all_six())
     assert [r["dataset"] for r in rows] == LABELS
     average = rows[-1]
-    published = (average["image_auroc_paper"], average["image_auroc_impl"], average["pixel_auroc_paper"],
-                 average["pixel_auroc_impl"])
-    assert published == PUBLISHED_AVERAGES[setting]  # the published averages are the means of the published rows
+    published = (
+        average["image_auroc_paper"],
+        average["image_auroc_impl"],
+        average["pixel_auroc_paper"],
+        average["pixel_auroc_impl"],
+    )
+    # the published averages are the means of the published rows
+    assert published == PUBLISHED_AVERAGES[setting]
     assert average["image_auroc_ours"] == 80.0 and average["pixel_auroc_ours"] == 90.0
     assert average["image_auroc_ours-paper"] == round(80.0 - published[0], 2)
     assert pt.average_notes(rows) == []
 
 
 def test_table_rows_known_answer():
-    ours = {"Histopathology": _result(0.8), "Retina_OCT2017": _result(0.9), "Brain": _result(0.912385, 0.87654),
-            "Liver": None}
+    ours = {
+        "Histopathology": _result(0.8),
+        "Retina_OCT2017": _result(0.9),
+        "Brain": _result(0.912385, 0.87654),
+        "Liver": None,
+    }
     rows = {r["dataset"]: r for r in pt.table("zero-shot", ours)}
-    assert rows["HIS"] == {"dataset": "HIS",
-                           "image_auroc_ours": 80.0, "image_auroc_paper": 77.90, "image_auroc_impl": 76.90,
-                           "image_auroc_ours-paper": 2.10, "image_auroc_ours-impl": 3.10,
-                           **{f"pixel_auroc_{p}": None for p in ("ours", "paper", "impl", "ours-paper", "ours-impl")}}
+    assert rows["HIS"] == {
+        "dataset": "HIS",
+        "image_auroc_ours": 80.0,
+        "image_auroc_paper": 77.90,
+        "image_auroc_impl": 76.90,
+        "image_auroc_ours-paper": 2.10,
+        "image_auroc_ours-impl": 3.10,
+        **{f"pixel_auroc_{p}": None for p in ("ours", "paper", "impl", "ours-paper", "ours-impl")},
+    }
     brain = rows["BrainMRI"]  # ours rounded first: the differences are those of the printed numbers
-    assert (brain["image_auroc_ours"], brain["image_auroc_ours-paper"], brain["image_auroc_ours-impl"]) == \
-        (91.24, 12.61, 11.44)
-    assert (brain["pixel_auroc_ours"], brain["pixel_auroc_ours-paper"], brain["pixel_auroc_ours-impl"]) == \
-        (87.65, -2.62, -2.03)
+    assert (brain["image_auroc_ours"], brain["image_auroc_ours-paper"], brain["image_auroc_ours-impl"]) == (
+        91.24,
+        12.61,
+        11.44,
+    )
+    assert (brain["pixel_auroc_ours"], brain["pixel_auroc_ours-paper"], brain["pixel_auroc_ours-impl"]) == (
+        87.65,
+        -2.62,
+        -2.03,
+    )
     assert rows["LiverCT"]["image_auroc_ours"] is None and rows["LiverCT"]["image_auroc_ours-paper"] is None
     assert rows["LiverCT"]["pixel_auroc_paper"] == 97.85 and rows["ChestXray"]["image_auroc_ours"] is None
     # averages over the datasets we have (HIS, OCT17, Brain), the published columns over the same ones
     average = rows["Average"]
-    assert [average[f"image_auroc_{p}"] for p in ("ours", "paper", "impl", "ours-paper", "ours-impl")] == \
-        [87.08, 83.98, 84.03, 3.10, 3.05]  # (80 + 90 + 91.24) / 3; (77.90 + 95.40 + 78.63) / 3; ...
-    assert (average["pixel_auroc_ours"], average["pixel_auroc_paper"], average["pixel_auroc_impl"]) == \
-        (87.65, 90.27, 89.68)
+    # (80 + 90 + 91.24) / 3; (77.90 + 95.40 + 78.63) / 3; ...
+    assert [average[f"image_auroc_{p}"] for p in ("ours", "paper", "impl", "ours-paper", "ours-impl")] == [
+        87.08,
+        83.98,
+        84.03,
+        3.10,
+        3.05,
+    ]
+    assert (average["pixel_auroc_ours"], average["pixel_auroc_paper"], average["pixel_auroc_impl"]) == (
+        87.65,
+        90.27,
+        89.68,
+    )
     notes = pt.average_notes(list(rows.values()))
-    assert notes == ["Average AUC: over the 3 of 6 datasets with our results (paper and implementation averaged "
-                     "over the same ones).",
-                     "Average pAUC: over the 1 of 3 datasets with our results (paper and implementation averaged "
-                     "over the same ones)."]
+    assert notes == [
+        "Average AUC: over the 3 of 6 datasets with our results (paper and implementation averaged "
+        "over the same ones).",
+        "Average pAUC: over the 1 of 3 datasets with our results (paper and implementation averaged "
+        "over the same ones).",
+    ]
 
 
 def test_table_nothing_run_keeps_published_averages():
@@ -81,71 +129,155 @@ def test_table_nothing_run_keeps_published_averages():
 
 
 def test_markdown_lines_known_answer():
-    md = pt.markdown("zero-shot", pt.table("zero-shot", {"Histopathology": _result(0.779), "Brain": _result(1, 0.9)}))
+    md = pt.markdown(
+        "zero-shot", pt.table("zero-shot", {"Histopathology": _result(0.779), "Brain": _result(1, 0.9)})
+    )
     lines = md.splitlines()
     assert lines[0] == "## Zero-shot (AUROC, %)"
-    assert lines[2].startswith("| Dataset | AUC ours | AUC paper | AUC impl. | AUC ours-paper | AUC ours-impl. | pAUC")
+    assert lines[2].startswith(
+        "| Dataset | AUC ours | AUC paper | AUC impl. | AUC ours-paper | AUC ours-impl. | pAUC"
+    )
     assert lines[4] == "| HIS | 77.90 | 77.90 | 76.90 | +0.00 | +1.00 | - | - | - | - | - |"  # no '-0.00'
-    assert lines[7] == "| BrainMRI | 100.00 | 78.63 | 79.80 | +21.37 | +20.20 | 90.00 | 90.27 | 89.68 | -0.27 | +0.32 |"
+    assert (
+        lines[7]
+        == "| BrainMRI | 100.00 | 78.63 | 79.80 | +21.37 | +20.20 | 90.00 | 90.27 | 89.68 | -0.27 | +0.32 |"
+    )
     few = pt.markdown("few-shot", pt.table("few-shot", _all_six()))
-    assert few.splitlines()[-1].startswith("- LiverCT AUC paper/impl. 81.18 equals the zero-shot implementation AUC")
+    assert few.splitlines()[-1].startswith(
+        "- LiverCT AUC paper/impl. 81.18 equals the zero-shot implementation AUC"
+    )
 
 
 def test_cell():
-    assert [pt.cell(None, "ours"), pt.cell(-0.0, "ours-paper"), pt.cell(-1.5, "ours-impl"), pt.cell(7.0, "paper")] \
-        == ["-", "+0.00", "-1.50", "7.00"]
+    assert [
+        pt.cell(None, "ours"),
+        pt.cell(-0.0, "ours-paper"),
+        pt.cell(-1.5, "ours-impl"),
+        pt.cell(7.0, "paper"),
+    ] == ["-", "+0.00", "-1.50", "7.00"]
 
 
 def test_setting_notes_name_the_flags_that_change_numbers():
     assert pt.setting_notes(pt.parser().parse_args([])) == []
     assert pt.setting_notes(pt.parser().parse_args(["--precision", "auto", "--seed", "3"])) == []
     args = pt.parser().parse_args(["--memory_no_cls", "--quick_gelu", "--precision", "fp32"])
-    assert pt.setting_notes(args) == ["run with --quick_gelu --memory_no_cls --precision fp32: not the reference's "
-                                      "settings"]
+    assert pt.setting_notes(args) == [
+        "run with --quick_gelu --memory_no_cls --precision fp32: not the reference's settings"
+    ]
 
 
 def test_run_configs_are_the_scripts_runs():
-    args = pt.parser().parse_args(["--objs", "Liver", "Brain", "--zero_dir", "z", "--precision", "bf16",
-                                   "--features_list", "3", "6", "--quick_gelu", "--seed_dir", "s", "--out", "o",
-                                   "--memory_no_cls", "--seed", "7"])
+    args = pt.parser().parse_args(
+        [
+            "--objs",
+            "Liver",
+            "Brain",
+            "--zero_dir",
+            "z",
+            "--precision",
+            "bf16",
+            "--features_list",
+            "3",
+            "6",
+            "--quick_gelu",
+            "--seed_dir",
+            "s",
+            "--out",
+            "o",
+            "--memory_no_cls",
+            "--seed",
+            "7",
+        ]
+    )
     runs = pt.run_configs(args)
-    assert list(runs) == [("zero-shot", "Brain"), ("zero-shot", "Liver"), ("few-shot", "Brain"), ("few-shot", "Liver")]
+    assert list(runs) == [
+        ("zero-shot", "Brain"),
+        ("zero-shot", "Liver"),
+        ("few-shot", "Brain"),
+        ("few-shot", "Liver"),
+    ]
     zero, few = runs["zero-shot", "Liver"], runs["few-shot", "Liver"]
-    assert (zero.protocol, zero.obj, zero.save_path, zero.checkpoint) == ("zero", "Liver", "z", Path("z/Liver.pth"))
-    assert (few.protocol, few.shot, few.iterate, few.seed_dir, few.save_path) == \
-        ("few", 4, 0, "s", "./ckpt/few-shot/")  # the first support list; test_few.py's default --save_path
-    assert few.memory_no_cls and not pt.run_configs(pt.parser().parse_args([]))["few-shot", "Brain"].memory_no_cls
+    assert (zero.protocol, zero.obj, zero.save_path, zero.checkpoint) == (
+        "zero",
+        "Liver",
+        "z",
+        Path("z/Liver.pth"),
+    )
+    # the first support list; test_few.py's default --save_path
+    assert (few.protocol, few.shot, few.iterate, few.seed_dir, few.save_path) == (
+        "few",
+        4,
+        0,
+        "s",
+        "./ckpt/few-shot/",
+    )
+    assert (
+        few.memory_no_cls
+        and not pt.run_configs(pt.parser().parse_args([]))["few-shot", "Brain"].memory_no_cls
+    )
     assert zero.out_dir == few.out_dir == str(Path("o") / "runs")
     assert zero.seed == few.seed == 7  # typed as the scripts' parsers type it
     default_batch = test_zero.parser().parse_args([]).batch_size
-    assert (zero.data_path, zero.batch_size, zero.clip_normalize) == ("./data/", default_batch, False)  # defaults
+    # defaults
+    assert (zero.data_path, zero.batch_size, zero.clip_normalize) == ("./data/", default_batch, False)
     # each run is the one test_zero.py / test_few.py make of the same flags (test_few: of its first draw only)
     out_dir = ["--out_dir", str(Path("o") / "runs")]
     handed_on = ["--precision", "bf16", "--features_list", "3", "6", "--quick_gelu", "--seed", "7"]
-    _, own_zero, _, _ = configs(vars(test_zero.parser().parse_args(["--obj", "Liver", "--save_path", "z", *out_dir,
-                                                                     *handed_on])), protocol="zero")
-    _, own_few, _, _ = configs(vars(test_few.parser().parse_args(["--obj", "Liver", "--shot", "4", "--iterate", "0",
-                                                                  "--seed_dir", "s", "--memory_no_cls", *out_dir,
-                                                                  *handed_on])), protocol="few")
+    _, own_zero, _, _ = configs(
+        vars(test_zero.parser().parse_args(["--obj", "Liver", "--save_path", "z", *out_dir, *handed_on])),
+        protocol="zero",
+    )
+    _, own_few, _, _ = configs(
+        vars(
+            test_few.parser().parse_args(
+                [
+                    "--obj",
+                    "Liver",
+                    "--shot",
+                    "4",
+                    "--iterate",
+                    "0",
+                    "--seed_dir",
+                    "s",
+                    "--memory_no_cls",
+                    *out_dir,
+                    *handed_on,
+                ]
+            )
+        ),
+        protocol="few",
+    )
     assert zero == own_zero and few == dataclasses.replace(own_few, iterate=0)
 
 
 def test_the_shared_model_is_the_scripts_model(tiny, monkeypatch):
-    """All runs share one model, built once from the flags handed on, as the scripts would build theirs; the values
-    are those of the scripts' parsers (types included)."""
+    """All runs share one model, built once from the flags handed on, as the scripts would build theirs; the
+    values are those of the scripts' parsers (types included)."""
     root, flags = tiny
     made, calls = [], []
     monkeypatch.setattr(ModelConfig, "build", lambda self, device, precision: made.append(self) or "model")
     monkeypatch.setattr(pt, "test_run", lambda *a: calls.append(a) or {"image_auroc": 0.5})
-    args = pt.parser().parse_args([*flags, "--objs", "Brain", "--precision", "bf16", "--quick_gelu", "--out",
-                                   str(root / "unused")])
+    args = pt.parser().parse_args(
+        [*flags, "--objs", "Brain", "--precision", "bf16", "--quick_gelu", "--out", str(root / "unused")]
+    )
     results, _ = pt.run_all(args)
-    assert results == {"zero-shot": {"Brain": {"image_auroc": 0.5}}, "few-shot": {"Brain": {"image_auroc": 0.5}}}
-    own, _, precision, _ = configs(vars(test_zero.parser().parse_args(
-        ["--obj", "Brain", *flags[:2], *TINY, "--precision", "bf16", "--quick_gelu"])), protocol="zero")
+    assert results == {
+        "zero-shot": {"Brain": {"image_auroc": 0.5}},
+        "few-shot": {"Brain": {"image_auroc": 0.5}},
+    }
+    own, _, precision, _ = configs(
+        vars(
+            test_zero.parser().parse_args(
+                ["--obj", "Brain", *flags[:2], *TINY, "--precision", "bf16", "--quick_gelu"]
+            )
+        ),
+        protocol="zero",
+    )
     assert made == [own] and own.features_list == (3, 6, 9, 12) and own.img_size == SIZE and own.quick_gelu
-    assert [(model, model_cfg, run.protocol, p) for model, model_cfg, run, p in calls] == \
-        [("model", own, "zero", precision), ("model", own, "few", precision)]
+    assert [(model, model_cfg, run.protocol, p) for model, model_cfg, run, p in calls] == [
+        ("model", own, "zero", precision),
+        ("model", own, "few", precision),
+    ]
     assert precision.name == "bf16"
 
 
@@ -161,7 +293,8 @@ def test_bad_precision_stops_before_any_work(tmp_path, capsys):
 
 @contextlib.contextmanager
 def one_thread():
-    """Torch on one thread: on a shared 2-core CPU, two spinning threads per process make tiny models ~10x slower."""
+    """Torch on one thread: on a shared 2-core CPU, two spinning threads per process
+    make tiny models ~10x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -174,8 +307,14 @@ def one_thread():
 def tiny(tmp_path_factory):
     """Synthetic data without Chest, tiny adapter checkpoints without few-shot Liver: (root, flags)."""
     root = tmp_path_factory.mktemp("paper_tables")
-    paths = make_synthetic_bmad(str(root), n_per_split=4, seed=0, img_size=SIZE,
-                                objs=[o for o in CLASS_NAMES if o != "Chest"], shots=(4,))
+    paths = make_synthetic_bmad(
+        str(root),
+        n_per_split=4,
+        seed=0,
+        img_size=SIZE,
+        objs=[o for o in CLASS_NAMES if o != "Chest"],
+        shots=(4,),
+    )
     clip = create_model("demo-tiny", SIZE, "none")
     for setting in ("zero-shot", "few-shot"):
         (root / setting).mkdir()
@@ -183,8 +322,17 @@ def tiny(tmp_path_factory):
             if (setting, obj) != ("few-shot", "Liver"):
                 torch.manual_seed(i)
                 torch.save(CLIP_Inplanted(clip, (3, 6, 9, 12)).adapter_state(), root / setting / f"{obj}.pth")
-    flags = ["--data_path", paths.data, "--seed_dir", paths.seed_root, "--zero_dir", str(root / "zero-shot"),
-             "--few_dir", str(root / "few-shot"), *TINY]
+    flags = [
+        "--data_path",
+        paths.data,
+        "--seed_dir",
+        paths.seed_root,
+        "--zero_dir",
+        str(root / "zero-shot"),
+        "--few_dir",
+        str(root / "few-shot"),
+        *TINY,
+    ]
     return root, flags
 
 
@@ -205,14 +353,16 @@ def _parse(cell: str) -> float | None:
 def _markdown_table(md: str, title: str) -> list[list[str]]:
     lines = md.splitlines()
     start = lines.index(title) + 2
-    rows = [line.strip("|").split("|") for line in lines[start:start + 9]]
+    rows = [line.strip("|").split("|") for line in lines[start : start + 9]]
     return [[c.strip() for c in row] for row in rows]
 
 
 FEW_SHOT_TITLE = "## Few-shot, k = 4, support draw --iterate 0 (lines n-0/a-0 of 4-shot.txt) (AUROC, %)"
 
 
-@pytest.mark.parametrize("setting,title", [("zero-shot", "## Zero-shot (AUROC, %)"), ("few-shot", FEW_SHOT_TITLE)])
+@pytest.mark.parametrize(
+    "setting,title", [("zero-shot", "## Zero-shot (AUROC, %)"), ("few-shot", FEW_SHOT_TITLE)]
+)
 def test_end_to_end_tables(tiny_run, setting, title):
     out, md = tiny_run
     table = _markdown_table(md, title)
@@ -254,8 +404,18 @@ def test_shared_model_gives_the_scripts_own_numbers(tiny, tiny_run):
     """A run of test_zero.py on its own (its own model) prints the numbers of the table's Brain row."""
     root, flags = tiny
     with one_thread():
-        alone = test_zero.main(["--obj", "Brain", "--save_path", str(root / "zero-shot"), "--out_dir",
-                                str(root / "alone"), *flags[:2], *TINY])
+        alone = test_zero.main(
+            [
+                "--obj",
+                "Brain",
+                "--save_path",
+                str(root / "zero-shot"),
+                "--out_dir",
+                str(root / "alone"),
+                *flags[:2],
+                *TINY,
+            ]
+        )
     with open(tiny_run[0] / "zero_shot.csv", newline="", encoding="utf-8") as f:
         brain = next(row for row in csv.DictReader(f) if row["dataset"] == "BrainMRI")
     assert brain["image_auroc_ours"] == f"{100 * alone['image_auroc']:.2f}"

@@ -1,9 +1,10 @@
 """The reference's four recorded runs (../shared/reference/reference_outputs_seed0.txt), run as a user would.
 
-A user's checkout is laid out in tmp: this repository's code, with the regenerated seed-0 inputs where a user puts
-the downloads (CLIP/ckpt/, ckpt/few-shot/, ckpt/zero-shot/, data/, dataset/fewshot_seed/); then each recorded
-command runs unchanged from that folder and must print exactly the recorded lines.
+A user's checkout is laid out in tmp: this repository's code, with the regenerated seed-0 inputs where a user
+puts the downloads (CLIP/ckpt/, ckpt/few-shot/, ckpt/zero-shot/, data/, dataset/fewshot_seed/); then each
+recorded command runs unchanged from that folder and must print exactly the recorded lines.
 """
+
 import csv
 import json
 import os
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REFERENCE, REPO, require_reference
 
 
@@ -26,18 +26,21 @@ def recorded_runs(transcript: str = "reference_outputs_seed0.txt") -> list[tuple
     runs = []
     for line in path.read_text().splitlines():
         if line.startswith("$ python "):
-            runs.append((line[len("$ python "):], []))
+            runs.append((line[len("$ python ") :], []))
         elif line.strip():
             runs[-1][1].append(line.strip())
     return runs
 
 
 def lay_out_checkout(assets: Path, root: Path) -> Path:
-    """This repository's code in `root`, with the inputs in `assets` linked where a user puts the downloads."""
+    """This repository's code in `root`, with the inputs in `assets` linked where a user puts
+    the downloads."""
     for src in [REPO / "CLIP", REPO / "dataset", REPO / "mvfa", REPO / "tools", *REPO.glob("*.py")]:
         name = src.name
         if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "ckpt", "fewshot_seed"))
+            shutil.copytree(
+                src, root / name, ignore=shutil.ignore_patterns("__pycache__", "ckpt", "fewshot_seed")
+            )
         else:
             shutil.copy(src, root / name)
     (root / "CLIP/ckpt").mkdir()
@@ -57,23 +60,29 @@ def seed7_checkout(tmp_path_factory) -> Path:
     """The inputs of reference_training_seed7.txt (seed 7, eight images per split), in a user's checkout."""
     ref = require_reference()
     assets = tmp_path_factory.mktemp("assets7")
-    subprocess.run([sys.executable, str(ref / "make_ckpts.py"), str(assets), "7"], check=True, capture_output=True)
-    subprocess.run([sys.executable, str(ref / "make_synth_bmad.py"), str(assets), "8", "7"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ref / "make_ckpts.py"), str(assets), "7"], check=True, capture_output=True
+    )
+    subprocess.run(
+        [sys.executable, str(ref / "make_synth_bmad.py"), str(assets), "8", "7"],
+        check=True,
+        capture_output=True,
+    )
     return lay_out_checkout(assets, tmp_path_factory.mktemp("checkout7"))
 
 
-# Absolute tolerances on the min-max normalised float32 scores in [0, 1]. Measured on the seed-0 inputs (AVX-512):
-# maps up to 1.3e-5 (Brain few-shot) and 1.1e-5 (Liver zero-shot); image scores up to 7.9e-6 (Brain), 9.1e-5 (Chest),
-# 1.5e-4 (Liver), 1.3e-4 (Histopathology). The image scores' min-max over 12 images magnifies last-bit differences
-# of the raw scores; where they arise is not yet traced. A wrong fusion weight, a dropped min-max or a shifted map
-# moves these values by far more.
+# Absolute tolerances on the min-max normalised float32 scores in [0, 1]. Measured on the seed-0 inputs
+# (AVX-512): maps up to 1.3e-5 (Brain few-shot) and 1.1e-5 (Liver zero-shot); image scores up to 7.9e-6
+# (Brain), 9.1e-5 (Chest), 1.5e-4 (Liver), 1.3e-4 (Histopathology). The image scores' min-max over 12 images
+# magnifies last-bit differences of the raw scores; where they arise is not yet traced. A wrong fusion weight,
+# a dropped min-max or a shifted map moves these values by far more.
 MAP_TOL = 3e-5
 IMAGE_TOL = 3e-4
 
 
 def reference_scores(command: str) -> dict | None:
-    """What the reference passed to its AUROCs for a recorded test run, as {'image': (y, s), 'pixel': (y, s)}."""
+    """What the reference passed to its AUROCs for a recorded test run,
+    as {'image': (y, s), 'pixel': (y, s)}."""
     words = command.split()
     name = f"{words[0].removesuffix('.py')}_{words[words.index('--obj') + 1]}"
     if "--shot" in words:
@@ -87,21 +96,42 @@ def reference_scores(command: str) -> dict | None:
     return {("image" if len(y) == n_images else "pixel"): (y, s) for y, s in pairs}
 
 
-@pytest.mark.parametrize("command,expected", recorded_runs() or [pytest.param("", [], marks=pytest.mark.skip(
-    reason=f"reference transcript not found in {REFERENCE}"))])
+@pytest.mark.parametrize(
+    "command,expected",
+    recorded_runs()
+    or [
+        pytest.param("", [], marks=pytest.mark.skip(reason=f"reference transcript not found in {REFERENCE}"))
+    ],
+)
 def test_recorded_run_prints_the_same_lines(user_checkout, tmp_path, command, expected):
-    """The printed lines, and per image and per pixel the scores behind them (--save_scores), as the reference's."""
+    """The printed lines, and per image and per pixel the scores behind them (--save_scores),
+    as the reference's."""
     require_reference()
     scores_file = tmp_path / "scores.npz"
-    out = subprocess.run([sys.executable, *command.split(), "--out_dir", str(user_checkout / "results"),
-                          "--device", "cpu", "--save_scores", str(scores_file)],
-                         cwd=user_checkout, capture_output=True, text=True, timeout=1200)
+    out = subprocess.run(
+        [
+            sys.executable,
+            *command.split(),
+            "--out_dir",
+            str(user_checkout / "results"),
+            "--device",
+            "cpu",
+            "--save_scores",
+            str(scores_file),
+        ],
+        cwd=user_checkout,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     printed = [line for line in out.stdout.splitlines() if " AUC : " in line or " pAUC : " in line]
     assert printed == expected
     recorded = reference_scores(command)
     if recorded is None:
-        pytest.skip(f"no per-image reference scores for {command!r} in {REFERENCE / 'reference_scores_seed0'}")
+        pytest.skip(
+            f"no per-image reference scores for {command!r} in {REFERENCE / 'reference_scores_seed0'}"
+        )
     ours = np.load(scores_file)
     labels, image_scores = recorded["image"]
     assert np.array_equal(ours["labels"], labels)
@@ -117,7 +147,8 @@ def test_recorded_run_prints_the_same_lines(user_checkout, tmp_path, command, ex
 
 
 def test_paper_tables_cell_equals_recorded_line(user_checkout):
-    """tools/paper_tables.py on the same inputs: its zero-shot HIS cell is the recorded `Histopathology AUC` line in %.
+    """tools/paper_tables.py on the same inputs: its zero-shot HIS cell is the recorded
+    `Histopathology AUC` line in %.
 
     Only that run is made (no few-shot checkpoints in the folder given): the few-shot row is '-' with a note.
     """
@@ -125,8 +156,23 @@ def test_paper_tables_cell_equals_recorded_line(user_checkout):
     recorded = dict(recorded_runs())["test_zero.py --obj Histopathology"]
     auc = float(next(line for line in recorded if line.startswith("Histopathology AUC : ")).split(":")[1])
     out_dir = user_checkout / "results/paper_tables"
-    out = subprocess.run([sys.executable, "-m", "tools.paper_tables", "--objs", "Histopathology", "--few_dir", "no-such-dir",
-                          "--out", str(out_dir)], cwd=user_checkout, capture_output=True, text=True, timeout=1200)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.paper_tables",
+            "--objs",
+            "Histopathology",
+            "--few_dir",
+            "no-such-dir",
+            "--out",
+            str(out_dir),
+        ],
+        cwd=user_checkout,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {}
     for setting in ("zero_shot", "few_shot"):
@@ -141,23 +187,33 @@ def test_paper_tables_cell_equals_recorded_line(user_checkout):
 
 def result_lines(lines: list[str]) -> list[str]:
     """Every evaluation's printed metrics and the zero-shot selection messages, in order."""
-    return [line for line in lines if " AUC : " in line or " pAUC : " in line or line.startswith("best epoch found")]
+    return [
+        line
+        for line in lines
+        if " AUC : " in line or " pAUC : " in line or line.startswith("best epoch found")
+    ]
 
 
-# The kind of CPU each recorded training ran on. Its vector instructions pick the paths of torch's CPU kernels and
-# of MKL's products, and so the last bits of every step; Adam (beta1 0.5) turns those into visible differences within
-# a few dozen steps. The goldens, the first two seed-0 trainings and the seed-7 training match this code bit for bit
-# on an AVX-512 CPU; the seed-0 k = 4 training was recorded on a CPU without AVX-512: its every digit comes back here
-# with torch and MKL kept to their AVX2 paths (the environment below), and not otherwise.
-RECORDED_ON = {("reference_training_seed0.txt", "train_few.py --obj Brain --shot 4 --iterate 0 --epoch 1"): "AVX2"}
+# The kind of CPU each recorded training ran on. Its vector instructions pick the paths of torch's CPU kernels
+# and of MKL's products, and so the last bits of every step; Adam (beta1 0.5) turns those into visible
+# differences within a few dozen steps. The goldens, the first two seed-0 trainings and the seed-7 training
+# match this code bit for bit on an AVX-512 CPU; the seed-0 k = 4 training was recorded on a CPU without
+# AVX-512: its every digit comes back here with torch and MKL kept to their AVX2 paths (the environment
+# below), and not otherwise.
+RECORDED_ON = {
+    ("reference_training_seed0.txt", "train_few.py --obj Brain --shot 4 --iterate 0 --epoch 1"): "AVX2"
+}
 AVX2_PATHS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-TRAININGS = [(transcript, command, expected) for transcript in ("reference_training_seed0.txt",
-                                                                 "reference_training_seed7.txt")
-             for command, expected in recorded_runs(transcript)]
+TRAININGS = [
+    (transcript, command, expected)
+    for transcript in ("reference_training_seed0.txt", "reference_training_seed7.txt")
+    for command, expected in recorded_runs(transcript)
+]
 
 
 def cpu_environment(recorded_on: str) -> dict:
-    """The environment that runs torch's CPU kernels as on the recording's CPU; skips where this CPU cannot."""
+    """The environment that runs torch's CPU kernels as on the recording's CPU;
+    skips where this CPU cannot."""
     import torch
 
     here = torch.backends.cpu.get_cpu_capability()
@@ -168,19 +224,43 @@ def cpu_environment(recorded_on: str) -> dict:
     pytest.skip(f"recorded on a CPU with {recorded_on} kernels; this one runs {here}")
 
 
-@pytest.mark.parametrize("transcript,command,expected", TRAININGS or [pytest.param(
-    "", "", [], marks=pytest.mark.skip(reason=f"reference training transcripts not found in {REFERENCE}"))])
+@pytest.mark.parametrize(
+    "transcript,command,expected",
+    TRAININGS
+    or [
+        pytest.param(
+            "",
+            "",
+            [],
+            marks=pytest.mark.skip(reason=f"reference training transcripts not found in {REFERENCE}"),
+        )
+    ],
+)
 def test_training_from_scratch_prints_the_recorded_lines(request, tmp_path, transcript, command, expected):
-    """The same command, seed and inputs as the reference's one-epoch trainings: adapters initialised from the same
-    generator state, the same shuffles, so the same evaluations (zero-shot: five in the epoch) and, where the
-    transcript kept it, the same mean loss, every digit (the run record keeps it at full precision)."""
+    """The same command, seed and inputs as the reference's one-epoch trainings: adapters initialised from the
+    same generator state, the same shuffles, so the same evaluations (zero-shot: five in the epoch) and, where
+    the transcript kept it, the same mean loss, every digit (the run record keeps it at full precision)."""
     require_reference()
     recorded_on = RECORDED_ON.get((transcript, command), "AVX512")
     env = cpu_environment(recorded_on)
     checkout = request.getfixturevalue("seed7_checkout" if "seed7" in transcript else "user_checkout")
-    out = subprocess.run([sys.executable, *command.split(), "--save_path", str(tmp_path / "ckpt"),
-                          "--out_dir", str(tmp_path / "results"), "--device", "cpu"],
-                         cwd=checkout, capture_output=True, text=True, timeout=3600, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            *command.split(),
+            "--save_path",
+            str(tmp_path / "ckpt"),
+            "--out_dir",
+            str(tmp_path / "results"),
+            "--device",
+            "cpu",
+        ],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     printed = out.stdout.splitlines()
     assert result_lines(printed) == result_lines(expected)

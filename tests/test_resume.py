@@ -1,5 +1,7 @@
-"""Resumable training: a run stopped between epochs, inside an epoch, or while its state is written, then continued
-with --resume, ends with the uninterrupted run's checkpoint (torch.equal) and prints the same lines."""
+"""Resumable training: a run stopped between epochs, inside an epoch, or while its state is written,
+then continued with --resume, ends with the uninterrupted run's checkpoint (torch.equal)
+and prints the same lines."""
+
 import contextlib
 import io
 import os
@@ -16,15 +18,28 @@ import train_few
 import train_zero
 from mvfa import records, training
 
-CASES = {"few": (train_few, "Brain", ["--shot", "1", "--epoch", "2"]),  # 22 steps an epoch
-         "zero": (train_zero, "Chest", ["--epoch", "2", "--batch_size", "6"])}  # 5 groups, 5 selections
+CASES = {
+    "few": (train_few, "Brain", ["--shot", "1", "--epoch", "2"]),  # 22 steps an epoch
+    "zero": (train_zero, "Chest", ["--epoch", "2", "--batch_size", "6"]),  # 5 groups, 5 selections
+}
 
 
-def arguments(case: str, synth, folder) -> list[str]:
+def arguments(case: str, synth, folder) -> list[str]:  # noqa: F811
     module, obj, extra = CASES[case]
     seed = ["--seed_dir", synth.seed_root] if module is train_few else []
-    return [*TINY, "--obj", obj, "--data_path", synth.data, "--save_path", str(folder / "ckpt"), "--out_dir",
-            str(folder / "results"), *seed, *extra]
+    return [
+        *TINY,
+        "--obj",
+        obj,
+        "--data_path",
+        synth.data,
+        "--save_path",
+        str(folder / "ckpt"),
+        "--out_dir",
+        str(folder / "results"),
+        *seed,
+        *extra,
+    ]
 
 
 def run(case: str, args: list[str], capsys) -> tuple[int, list[str]]:
@@ -50,11 +65,12 @@ def signal_at_step(monkeypatch, case: str, n: int) -> None:
         if len(calls) == n:
             os.kill(os.getpid(), signal.SIGUSR1)
         return real(*a, **k)
+
     monkeypatch.setattr(training, "train_step", step)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(synth, tmp_path_factory):
+def uninterrupted(synth, tmp_path_factory):  # noqa: F811
     """Each case run once without a stop: (final adapters, printed lines)."""
     out = {}
     for case, (module, obj, _) in CASES.items():
@@ -78,13 +94,14 @@ def assert_same_run(case, folder, lines, uninterrupted):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_killed_between_epochs(case, synth, tmp_path, monkeypatch, capsys, uninterrupted):
+def test_killed_between_epochs(case, synth, tmp_path, monkeypatch, capsys, uninterrupted):  # noqa: F811
     """The process dies (kill -9) right after the first epoch's state is written."""
     real = training.Training.save_state
 
     def save_then_die(self, *a):
         real(self, *a)
         raise KeyboardInterrupt  # stands in for the process being killed there
+
     monkeypatch.setattr(training.Training, "save_state", save_then_die)
     args = arguments(case, synth, tmp_path)
     with pytest.raises(KeyboardInterrupt):
@@ -98,8 +115,9 @@ def test_killed_between_epochs(case, synth, tmp_path, monkeypatch, capsys, unint
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_signal_inside_an_epoch(case, synth, tmp_path, monkeypatch, capsys, uninterrupted):
-    """SIGUSR1 during the 4th step of the second epoch: the run stops after that step, saves, exits non-zero."""
+def test_signal_inside_an_epoch(case, synth, tmp_path, monkeypatch, capsys, uninterrupted):  # noqa: F811
+    """SIGUSR1 during the 4th step of the second epoch: the run stops after that step, saves,
+    exits non-zero."""
     signal_at_step(monkeypatch, case, (22 if case == "few" else 5) + 4)
     args = arguments(case, synth, tmp_path)
     status, _ = run(case, args, capsys)
@@ -113,8 +131,9 @@ def test_signal_inside_an_epoch(case, synth, tmp_path, monkeypatch, capsys, unin
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_death_while_the_state_is_written(case, synth, tmp_path, monkeypatch, capsys, uninterrupted):
-    """The second state write dies before its rename (kill -9 there): the first state stays whole and serves."""
+def test_death_while_the_state_is_written(case, synth, tmp_path, monkeypatch, capsys, uninterrupted):  # noqa: F811
+    """The second state write dies before its rename (kill -9 there):
+    the first state stays whole and serves."""
     real, writes = os.replace, []
 
     def dying_replace(src, dst):
@@ -123,6 +142,7 @@ def test_death_while_the_state_is_written(case, synth, tmp_path, monkeypatch, ca
         if len(writes) == 2:
             raise KeyboardInterrupt  # stands in for the process being killed in the middle of the write
         real(src, dst)
+
     monkeypatch.setattr(records.os, "replace", dying_replace)  # save_atomic's rename
     args = arguments(case, synth, tmp_path)
     with pytest.raises(KeyboardInterrupt):
@@ -136,22 +156,29 @@ def test_death_while_the_state_is_written(case, synth, tmp_path, monkeypatch, ca
     assert_same_run(case, tmp_path, lines, uninterrupted)
 
 
-def test_resume_without_state_starts_from_the_beginning(synth, tmp_path, capsys, uninterrupted):
+def test_resume_without_state_starts_from_the_beginning(synth, tmp_path, capsys, uninterrupted):  # noqa: F811
     status, lines = run("zero", arguments("zero", synth, tmp_path) + ["--resume"], capsys)
     assert status == 0 and lines == uninterrupted["zero"][1]
 
 
-def test_real_sigterm_saves_state_and_says_how_to_resume(synth, tmp_path):
-    """A separate process gets SIGTERM while it trains: it writes its state and exits non-zero, naming --resume."""
+def test_real_sigterm_saves_state_and_says_how_to_resume(synth, tmp_path):  # noqa: F811
+    """A separate process gets SIGTERM while it trains: it writes its state and exits non-zero,
+    naming --resume."""
     args = arguments("few", synth, tmp_path)
     args[args.index("--epoch") + 1] = "200"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_few.py"), *args], cwd=tmp_path, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train_few.py"), *args],
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     err = []
 
     def read():
         for chunk in iter(lambda: proc.stderr.read(64), ""):
             err.append(chunk)
+
     reader = threading.Thread(target=read)
     reader.start()
     while proc.poll() is None and "epoch 1:" not in "".join(err):  # training, past the first epoch's state

@@ -1,8 +1,10 @@
-"""Smoke tests of the four scripts and the demo: `main([...])` in-process on a tiny random CLIP and synthetic BMAD
-data; what they print, the run records and checkpoints they write, round trips train -> test, and bad input.
+"""Smoke tests of the four scripts and the demo: `main([...])` in-process on a tiny random CLIP and synthetic
+BMAD data; what they print, the run records and checkpoints they write, round trips train -> test,
+and bad input.
 
 The helpers and fixtures at the top are shared with tests/test_protocols.py.
 """
+
 import ast
 import contextlib
 import hashlib
@@ -32,9 +34,23 @@ from tools.synth import make_synthetic_bmad
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 56  # image size of the data and the model (a 4x4 patch grid): every pass stays well under a second
-N = 3  # images per synthetic folder: 3 normal + 3 abnormal test images, a held-out pair in valid with --shot 2
-TINY = ["--model_name", "demo-tiny", "--pretrain", "none", "--features_list", "3", "6", "9", "12",
-        "--img_size", str(SIZE), "--device", "cpu"]
+# images per synthetic folder: 3 normal + 3 abnormal test images, a held-out pair in valid with --shot 2
+N = 3
+TINY = [
+    "--model_name",
+    "demo-tiny",
+    "--pretrain",
+    "none",
+    "--features_list",
+    "3",
+    "6",
+    "9",
+    "12",
+    "--img_size",
+    str(SIZE),
+    "--device",
+    "cpu",
+]
 ADAPTER_KEYS = {f"{i}.fc{j}.0.weight" for i in range(4) for j in (1, 2)}
 
 
@@ -52,14 +68,21 @@ _TEXT: dict = {}
 
 @pytest.fixture(scope="module", autouse=True)
 def cached_text():
-    """The prompt-ensemble text features of the tiny CLIP (same random weights in every run) are computed once per
-    prompt name and reused by later runs: about 1 s each on the CPU, 5 per train_zero run (tested in test_goldens)."""
+    """The prompt-ensemble text features of the tiny CLIP (same random weights in every run) are computed once
+    per prompt name and reused by later runs: about 1 s each on the CPU, 5 per train_zero run
+    (tested in test_goldens)."""
     import prompt
+
     encode = prompt.encode_text_with_prompt_ensemble
 
     def cached(clip_model, name, device):
         weights = (clip_model.token_embedding.weight, clip_model.text_projection, clip_model.ln_final.weight)
-        key = (name, str(device), torch.is_autocast_enabled("cpu"), *(float(w.double().sum()) for w in weights))
+        key = (
+            name,
+            str(device),
+            torch.is_autocast_enabled("cpu"),
+            *(float(w.double().sum()) for w in weights),
+        )
         if key not in _TEXT:
             _TEXT[key] = encode(clip_model, name, device)
         return _TEXT[key].clone()
@@ -71,21 +94,33 @@ def cached_text():
 
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory):
-    """All six synthetic datasets (N images per folder, SIZE px) and support lists for k = 1 and 2, 3 draws each."""
-    return make_synthetic_bmad(str(tmp_path_factory.mktemp("synth")), n_per_split=N, seed=0, img_size=SIZE,
-                               shots=(1, 2))
+    """All six synthetic datasets (N images per folder, SIZE px) and support lists for k = 1 and 2,
+    3 draws each."""
+    return make_synthetic_bmad(
+        str(tmp_path_factory.mktemp("synth")), n_per_split=N, seed=0, img_size=SIZE, shots=(1, 2)
+    )
 
 
 def script_args(data, tmp: Path, obj: str, *extra: str, seed_dir: str | None = None) -> list[str]:
     """The tiny model, `obj`, and outputs in `tmp` (results/, ckpt/); --seed_dir for the few-shot scripts."""
-    args = [*TINY, "--obj", obj, "--data_path", str(data), "--out_dir", str(tmp / "results"),
-            "--save_path", str(tmp / "ckpt")]
+    args = [
+        *TINY,
+        "--obj",
+        obj,
+        "--data_path",
+        str(data),
+        "--out_dir",
+        str(tmp / "results"),
+        "--save_path",
+        str(tmp / "ckpt"),
+    ]
     return args + (["--seed_dir", str(seed_dir)] if seed_dir else []) + list(extra)
 
 
 def run(module, args: list[str]):
-    """module.main(args) with stdout captured (also inside module-scoped fixtures): (stdout, what main returned).
-    An expected error would raise SystemExit(2), anything else its exception: returning is the run's success."""
+    """module.main(args) with stdout captured (also inside module-scoped fixtures):
+    (stdout, what main returned). An expected error would raise SystemExit(2), anything else its exception:
+    returning is the run's success."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         result = module.main(args)
@@ -98,7 +133,8 @@ def call(module, args: list[str]) -> str:
 
 
 def expect_error(module, args: list[str], capsys) -> str:
-    """module.main(args) must exit with code 2 and one `error: ...` line on stderr (no traceback); returns it."""
+    """module.main(args) must exit with code 2 and one `error: ...` line on stderr (no traceback);
+    returns it."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         module.main(args)
@@ -117,7 +153,8 @@ def result_lines(out: str, obj: str) -> list[str]:
 
 
 def expected_lines(obj: str, metrics: dict, fewshot: bool) -> list[str]:
-    """What the reference prints for these full-precision metrics: round(x, 4), pAUC first only in few-shot."""
+    """What the reference prints for these full-precision metrics: round(x, 4),
+    pAUC first only in few-shot."""
     auc = f"{obj} AUC : {round(metrics['image_auroc'], 4)}"
     if not DATASETS[obj].has_masks:
         return [auc]
@@ -169,12 +206,16 @@ def reads(monkeypatch):
     """Records (module, path) for every image and mask the dataset modules read, in order."""
     import dataset.medical_few as few
     import dataset.medical_zero as zero
+
     log = []
     for module in (few, zero):
         for name in ("load_input", "load_mask"):
-            def spy(path, *a, _load=getattr(module, name), _tag=module.__name__, **k):
+            load = getattr(module, name)
+
+            def spy(path, *a, _load=load, _tag=module.__name__, **k):
                 log.append((_tag, os.path.normpath(path)))
                 return _load(path, *a, **k)
+
             monkeypatch.setattr(module, name, spy)
     return log
 
@@ -191,14 +232,17 @@ def split_files(data, obj: str) -> list[str]:
     return sorted(os.path.normpath(p) for p in root.glob("*/*/*"))
 
 
-# ---------------------------------------------------------------- train_few -> test_few, a dataset with masks
+# --------------------------------------------------------------- train_few -> test_few, a dataset with masks
+
 
 @pytest.fixture(scope="module")
 def few_brain(synth, tmp_path_factory):
     """One train_few run on Brain (--select test, the reference's protocol): its folder, stdout and result."""
     tmp = tmp_path_factory.mktemp("few_brain")
-    out, result = run(train_few, script_args(synth.data, tmp, "Brain", "--shot", "2", "--epoch", "1",
-                                             seed_dir=synth.seed_root))
+    out, result = run(
+        train_few,
+        script_args(synth.data, tmp, "Brain", "--shot", "2", "--epoch", "1", seed_dir=synth.seed_root),
+    )
     return tmp, out, result
 
 
@@ -210,11 +254,18 @@ def test_train_few_prints_records_and_saves_released_layout(few_brain):
     record = only_record(tmp / "results")
     assert lines == expected_lines("Brain", record["metrics"], fewshot=True)
     assert record["script"] == "train_few" and result == record["metrics"]  # main returns the final result
-    assert {k: record["args"][k] for k in ("obj", "shot", "epoch", "select", "img_size")} == \
-           {"obj": "Brain", "shot": 2, "epoch": 1, "select": "test", "img_size": SIZE}
+    assert {k: record["args"][k] for k in ("obj", "shot", "epoch", "select", "img_size")} == {
+        "obj": "Brain",
+        "shot": 2,
+        "epoch": 1,
+        "select": "test",
+        "img_size": SIZE,
+    }
     ckpt_file = tmp / "ckpt" / "Brain.pth"  # the reference's name, {save_path}/{obj}.pth
-    assert record["files"]["adapters"] == {"path": str(ckpt_file),
-                                           "sha256": hashlib.sha256(ckpt_file.read_bytes()).hexdigest()}
+    assert record["files"]["adapters"] == {
+        "path": str(ckpt_file),
+        "sha256": hashlib.sha256(ckpt_file.read_bytes()).hexdigest(),
+    }
     assert "clip" not in record["files"]  # --pretrain none: no weights file was read
     assert record["versions"]["torch"] == torch.__version__ and record["versions"]["numpy"] == np.__version__
     assert record["versions"]["cuda_autocast_upsample"] is None  # probed only when the run's device is CUDA
@@ -223,11 +274,16 @@ def test_train_few_prints_records_and_saves_released_layout(few_brain):
     assert {"seg_adapters", "det_adapters", "args", "versions", "epoch"} <= set(ckpt)
     assert set(ckpt["seg_adapters"]) == set(ckpt["det_adapters"]) == ADAPTER_KEYS
     assert ckpt["seg_adapters"]["0.fc1.0.weight"].shape == (256, 256)  # width -> CLIP's embedding width
-    assert ckpt["epoch"] == 0 and ckpt["args"]["obj"] == "Brain" and ckpt["versions"]["torch"] == torch.__version__
+    assert (
+        ckpt["epoch"] == 0
+        and ckpt["args"]["obj"] == "Brain"
+        and ckpt["versions"]["torch"] == torch.__version__
+    )
 
 
 def test_test_few_reproduces_the_training_run(few_brain, tmp_path, synth, capsys):
-    """Same weights (found through --save_path/{obj}.pth), same support list, same data -> the same printed lines."""
+    """Same weights (found through --save_path/{obj}.pth), same support list, same data
+    -> the same printed lines."""
     tmp, out, _ = few_brain
     args = script_args(synth.data, tmp_path, "Brain", "--shot", "2", seed_dir=synth.seed_root)
     args[args.index("--save_path") + 1] = str(tmp / "ckpt")
@@ -239,17 +295,26 @@ def test_test_few_reproduces_the_training_run(few_brain, tmp_path, synth, capsys
     assert result_lines(printed, "Brain") == expected_lines("Brain", record["metrics"], fewshot=True)
     ckpt_file = tmp / "ckpt" / "Brain.pth"
     assert record["files"]["adapters"]["sha256"] == hashlib.sha256(ckpt_file.read_bytes()).hexdigest()
-    assert {"pixel_ap", "pixel_f1_max", "pixel_aupro", "image_ap"} <= set(record["metrics"])  # test: extras too
+    # test: extras too
+    assert {"pixel_ap", "pixel_f1_max", "pixel_aupro", "image_ap"} <= set(record["metrics"])
 
 
 def test_save_scores_holds_what_the_metrics_were_computed_from(few_brain, tmp_path, synth, capsys):
-    """--save_scores: labels, image scores and normalised maps in test-set order; the record's metrics follow from
-    them with scikit-learn, and every image score is its map's maximum (few-shot, masks)."""
+    """--save_scores: labels, image scores and normalised maps in test-set order; the record's metrics follow
+    from them with scikit-learn, and every image score is its map's maximum (few-shot, masks)."""
     from sklearn.metrics import roc_auc_score
 
     tmp, _, _ = few_brain
-    args = script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--save_scores", str(tmp_path / "s.npz"),
-                       seed_dir=synth.seed_root)
+    args = script_args(
+        synth.data,
+        tmp_path,
+        "Brain",
+        "--shot",
+        "2",
+        "--save_scores",
+        str(tmp_path / "s.npz"),
+        seed_dir=synth.seed_root,
+    )
     args[args.index("--save_path") + 1] = str(tmp / "ckpt")
     returned = test_few.main(args)
     metrics = only_record(tmp_path / "results")["metrics"]
@@ -260,21 +325,38 @@ def test_save_scores_holds_what_the_metrics_were_computed_from(few_brain, tmp_pa
     assert scores["maps"].shape == scores["masks"].shape == (2 * N, SIZE, SIZE)
     assert scores["image_scores"].tolist() == metrics["image_scores"]
     assert np.array_equal(scores["image_scores"], scores["maps"].reshape(2 * N, -1).max(axis=1))
-    assert roc_auc_score(scores["labels"], scores["image_scores"]) == pytest.approx(metrics["image_auroc"], abs=1e-12)
+    assert roc_auc_score(scores["labels"], scores["image_scores"]) == pytest.approx(
+        metrics["image_auroc"], abs=1e-12
+    )
     pixel_auroc = roc_auc_score(scores["masks"].reshape(-1), scores["maps"].reshape(-1))
     assert pixel_auroc == pytest.approx(metrics["pixel_auroc"], abs=1e-9)
 
 
 def test_test_few_several_support_draws(few_brain, tmp_path, synth, capsys):
     tmp, out, _ = few_brain
-    lists = (Path(synth.seed_root) / "Brain" / "2-shot.txt").read_text().splitlines()[:2]  # the training's n-0, a-0
-    normals = [lists[0].split(": ")[1], "00002.png 00000.png", "00001.png 00002.png"]  # three different memories
+    # the training's n-0, a-0
+    lists = (Path(synth.seed_root) / "Brain" / "2-shot.txt").read_text().splitlines()[:2]
+    # three different memories
+    normals = [lists[0].split(": ")[1], "00002.png 00000.png", "00001.png 00002.png"]
     seeds = tmp_path / "seeds"
     (seeds / "Brain").mkdir(parents=True)
-    (seeds / "Brain" / "2-shot.txt").write_text("\n".join(lists + [f"{t}-{i}: {normals[i]}" for i in (1, 2)
-                                                                    for t in "na"]))
-    args = script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--iterate", "0", "1", "2",
-                       "--ckpt", str(tmp / "ckpt" / "Brain.pth"), seed_dir=seeds)
+    (seeds / "Brain" / "2-shot.txt").write_text(
+        "\n".join(lists + [f"{t}-{i}: {normals[i]}" for i in (1, 2) for t in "na"])
+    )
+    args = script_args(
+        synth.data,
+        tmp_path,
+        "Brain",
+        "--shot",
+        "2",
+        "--iterate",
+        "0",
+        "1",
+        "2",
+        "--ckpt",
+        str(tmp / "ckpt" / "Brain.pth"),
+        seed_dir=seeds,
+    )
     returned = test_few.main(args)
     printed = capsys.readouterr().out.splitlines()
     record = only_record(tmp_path / "results")["metrics"]
@@ -282,8 +364,9 @@ def test_test_few_several_support_draws(few_brain, tmp_path, synth, capsys):
     assert [d["iterate"] for d in record["draws"]] == [0, 1, 2]
     for i, draw in enumerate(record["draws"]):
         head = printed.index(f"support draw {i} (--iterate {i}): {normals[i]}")
-        assert printed[head + 1:head + 3] == expected_lines("Brain", draw, fewshot=True)
-    assert result_lines("\n".join(printed[:3]), "Brain") == result_lines(out, "Brain")  # draw 0 = the training's
+        assert printed[head + 1 : head + 3] == expected_lines("Brain", draw, fewshot=True)
+    # draw 0 = the training's
+    assert result_lines("\n".join(printed[:3]), "Brain") == result_lines(out, "Brain")
     summary = record["summary"]
     assert set(summary) >= {"image_auroc", "pixel_auroc", "pixel_aupro"}
     for key, value in summary.items():
@@ -293,7 +376,8 @@ def test_test_few_several_support_draws(few_brain, tmp_path, synth, capsys):
     assert len({d["pixel_auroc"] for d in record["draws"]}) > 1  # the draws really differ
 
 
-# ---------------------------------------------------------------- train_few -> test_few, an image-only dataset
+# --------------------------------------------------------------- train_few -> test_few, an image-only dataset
+
 
 @pytest.fixture(scope="module")
 def few_chest(synth, tmp_path_factory):
@@ -301,8 +385,12 @@ def few_chest(synth, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("few_chest")
     (tmp / "ckpt").mkdir()
     (tmp / "ckpt" / "Chest.pth").write_bytes(b"an older checkpoint")
-    return tmp, *run(train_few, script_args(synth.data, tmp, "Chest", "--shot", "2", "--epoch", "1", "--overwrite",
-                                            seed_dir=synth.seed_root))
+    return tmp, *run(
+        train_few,
+        script_args(
+            synth.data, tmp, "Chest", "--shot", "2", "--epoch", "1", "--overwrite", seed_dir=synth.seed_root
+        ),
+    )
 
 
 def test_image_only_dataset_prints_auc_only_and_round_trips(few_chest, tmp_path, synth, capsys):
@@ -315,17 +403,22 @@ def test_image_only_dataset_prints_auc_only_and_round_trips(few_chest, tmp_path,
     ckpt_file = tmp / "ckpt" / "Chest.pth"
     ckpt = load_ckpt(ckpt_file)  # --overwrite replaced the older file
     assert set(ckpt["det_adapters"]) == ADAPTER_KEYS and ckpt["args"]["overwrite"] is True
-    returned = test_few.main(script_args(synth.data, tmp_path, "Chest", "--shot", "2", "--ckpt", str(ckpt_file),
-                                         seed_dir=synth.seed_root))
+    returned = test_few.main(
+        script_args(
+            synth.data, tmp_path, "Chest", "--shot", "2", "--ckpt", str(ckpt_file), seed_dir=synth.seed_root
+        )
+    )
     assert result_lines(capsys.readouterr().out, "Chest") == lines
     assert returned == only_record(tmp_path / "results")["metrics"]
 
 
-# ---------------------------------------------------------------- train_zero -> test_zero
+# --------------------------------------------------------------- train_zero -> test_zero
+
 
 @pytest.fixture(scope="module")
 def zero_brain(synth, tmp_path_factory):
-    """train_zero on Brain, --select test: groups of 6 (one per other dataset) -> 5 evaluations in the epoch."""
+    """train_zero on Brain, --select test: groups of 6 (one per other dataset)
+    -> 5 evaluations in the epoch."""
     tmp = tmp_path_factory.mktemp("zero_brain")
     return tmp, *run(train_zero, script_args(synth.data, tmp, "Brain", "--epoch", "1", "--batch_size", "6"))
 
@@ -335,10 +428,11 @@ def test_train_zero_prints_records_and_saves(zero_brain):
     lines = out.splitlines()
     assert [line.split(" : ")[0] for line in result_lines(out, "Brain")] == ["Brain AUC", "Brain pAUC"] * 5
     bests = [i for i, line in enumerate(lines) if line.startswith("best epoch found: ")]
-    assert lines[bests[0]] == "best epoch found: epoch 0 batch 0"  # evaluated before the first step, score >= 0
+    # evaluated before the first step, score >= 0
+    assert lines[bests[0]] == "best epoch found: epoch 0 batch 0"
     last = lines[bests[-1]]
     record = only_record(tmp / "results")
-    assert lines[bests[-1] - 2:bests[-1]] == expected_lines("Brain", record["metrics"], fewshot=False)
+    assert lines[bests[-1] - 2 : bests[-1]] == expected_lines("Brain", record["metrics"], fewshot=False)
     ckpt_file = tmp / "ckpt" / "Brain.pth"
     assert record["files"]["adapters"]["sha256"] == hashlib.sha256(ckpt_file.read_bytes()).hexdigest()
     assert record["script"] == "train_zero" and record["args"]["batch_size"] == 6
@@ -353,9 +447,11 @@ def test_test_zero_reproduces_the_saved_evaluation(zero_brain, tmp_path, synth, 
     tmp, out, _ = zero_brain
     lines = out.splitlines()
     best = max(i for i, line in enumerate(lines) if line.startswith("best epoch found: "))
-    args = script_args(synth.data, tmp_path, "Brain", "--batch_size", "6", "--ckpt", str(tmp / "ckpt" / "Brain.pth"))
+    args = script_args(
+        synth.data, tmp_path, "Brain", "--batch_size", "6", "--ckpt", str(tmp / "ckpt" / "Brain.pth")
+    )
     returned = test_zero.main(args)
-    assert result_lines(capsys.readouterr().out, "Brain") == lines[best - 2:best]  # AUC first, then pAUC
+    assert result_lines(capsys.readouterr().out, "Brain") == lines[best - 2 : best]  # AUC first, then pAUC
     record = only_record(tmp_path / "results")
     assert record["script"] == "test_zero" and record["args"]["ckpt"] == str(tmp / "ckpt" / "Brain.pth")
     assert returned == record["metrics"]
@@ -364,21 +460,30 @@ def test_test_zero_reproduces_the_saved_evaluation(zero_brain, tmp_path, synth, 
 @pytest.mark.parametrize("obj", CLASS_NAMES)
 def test_train_zero_leave_one_out_on_every_dataset(obj, synth, tmp_path, reads):
     out = call(train_zero, script_args(synth.data, tmp_path, obj, "--epoch", "1", "--batch_size", "6"))
-    assert len(result_lines(out, obj)) == 5 * (2 if DATASETS[obj].has_masks else 1)  # before each of the 5 steps
+    # before each of the 5 steps
+    assert len(result_lines(out, obj)) == 5 * (2 if DATASETS[obj].has_masks else 1)
     assert "epoch 0 loss" in out and (tmp_path / "ckpt" / f"{obj}.pth").is_file()
     record = only_record(tmp_path / "results")
-    assert set(record["metrics"]) >= ({"image_auroc", "pixel_auroc"} if DATASETS[obj].has_masks else {"image_auroc"})
+    assert set(record["metrics"]) >= (
+        {"image_auroc", "pixel_auroc"} if DATASETS[obj].has_masks else {"image_auroc"}
+    )
     trained = sorted(path for module, path in reads if module == "dataset.medical_zero")
-    assert trained == sorted(p for other in CLASS_NAMES if other != obj for p in split_files(synth.data, other))
-    assert {split_of(path) for module, path in reads if module != "dataset.medical_zero"} == \
-           {(DATASETS[obj].folder, "test")}  # the evaluations: the target's test split
+    assert trained == sorted(
+        p for other in CLASS_NAMES if other != obj for p in split_files(synth.data, other)
+    )
+    # the evaluations: the target's test split
+    assert {split_of(path) for module, path in reads if module != "dataset.medical_zero"} == {
+        (DATASETS[obj].folder, "test")
+    }
 
 
-# ---------------------------------------------------------------- the demo
+# --------------------------------------------------------------- the demo
+
 
 def test_demo_runs_end_to_end_in_a_fresh_folder(tmp_path, monkeypatch, capfd):
     """The demo as shipped, in an empty working directory, without CLIP weights; the scripts it runs (as
-    subprocesses, the commands it prints) run at SIZE px instead of 240 and on one thread (the changes, for speed)."""
+    subprocesses, the commands it prints) run at SIZE px instead of 240 and on one thread
+    (the changes, for speed)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(demo, "default_checkpoint", lambda name: tmp_path / "no-weights" / f"{name}.pt")
     commands = []
@@ -391,22 +496,30 @@ def test_demo_runs_end_to_end_in_a_fresh_folder(tmp_path, monkeypatch, capfd):
     monkeypatch.setattr(demo, "subprocess", types.SimpleNamespace(run=run_faster))
     assert demo.main(["--shot", "1", "--epoch", "1"]) == 0
     out = capfd.readouterr().out.splitlines()  # the scripts write to the file descriptor: capfd, not capsys
-    assert out[:3] == ["DEMO - the numbers below are meaningless:",
-                       f"  BMAD data not found at ./data/Brain_AD: using synthetic images in {Path('demo') / 'data'}",
-                       f"  CLIP weights not found at {tmp_path / 'no-weights' / 'ViT-L-14-336.pt'}: using a small "
-                       f"random-weight CLIP"]
+    assert out[:3] == [
+        "DEMO - the numbers below are meaningless:",
+        f"  BMAD data not found at ./data/Brain_AD: using synthetic images in {Path('demo') / 'data'}",
+        f"  CLIP weights not found at {tmp_path / 'no-weights' / 'ViT-L-14-336.pt'}: using a small "
+        f"random-weight CLIP",
+    ]
     printed = [line for line in out if line.startswith("$ python ")]  # what a user would type, and what ran
     assert [line.split()[2] for line in printed] == ["train_few.py", "test_few.py"]
-    assert [[sys.executable, str(REPO / line.split()[2]), *shlex.split(line)[3:]] for line in printed] == commands
+    assert [
+        [sys.executable, str(REPO / line.split()[2]), *shlex.split(line)[3:]] for line in printed
+    ] == commands
     lines = result_lines("\n".join(out), "Brain")
-    assert len(lines) == 4 and lines[:2] == lines[2:]  # training's selection pass, then test_few: same numbers
+    # training's selection pass, then test_few: same numbers
+    assert len(lines) == 4 and lines[:2] == lines[2:]
     assert out[-1] == f"checkpoint: {Path('demo') / 'ckpt'}, run records: {Path('demo') / 'results'}"
     assert load_ckpt(tmp_path / "demo" / "ckpt" / "Brain_1shot.pth")["args"]["shot"] == 1
-    assert sorted(p.name.split("_")[0] for p in (tmp_path / "demo" / "results").glob("*.json")) == ["test", "train"]
+    assert sorted(p.name.split("_")[0] for p in (tmp_path / "demo" / "results").glob("*.json")) == [
+        "test",
+        "train",
+    ]
     assert (tmp_path / "demo" / "data" / "Brain_AD" / "test" / "Ungood" / "anomaly_mask").is_dir()
 
 
-# ---------------------------------------------------------------- bad input: one line on stderr, exit code 2
+# --------------------------------------------------------------- bad input: one line on stderr, exit code 2
 
 SCRIPTS = {"train_few": train_few, "test_few": test_few, "train_zero": train_zero, "test_zero": test_zero}
 
@@ -414,8 +527,14 @@ SCRIPTS = {"train_few": train_few, "test_few": test_few, "train_zero": train_zer
 def any_args(name: str, synth, tmp: Path, obj: str, *extra: str, data=None) -> list[str]:
     """Arguments for script `name` (few-shot ones get --shot 2 and the synthetic support lists)."""
     few = name.endswith("few")
-    return script_args(data or synth.data, tmp, obj, *(["--shot", "2"] if few else []), *extra,
-                       seed_dir=synth.seed_root if few else None)
+    return script_args(
+        data or synth.data,
+        tmp,
+        obj,
+        *(["--shot", "2"] if few else []),
+        *extra,
+        seed_dir=synth.seed_root if few else None,
+    )
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -430,8 +549,10 @@ def test_missing_data_folder_names_the_expected_path(name, synth, tmp_path, caps
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_unknown_obj(name, synth, tmp_path, capsys):
     error = expect_error(SCRIPTS[name], any_args(name, synth, tmp_path, "Lung"), capsys)
-    assert error == ("error: unknown --obj 'Lung': choose one of Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, "
-                     "Histopathology")
+    assert error == (
+        "error: unknown --obj 'Lung': choose one of Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, "
+        "Histopathology"
+    )
 
 
 @pytest.mark.parametrize("split", ["test", "valid"])
@@ -442,20 +563,33 @@ def test_missing_mask_of_an_abnormal_image(split, synth, tmp_path, capsys):
     (data / "Liver_AD" / split / "Ungood" / "anomaly_mask" / name).unlink()
     error = expect_error(train_few, any_args("train_few", synth, tmp_path, "Liver", data=data), capsys)
     folder = data / "Liver_AD" / split / "Ungood"
-    assert error == f"error: no mask for image {folder / 'img' / name}: expected {folder / 'anomaly_mask' / name}"
+    assert (
+        error
+        == f"error: no mask for image {folder / 'img' / name}: expected {folder / 'anomaly_mask' / name}"
+    )
 
 
 def test_missing_support_list(synth, tmp_path, capsys):
-    args = script_args(synth.data, tmp_path, "Brain", "--shot", "3", seed_dir=synth.seed_root)  # only k = 1, 2 exist
+    # only k = 1, 2 exist
+    args = script_args(synth.data, tmp_path, "Brain", "--shot", "3", seed_dir=synth.seed_root)
     error = expect_error(test_few, args, capsys)
-    assert error.startswith(f"error: support list not found: {Path(synth.seed_root) / 'Brain' / '3-shot.txt'}; ")
+    assert error.startswith(
+        f"error: support list not found: {Path(synth.seed_root) / 'Brain' / '3-shot.txt'}; "
+    )
     assert "--iterate -1" in error
 
 
-@pytest.mark.parametrize("content, iterate, message", [
-    ("n-0: 00000.png\na-0: 00000.png 00001.png", "0", "has 1 image names after 'n-0:', fewer than --shot 2"),
-    ("n-0: 00000.png 00001.png\na-0: 00000.png 00001.png", "1", "has no line 'n-1:'"),
-])
+@pytest.mark.parametrize(
+    "content, iterate, message",
+    [
+        (
+            "n-0: 00000.png\na-0: 00000.png 00001.png",
+            "0",
+            "has 1 image names after 'n-0:', fewer than --shot 2",
+        ),
+        ("n-0: 00000.png 00001.png\na-0: 00000.png 00001.png", "1", "has no line 'n-1:'"),
+    ],
+)
 def test_short_support_list(content, iterate, message, synth, tmp_path, capsys):
     seeds = tmp_path / "seeds"
     (seeds / "Brain").mkdir(parents=True)
@@ -467,14 +601,15 @@ def test_short_support_list(content, iterate, message, synth, tmp_path, capsys):
 
 @pytest.mark.parametrize("name, workers", [("test_zero", "0"), ("test_zero", "1"), ("train_zero", "0")])
 def test_corrupt_image_read_during_a_pass(name, workers, zero_brain, synth, tmp_path, capsys):
-    """Images are read lazily, inside the evaluation (test_zero) or the training loop (train_zero, another dataset);
-    the error still ends the run with one line, also from a DataLoader worker process."""
+    """Images are read lazily, inside the evaluation (test_zero) or the training loop (train_zero, another
+    dataset); the error still ends the run with one line, also from a DataLoader worker process."""
     data = copy_data(synth, tmp_path)
     bad = data / ("Chest_AD" if name == "test_zero" else "Liver_AD") / "test" / "good" / "img" / "00001.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n but then nothing")
     args = script_args(data, tmp_path, "Chest", "--num_workers", workers, "--batch_size", "6")
     if name == "test_zero":
-        args += ["--ckpt", str(zero_brain[0] / "ckpt" / "Brain.pth")]  # any adapters of the tiny model will do
+        # any adapters of the tiny model will do
+        args += ["--ckpt", str(zero_brain[0] / "ckpt" / "Brain.pth")]
     else:
         args += ["--epoch", "1", "--select", "last"]  # no test pass before the training steps
     error = expect_error(SCRIPTS[name], args, capsys)
@@ -487,13 +622,17 @@ def test_existing_checkpoint_is_not_replaced_without_overwrite(name, synth, tmp_
     target.parent.mkdir()
     target.write_bytes(b"someone's downloaded checkpoint")
     error = expect_error(SCRIPTS[name], any_args(name, synth, tmp_path, "Brain"), capsys)
-    assert error == f"error: {target} exists already: pass --overwrite to replace it, or choose another --save_path"
+    assert (
+        error
+        == f"error: {target} exists already: pass --overwrite to replace it, or choose another --save_path"
+    )
     assert target.read_bytes() == b"someone's downloaded checkpoint"
     assert not list(tmp_path.glob("results/*"))  # refused before any work
 
 
 def test_zero_shot_with_fewer_than_five_training_groups(synth, tmp_path, capsys):
-    """3 groups (reference: len // 5 == 0 -> ZeroDivisionError): evaluated before every step, in every epoch."""
+    """3 groups (reference: len // 5 == 0 -> ZeroDivisionError): evaluated before every step,
+    in every epoch."""
     data = copy_data(synth, tmp_path)
     for other in ("Brain", "Retina_RESC", "Retina_OCT2017", "Histopathology"):
         empty_test_split(data, other)  # left: Chest's 6 test images, in groups of 2
@@ -517,10 +656,14 @@ def test_zero_shot_without_training_images(synth, tmp_path, capsys):
 def test_test_set_with_one_class(name, zero_brain, synth, tmp_path, capsys):
     data = copy_data(synth, tmp_path, ["Brain"])
     empty_test_split(data, "Brain", states=("Ungood",))
-    args = any_args(name, synth, tmp_path, "Brain", "--ckpt", str(zero_brain[0] / "ckpt" / "Brain.pth"), data=data)
+    args = any_args(
+        name, synth, tmp_path, "Brain", "--ckpt", str(zero_brain[0] / "ckpt" / "Brain.pth"), data=data
+    )
     error = expect_error(SCRIPTS[name], args, capsys)
-    assert error == ("error: AUROC is undefined: the test set has only normal (or only abnormal) images (0 abnormal, "
-                     f"{N} normal); evaluate on a test set that has both")
+    assert error == (
+        "error: AUROC is undefined: the test set has only normal (or only abnormal) images (0 abnormal, "
+        f"{N} normal); evaluate on a test set that has both"
+    )
 
 
 def test_missing_clip_weights_names_the_path(synth, tmp_path, capsys):
@@ -536,21 +679,27 @@ def test_missing_adapter_checkpoint_names_the_path(synth, tmp_path, capsys):
     assert error.startswith(f"error: adapter checkpoint not found: {tmp_path / 'ckpt' / 'Brain.pth'} ")
 
 
-# ---------------------------------------------------------------- records and checkpoint loading
+# --------------------------------------------------------------- records and checkpoint loading
+
 
 def test_run_records_of_one_second_do_not_replace_each_other(tmp_path):
     flags = vars(test_zero.parser().parse_args(["--obj", "Chest"]))
-    paths = [records.write_record(str(tmp_path), "test_zero", "Chest", flags, {"image_auroc": v}, {})
-             for v in (0.25, 0.5)]
+    paths = [
+        records.write_record(str(tmp_path), "test_zero", "Chest", flags, {"image_auroc": v}, {})
+        for v in (0.25, 0.5)
+    ]
     assert paths[0] != paths[1]
     assert [json.loads(p.read_text())["metrics"]["image_auroc"] for p in paths] == [0.25, 0.5]
 
 
 def test_every_torch_load_passes_map_location():
-    """Checkpoints saved on a GPU must load on CPU-only machines (spec Q1): no torch.load without map_location."""
+    """Checkpoints saved on a GPU must load on CPU-only machines (the reference's torch.load calls without
+    map_location fail there): no torch.load without map_location."""
     calls = []
     for path in sorted(REPO.rglob("*.py")):
-        if "tests" in path.relative_to(REPO).parts or any(p.startswith(".") for p in path.relative_to(REPO).parts):
+        if "tests" in path.relative_to(REPO).parts or any(
+            p.startswith(".") for p in path.relative_to(REPO).parts
+        ):
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch.load", "torch.jit.load"):

@@ -1,10 +1,11 @@
 """What the few-shot training loop sees, against the reference's construction written out independently here.
 
-The reference builds its training set as: the k listed (or drawn) abnormal support images with their masks and the
-k normal ones, each set augmented in blocks (originals, rotations by -pi/8, -pi/16, pi/16, pi/8, translations by
-(0.1, 0.1), (-0.1, 0.1), (-0.1, -0.1), (0.1, -0.1), horizontal flip, vertical flip), abnormal before normal, labels
-1 then 0, masks of normal images zero; then a shuffling DataLoader with batch 1 takes them in the order of
-`randperm(22k)` drawn from a generator seeded by the global generator, after the loader's own base-seed draw.
+The reference builds its training set as: the k listed (or drawn) abnormal support images with their masks and
+the k normal ones, each set augmented in blocks (originals, rotations by -pi/8, -pi/16, pi/16, pi/8,
+translations by (0.1, 0.1), (-0.1, 0.1), (-0.1, -0.1), (0.1, -0.1), horizontal flip, vertical flip), abnormal
+before normal, labels 1 then 0, masks of normal images zero; then a shuffling DataLoader with batch 1 takes
+them in the order of `randperm(22k)` drawn from a generator seeded by the global generator, after the loader's
+own base-seed draw.
 """
 
 import os
@@ -28,7 +29,8 @@ SIZE = 56
 
 @pytest.fixture(scope="module", params=[0, 7], ids=["data0", "data7"])
 def data(request, tmp_path_factory):
-    """Eight images per folder and support lists for k = 1, 2, 4, 8, from two seeds of the synthetic generator."""
+    """Eight images per folder and support lists for k = 1, 2, 4, 8,
+    from two seeds of the synthetic generator."""
     root = tmp_path_factory.mktemp(f"order{request.param}")
     return make_synthetic_bmad(
         str(root),
@@ -110,7 +112,8 @@ def reference_items(
 
 
 def shuffled_order(rng_state: torch.Tensor, n: int) -> list[int]:
-    """The order a batch-1 shuffling DataLoader takes n items in, from the global generator's state at its iter()."""
+    """The order a batch-1 shuffling DataLoader takes n items in,
+    from the global generator's state at its iter()."""
     generator_state = torch.get_rng_state()
     torch.set_rng_state(rng_state)
     torch.empty((), dtype=torch.int64).random_()  # the iterator's base seed
@@ -120,7 +123,8 @@ def shuffled_order(rng_state: torch.Tensor, n: int) -> list[int]:
 
 
 def seen_by_training(monkeypatch, args: list[str]) -> tuple[list, list]:
-    """Run train_few for one epoch; (every step's (image, mask, label)), (global RNG state at each loader iter())."""
+    """Run train_few for one epoch;
+    (every step's (image, mask, label)), (global RNG state at each loader iter())."""
     steps, states, real_iter = [], [], DataLoader.__iter__
 
     def step(model, images, labels, masks, *a, **k):
@@ -173,8 +177,8 @@ def test_training_items_in_the_reference_order(data, tmp_path, monkeypatch, obj,
 
 
 def test_losses_of_a_run_resumed_at_every_step(data, tmp_path, monkeypatch):
-    """One epoch (k = 1: 22 steps) stopped by SIGUSR1 after every step and resumed each time: the same per-step
-    losses, bit for bit, and the same checkpoint as the run that was never stopped."""
+    """One epoch (k = 1: 22 steps) stopped by SIGUSR1 after every step and resumed each time: the same
+    per-step losses, bit for bit, and the same checkpoint as the run that was never stopped."""
     losses, real_step = [], training.train_step
 
     def step(*a, **k):
