@@ -1,55 +1,82 @@
-"""Shared pytest fixtures: where the reference fixtures live and the regenerated seed-0 reference inputs."""
+"""Shared pytest fixtures: the reference fixtures kept in the repository, the regenerated seed-0 reference
+inputs, and the comparison of a tensor with a probe of a reference tensor."""
 
+import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MVFA_SHARED", REPO.parent / "shared"))
-REFERENCE = SHARED / "reference"
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+REFERENCE = TESTS / "fixtures" / "reference"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(TESTS))
 
-
-def require_reference() -> Path:
-    """Skip the calling test, with a one-line reason, when ../shared/reference is not beside the checkout."""
-    if not (REFERENCE / "goldens_seed0.pt").is_file():
-        # CI lays shared/ beside the clone: a missing fixture is a failure there
-        if os.environ.get("CI") == "true":
-            pytest.fail(
-                f"reference fixtures not found at {REFERENCE} (set MVFA_SHARED to the shared/ folder)"
-            )
-        pytest.skip(f"reference fixtures not found at {REFERENCE} (set MVFA_SHARED to the shared/ folder)")
-    return REFERENCE
+SUM_NORM_RTOL = 1e-12  # float64 sums of the same values in another order
 
 
 @pytest.fixture(scope="session")
-def goldens():
+def goldens() -> dict:
+    """The reference's intermediate values, large tensors as probes (tests/fixtures/reference/README.md)."""
     import torch
 
-    return torch.load(require_reference() / "goldens_seed0.pt", map_location="cpu", weights_only=False)
+    return torch.load(REFERENCE / "goldens_seed0_small.pt", map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="session")
 def reference_assets(tmp_path_factory) -> Path:
-    """The seed-0 reference inputs (weights, adapters, data, support lists), regenerated once per session.
+    """The seed-0 reference inputs (weights, adapters, data, support lists), regenerated once per session by
+    tests/reference_inputs.py (~15 s, ~1.4 GB).
 
-    MVFA_ASSETS=DIR reuses a folder made earlier with the two scripts of ../shared/reference.
+    MVFA_ASSETS=DIR reuses a folder made earlier (`python tests/reference_inputs.py DIR`).
     """
-    ref = require_reference()
+    from reference_inputs import make_reference_inputs
+
     cached = os.environ.get("MVFA_ASSETS")
     if cached and (Path(cached) / "CLIP/ckpt/ViT-L-14-336px.pt").is_file():
         return Path(cached)
-    out = tmp_path_factory.mktemp("reference_assets")
-    subprocess.run(
-        [sys.executable, str(ref / "make_ckpts.py"), str(out), "0"], check=True, capture_output=True
-    )
-    subprocess.run(
-        [sys.executable, str(ref / "make_synth_bmad.py"), str(out), "6", "0"], check=True, capture_output=True
-    )
-    return out
+    return make_reference_inputs(tmp_path_factory.mktemp("reference_assets"), seed=0, n_per_split=6)
+
+
+def assert_matches_probe(tensor, probe: dict, atol: float = 0.0, msg: str = "") -> None:
+    """`tensor` against a probe of a reference tensor ({'shape', 'dtype', 'index', 'values', 'sum', 'norm'}):
+    the same shape and dtype; at the probe's flat positions the same values (atol 0: torch.equal, else
+    within atol); its float64 sum and norm those of the probe, to float64 rounding (relative 1e-12) when
+    atol is 0, else within what values within atol allow (numel * atol for the sum, sqrt(numel) * atol for
+    the norm)."""
+    import torch
+
+    where = f" ({msg})" if msg else ""
+    assert tuple(tensor.shape) == tuple(probe["shape"]), f"shape {tuple(tensor.shape)}{where}"
+    assert tensor.dtype == probe["dtype"], f"dtype {tensor.dtype}{where}"
+    flat = tensor.detach().cpu().reshape(-1)
+    got = flat[probe["index"]]
+    if atol == 0:
+        assert torch.equal(got, probe["values"]), f"values at the probe positions differ{where}"
+    else:
+        torch.testing.assert_close(got, probe["values"], atol=atol, rtol=0, msg=f"probe values{where}")
+    wide = flat.double()
+    for name, value, bound in (
+        ("sum", wide.sum().item(), flat.numel() * atol),
+        ("norm", wide.norm().item(), math.sqrt(flat.numel()) * atol),
+    ):
+        expected = probe[name]
+        assert value == expected or abs(value - expected) <= bound + SUM_NORM_RTOL * abs(expected), (
+            f"{name} {value!r}, reference {expected!r}{where}"
+        )
+
+
+@pytest.fixture(scope="session")
+def golden_image(reference_assets, goldens):
+    """The goldens' test image ([1, 3, 240, 240], as the reference loads it) from its file, checked against
+    the goldens' probe of it."""
+    from dataset import load_image
+
+    image = load_image(str(reference_assets / "data" / goldens["image_file"]), 240)[None]
+    assert_matches_probe(image, goldens["image"], msg="image")
+    return image
 
 
 @pytest.fixture(autouse=True)

@@ -1,18 +1,26 @@
-"""The core model against the reference's recorded outputs
-(../shared/reference/goldens_seed0.pt, recorded on the CPU in fp32)."""
+"""The core model against the reference's recorded outputs (tests/fixtures/reference/goldens_seed0_small.pt,
+recorded on the CPU in fp32; its large tensors are probes, compared with assert_matches_probe)."""
 
 import numpy as np
 import pytest
 import torch
+from conftest import assert_matches_probe
 from PIL import Image
 
 from CLIP import CLIP_Inplanted, create_model, tokenize
+from dataset import load_image, load_mask
 from loss import detection_loss, dice_loss, focal_loss, segmentation_loss
 from prompt import encode_text_with_prompt_ensemble
 from utils import augment
 
 TOKEN_TOL = 1e-4  # absolute, on O(1) values
 LOSS_RTOL = 1e-5
+
+# The files under data/Brain_AD/ that the reference's augmentation and loss inputs were loaded from (found by
+# comparing every generated image and mask with the full goldens; tests/fixtures/reference/README.md)
+AUGMENT_ABNORMAL = "valid/good/img/00000_85.png"
+AUGMENT_MASK = "test/Ungood/anomaly_mask/00000_83.png"
+AUGMENT_NORMAL = ("valid/good/img/00000_85.png", "valid/good/img/00001_66.png")
 
 
 @pytest.fixture(scope="module")
@@ -37,32 +45,51 @@ def test_text_features_of_all_six_datasets(goldens, brain_model):
         torch.testing.assert_close(got, expected, atol=TOKEN_TOL, rtol=0, msg=obj)
 
 
-def test_adapted_forward(goldens, brain_model):
+def test_adapted_forward(goldens, brain_model, golden_image):
     with torch.no_grad():
-        pooled, seg, det = brain_model(goldens["image"])
+        pooled, seg, det = brain_model(golden_image)
     torch.testing.assert_close(pooled, goldens["pooled"], atol=TOKEN_TOL, rtol=0)
     assert len(seg) == len(det) == 4
-    for got, expected in zip(seg + det, goldens["seg_tokens"] + goldens["det_tokens"]):
+    names = [f"seg_tokens[{i}]" for i in range(4)] + [f"det_tokens[{i}]" for i in range(4)]
+    for got, expected, name in zip(seg + det, goldens["seg_tokens"] + goldens["det_tokens"], names):
         assert got.shape == (1, 290, 768)
-        torch.testing.assert_close(got, expected, atol=TOKEN_TOL, rtol=0)
+        assert_matches_probe(got, expected, atol=TOKEN_TOL, msg=name)
 
 
-def test_augmentations(goldens):
-    images, masks = augment(goldens["augment_in_abnormal"], goldens["augment_in_mask"])
-    torch.testing.assert_close(images, goldens["augment_abnormal_img"], atol=TOKEN_TOL, rtol=0)
-    torch.testing.assert_close(masks, goldens["augment_abnormal_mask"], atol=TOKEN_TOL, rtol=0)
-    images, masks = augment(goldens["augment_in_normal"])
-    torch.testing.assert_close(images, goldens["augment_normal_img"], atol=TOKEN_TOL, rtol=0)
-    torch.testing.assert_close(masks, goldens["augment_normal_mask"], atol=0, rtol=0)
+@pytest.fixture(scope="module")
+def augment_inputs(reference_assets, goldens):
+    """The augmentation's inputs as the reference loaded them, each checked against the goldens' probe of it:
+    (abnormal image [1, 3, 240, 240], its mask [1, 1, 240, 240], two normal images [2, 3, 240, 240])."""
+    brain = reference_assets / "data" / "Brain_AD"
+    abnormal = load_image(str(brain / AUGMENT_ABNORMAL), 240)[None]
+    mask = load_mask(str(brain / AUGMENT_MASK), 240)[None]
+    normal = torch.stack([load_image(str(brain / name), 240) for name in AUGMENT_NORMAL])
+    assert_matches_probe(abnormal, goldens["augment_in_abnormal"], msg="augment_in_abnormal")
+    assert_matches_probe(mask, goldens["augment_in_mask"], msg="augment_in_mask")
+    assert_matches_probe(normal, goldens["augment_in_normal"], msg="augment_in_normal")
+    return abnormal, mask, normal
 
 
-def test_focal_and_dice(goldens):
-    prob, mask = goldens["loss_prob"], goldens["loss_mask"]
+def test_augmentations(goldens, augment_inputs):
+    abnormal, mask, normal = augment_inputs
+    images, masks = augment(abnormal, mask)
+    assert_matches_probe(images, goldens["augment_abnormal_img"], atol=TOKEN_TOL, msg="augment_abnormal_img")
+    assert_matches_probe(masks, goldens["augment_abnormal_mask"], atol=TOKEN_TOL, msg="augment_abnormal_mask")
+    images, masks = augment(normal)
+    assert_matches_probe(images, goldens["augment_normal_img"], atol=TOKEN_TOL, msg="augment_normal_img")
+    assert_matches_probe(masks, goldens["augment_normal_mask"], msg="augment_normal_mask")
+
+
+def test_focal_and_dice(goldens, reference_assets):
+    """On the reference's probability map (kept whole in the fixture) and its mask, rebuilt from its file."""
+    prob = goldens["loss_prob"]
+    mask = load_mask(str(reference_assets / "data" / "Brain_AD" / AUGMENT_MASK), 240)
+    assert_matches_probe(mask, goldens["loss_mask"], msg="loss_mask")
     assert focal_loss(prob, mask).item() == pytest.approx(goldens["focal"], rel=LOSS_RTOL)
     assert dice_loss(prob[:, 1], mask).item() == pytest.approx(goldens["dice"], rel=LOSS_RTOL)
 
 
-def test_one_training_step(goldens, brain_model, reference_assets):
+def test_one_training_step(goldens, brain_model, reference_assets, golden_image):
     """Losses and every updated adapter weight after one Adam step of both optimisers,
     as the reference's training loop takes it."""
     model = brain_model
@@ -76,7 +103,7 @@ def test_one_training_step(goldens, brain_model, reference_assets):
     seg_opt = torch.optim.Adam(model.seg_adapters.parameters(), lr=1e-3, betas=(0.5, 0.999))
     det_opt = torch.optim.Adam(model.det_adapters.parameters(), lr=1e-3, betas=(0.5, 0.999))
     try:
-        _, seg, det = model(goldens["image"])
+        _, seg, det = model(golden_image)
         det_loss = detection_loss(det, text, torch.tensor([1.0]))
         seg_loss = segmentation_loss(seg, text, mask, 240)
         loss = seg_loss + det_loss

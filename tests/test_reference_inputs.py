@@ -1,4 +1,5 @@
-"""The repository's own generator rebuilds the seed-0 reference inputs byte for byte (no ../shared needed).
+"""The repository's own generator rebuilds the seed-0 reference inputs byte for byte, from the repository
+alone.
 
 tests/fixtures/reference/inputs_seed0.sha256 lists the sha256 of every file that the reference scripts
 (`make_ckpts.py DIR 0`, `make_synth_bmad.py DIR 6 0`) write;

@@ -1,4 +1,5 @@
-"""The reference's four recorded runs (../shared/reference/reference_outputs_seed0.txt), run as a user would.
+"""The reference's four recorded runs (tests/fixtures/reference/reference_outputs_seed0.txt), run as a user
+would.
 
 A user's checkout is laid out in tmp: this repository's code, with the regenerated seed-0 inputs where a user
 puts the downloads (CLIP/ckpt/, ckpt/few-shot/, ckpt/zero-shot/, data/, dataset/fewshot_seed/); then each
@@ -15,16 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REFERENCE, REPO, require_reference
+from conftest import REFERENCE, REPO
+from reference_inputs import make_reference_inputs
 
 
 def recorded_runs(transcript: str = "reference_outputs_seed0.txt") -> list[tuple[str, list[str]]]:
     """[(command, printed lines)] from one of the reference's transcripts."""
-    path = REFERENCE / transcript
-    if not path.is_file():
-        return []
     runs = []
-    for line in path.read_text().splitlines():
+    for line in (REFERENCE / transcript).read_text().splitlines():
         if line.startswith("$ python "):
             runs.append((line[len("$ python ") :], []))
         elif line.strip():
@@ -58,16 +57,7 @@ def user_checkout(reference_assets, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def seed7_checkout(tmp_path_factory) -> Path:
     """The inputs of reference_training_seed7.txt (seed 7, eight images per split), in a user's checkout."""
-    ref = require_reference()
-    assets = tmp_path_factory.mktemp("assets7")
-    subprocess.run(
-        [sys.executable, str(ref / "make_ckpts.py"), str(assets), "7"], check=True, capture_output=True
-    )
-    subprocess.run(
-        [sys.executable, str(ref / "make_synth_bmad.py"), str(assets), "8", "7"],
-        check=True,
-        capture_output=True,
-    )
+    assets = make_reference_inputs(tmp_path_factory.mktemp("assets7"), seed=7, n_per_split=8)
     return lay_out_checkout(assets, tmp_path_factory.mktemp("checkout7"))
 
 
@@ -80,33 +70,23 @@ MAP_TOL = 3e-5
 IMAGE_TOL = 3e-4
 
 
-def reference_scores(command: str) -> dict | None:
+def reference_scores(command: str) -> dict:
     """What the reference passed to its AUROCs for a recorded test run,
     as {'image': (y, s), 'pixel': (y, s)}."""
     words = command.split()
     name = f"{words[0].removesuffix('.py')}_{words[words.index('--obj') + 1]}"
     if "--shot" in words:
         name += f"_{words[words.index('--shot') + 1]}"
-    path = REFERENCE / "reference_scores_seed0" / f"{name}.npz"
-    if not path.is_file():
-        return None
-    recorded = np.load(path)
+    recorded = np.load(REFERENCE / "reference_scores_seed0" / f"{name}.npz")
     pairs = [(recorded[f"y{i}"], recorded[f"s{i}"]) for i in range(2) if f"y{i}" in recorded]
     n_images = min(len(y) for y, _ in pairs)  # the image pair is the short one, the pixel pair N*H*W long
     return {("image" if len(y) == n_images else "pixel"): (y, s) for y, s in pairs}
 
 
-@pytest.mark.parametrize(
-    "command,expected",
-    recorded_runs()
-    or [
-        pytest.param("", [], marks=pytest.mark.skip(reason=f"reference transcript not found in {REFERENCE}"))
-    ],
-)
+@pytest.mark.parametrize("command,expected", recorded_runs())
 def test_recorded_run_prints_the_same_lines(user_checkout, tmp_path, command, expected):
     """The printed lines, and per image and per pixel the scores behind them (--save_scores),
     as the reference's."""
-    require_reference()
     scores_file = tmp_path / "scores.npz"
     out = subprocess.run(
         [
@@ -128,10 +108,6 @@ def test_recorded_run_prints_the_same_lines(user_checkout, tmp_path, command, ex
     printed = [line for line in out.stdout.splitlines() if " AUC : " in line or " pAUC : " in line]
     assert printed == expected
     recorded = reference_scores(command)
-    if recorded is None:
-        pytest.skip(
-            f"no per-image reference scores for {command!r} in {REFERENCE / 'reference_scores_seed0'}"
-        )
     ours = np.load(scores_file)
     labels, image_scores = recorded["image"]
     assert np.array_equal(ours["labels"], labels)
@@ -152,7 +128,6 @@ def test_paper_tables_cell_equals_recorded_line(user_checkout):
 
     Only that run is made (no few-shot checkpoints in the folder given): the few-shot row is '-' with a note.
     """
-    require_reference()
     recorded = dict(recorded_runs())["test_zero.py --obj Histopathology"]
     auc = float(next(line for line in recorded if line.startswith("Histopathology AUC : ")).split(":")[1])
     out_dir = user_checkout / "results/paper_tables"
@@ -224,23 +199,11 @@ def cpu_environment(recorded_on: str) -> dict:
     pytest.skip(f"recorded on a CPU with {recorded_on} kernels; this one runs {here}")
 
 
-@pytest.mark.parametrize(
-    "transcript,command,expected",
-    TRAININGS
-    or [
-        pytest.param(
-            "",
-            "",
-            [],
-            marks=pytest.mark.skip(reason=f"reference training transcripts not found in {REFERENCE}"),
-        )
-    ],
-)
+@pytest.mark.parametrize("transcript,command,expected", TRAININGS)
 def test_training_from_scratch_prints_the_recorded_lines(request, tmp_path, transcript, command, expected):
     """The same command, seed and inputs as the reference's one-epoch trainings: adapters initialised from the
     same generator state, the same shuffles, so the same evaluations (zero-shot: five in the epoch) and, where
     the transcript kept it, the same mean loss, every digit (the run record keeps it at full precision)."""
-    require_reference()
     recorded_on = RECORDED_ON.get((transcript, command), "AVX512")
     env = cpu_environment(recorded_on)
     checkout = request.getfixturevalue("seed7_checkout" if "seed7" in transcript else "user_checkout")

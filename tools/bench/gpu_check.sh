@@ -5,18 +5,16 @@ set -uo pipefail
 
 usage() {
     cat <<'EOF'
-usage: bash tools/bench/gpu_check.sh [--wheels DIR] [--shared DIR] [--assets DIR] [--work DIR] [--dry_run]
+usage: bash tools/bench/gpu_check.sh [--wheels DIR] [--assets DIR] [--work DIR] [--dry_run]
 
 On a machine with a CUDA GPU and no internet, from anywhere (it runs in the repository root); designed to finish
 in under 8 minutes on one H100/H200-class GPU (each step has a time limit; not yet run on a GPU):
   1. installs what is missing (on the lent machines: ftfy and wcwidth) from the wheel folder DIR (default
      ./wheels), never from the internet: pip install --no-index --find-links DIR ...
   2. regenerates the seed-0 reference inputs in WORK/assets (random-weight ViT-L archive, adapter checkpoints,
-     synthetic BMAD data, support lists; ~1 min, 860 MB):
-         python SHARED/reference/make_ckpts.py WORK/assets 0
-         python SHARED/reference/make_synth_bmad.py WORK/assets 6 0
-     SHARED is --shared, else $MVFA_SHARED, else ../shared (the folder beside the checkout); --assets DIR reuses a
-     folder made that way instead;
+     synthetic BMAD data, support lists; ~1 min, 1.4 GB) with the tests' own generator:
+         python tests/reference_inputs.py WORK/assets
+     --assets DIR reuses a folder made that way instead;
   3. runs tests/test_cuda.py on them: fp16 autocast against fp32 (forward, text features, memory bank, scores),
      batch 1 against batch 8, a CUDA checkpoint loaded on the CPU, the four recorded reference runs with
      --precision auto (pixel AUROC within 0.01 of the recorded lines, image AUROC reported), training steps under
@@ -32,9 +30,9 @@ Prepare the wheel folder beforehand, on a machine with internet, in the reposito
 ftfy and wcwidth are pure-Python wheels, so this works from any platform; for a package with compiled code add
   --only-binary=:all: --platform manylinux2014_x86_64 --python-version 3.11  (the GPU machine's Python).
 The lent machines have torch, torchvision, scikit-learn, scipy, pillow, tqdm, regex, matplotlib and pytest.
-Then carry the repository, wheels/ and the shared/ folder (reference/make_ckpts.py, make_synth_bmad.py,
-goldens_seed0.pt, reference_outputs_seed0.txt) to the GPU machine and run:
-    bash tools/bench/gpu_check.sh --shared path/to/shared
+Then carry the repository (its tests/fixtures/ hold the reference's recordings) and wheels/ to the GPU machine
+and run:
+    bash tools/bench/gpu_check.sh
 
 --dry_run: the same steps on the CPU, to check the script where there is no GPU: the CUDA tests report their skip
 reason, and the speed tool runs fp32 and bf16 forward and training-step stages at batch 1 on 56-pixel images.
@@ -42,7 +40,6 @@ EOF
 }
 
 WHEELS=wheels
-SHARED=${MVFA_SHARED:-}
 ASSETS=
 WORK=results/gpu_check
 DRY=0
@@ -50,7 +47,6 @@ while [ $# -gt 0 ]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
         --wheels) WHEELS=$2; shift 2 ;;
-        --shared) SHARED=$2; shift 2 ;;
         --assets) ASSETS=$2; shift 2 ;;
         --work) WORK=$2; shift 2 ;;
         --dry_run) DRY=1; shift ;;
@@ -62,8 +58,6 @@ WHEELS=$(cd "$(dirname "$WHEELS")" 2>/dev/null && echo "$PWD/$(basename "$WHEELS
 WORK=$(absolute "$WORK")
 [ -n "$ASSETS" ] && ASSETS=$(cd "$ASSETS" && pwd)
 cd "$(dirname "$0")/../.."
-SHARED=${SHARED:-../shared}
-[ -d "$SHARED" ] && SHARED=$(cd "$SHARED" && pwd)
 SUMMARY=$WORK/summary.md
 : > "$SUMMARY"
 start=$SECONDS
@@ -102,18 +96,13 @@ PY
 step "2/4 seed-0 reference inputs"
 if [ -z "$ASSETS" ]; then
     ASSETS=$WORK/assets
-    if [ -f "$SHARED/reference/make_ckpts.py" ]; then
-        [ -f "$ASSETS/CLIP/ckpt/ViT-L-14-336px.pt" ] || python "$SHARED/reference/make_ckpts.py" "$ASSETS" 0 >/dev/null
-        python "$SHARED/reference/make_synth_bmad.py" "$ASSETS" 6 0 >/dev/null
-    else
-        note "- reference scripts not found in $SHARED/reference (use --shared DIR): the tests that need them skip"
-    fi
+    [ -f "$ASSETS/CLIP/ckpt/ViT-L-14-336px.pt" ] || python tests/reference_inputs.py "$ASSETS" >/dev/null
 fi
 
 step "3/4 tests/test_cuda.py"
 REPORT=$WORK/cuda_report.txt
 : > "$REPORT"
-MVFA_SHARED=$SHARED MVFA_ASSETS=$ASSETS MVFA_CUDA_REPORT=$REPORT timeout 330 \
+MVFA_ASSETS=$ASSETS MVFA_CUDA_REPORT=$REPORT timeout 330 \
     python -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$WORK/test_cuda.log" | tail -n 25
 note "- tests/test_cuda.py: $(grep -E '(passed|failed|skipped|error)' "$WORK/test_cuda.log" | tail -n 1)"
 grep -m 1 -o 'SKIPPED.*' "$WORK/test_cuda.log" | sed 's/^/  - /' | tee -a "$SUMMARY"
