@@ -122,6 +122,15 @@ def collect(
     return out
 
 
+def few_shot_maps(
+    c: Collected, start: int, stop: int, device: torch.device, precision: Precision
+) -> torch.Tensor:
+    """Unnormalised full-size few-shot maps [n, H, W] of images start..stop-1."""
+    with torch.no_grad(), precision.forward(), precision.scoring():
+        distances = torch.stack(c.distances[start:stop]).to(device)  # [n, L, HW]
+        return few_shot_map(list(distances.unbind(1)), c.img_size).float()  # [n, H, W]
+
+
 def raw_maps(
     c: Collected, start: int, stop: int, device: torch.device, precision: Precision
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -130,10 +139,7 @@ def raw_maps(
     with torch.no_grad(), precision.forward(), precision.scoring():
         logits = torch.stack(c.logits[start:stop]).to(device)  # [n, L, HW, 2]
         zero = zero_shot_map(list(logits.unbind(1)), c.img_size).float()  # [n, H, W]
-        few = None
-        if c.fewshot:
-            distances = torch.stack(c.distances[start:stop]).to(device)  # [n, L, HW]
-            few = few_shot_map(list(distances.unbind(1)), c.img_size).float()  # [n, H, W]
+    few = few_shot_maps(c, start, stop, device, precision) if c.fewshot else None
     return zero, few
 
 
@@ -188,7 +194,7 @@ def few_shot_image_means(c: Collected, device: torch.device, precision: Precisio
     it."""
     means = []
     for start in range(0, len(c.labels), CHUNK):
-        few = raw_maps(c, start, start + CHUNK, device, precision)[1].cpu().numpy()  # [n, H, W]
+        few = few_shot_maps(c, start, start + CHUNK, device, precision).cpu().numpy()  # [n, H, W]
         means += [float(m.mean()) for m in few]
     return np.array(means)
 

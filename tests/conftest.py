@@ -10,6 +10,24 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
+# the tiny random-weight CLIP the script tests run: 56-pixel images make a 4x4 patch grid, every pass well
+# under a second
+SIZE = 56
+TINY = [
+    "--model_name",
+    "demo-tiny",
+    "--pretrain",
+    "none",
+    "--features_list",
+    "3",
+    "6",
+    "9",
+    "12",
+    "--img_size",
+    str(SIZE),
+    "--device",
+    "cpu",
+]
 REFERENCE = TESTS / "fixtures" / "reference"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(TESTS))

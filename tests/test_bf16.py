@@ -4,6 +4,7 @@ exactly fp32 maths on the bf16 forward's tokens. Tiny random CLIP, CPU."""
 
 import pytest
 import torch
+from conftest import SIZE, TINY
 from torch.utils.data import DataLoader
 
 import test_few
@@ -17,22 +18,6 @@ from mvfa.training import optimizers, train_step
 from tools.synth import make_synthetic_bmad
 from utils import augment
 
-SIZE = 56
-TINY = [
-    "--model_name",
-    "demo-tiny",
-    "--pretrain",
-    "none",
-    "--features_list",
-    "3",
-    "6",
-    "9",
-    "12",
-    "--img_size",
-    str(SIZE),
-    "--device",
-    "cpu",
-]
 CPU = torch.device("cpu")
 BF16 = Precision.of("bf16", CPU)
 

@@ -14,28 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import submitit
+from conftest import SIZE, TINY
 from submitit.slurm.slurm import _make_sbatch_string
 
 from tools import jobs, reproduce
 from tools.synth import make_synthetic_bmad
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE = 56  # a 4x4 patch grid of the tiny CLIP
-TINY = [
-    "--model_name",
-    "demo-tiny",
-    "--pretrain",
-    "none",
-    "--features_list",
-    "3",
-    "6",
-    "9",
-    "12",
-    "--img_size",
-    str(SIZE),
-    "--device",
-    "cpu",
-]
 GRID = ["--objs", "Brain", "Chest", "--settings", "1", "zero", "--epoch", "1", "--batch_size", "6"]
 
 

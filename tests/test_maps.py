@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SIZE, TINY
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -24,22 +25,6 @@ from mvfa.precision import Precision
 from tools import predict
 from tools.synth import make_synthetic_bmad
 
-SIZE = 56  # model input: a 4x4 patch grid keeps the tiny CLIP fast
-TINY = [
-    "--model_name",
-    "demo-tiny",
-    "--pretrain",
-    "none",
-    "--features_list",
-    "3",
-    "6",
-    "9",
-    "12",
-    "--img_size",
-    str(SIZE),
-    "--device",
-    "cpu",
-]
 OVERLAY_PX = (900, 460)  # figsize (4.2 * 2 + 0.6, 4.6) at 100 dpi
 NAME = re.compile(r"^(\d{5})_(normal|abnormal)_(\d{5})\.png$")
 

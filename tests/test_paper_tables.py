@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SIZE, TINY
 
 import test_few
 import test_zero
@@ -18,22 +19,6 @@ from dataset import CLASS_NAMES
 from mvfa.config import ModelConfig, configs
 from tools.synth import make_synthetic_bmad
 
-SIZE = 56  # image size of the end-to-end run: 4x4 patches of the tiny model
-TINY = [
-    "--model_name",
-    "demo-tiny",
-    "--pretrain",
-    "none",
-    "--features_list",
-    "3",
-    "6",
-    "9",
-    "12",
-    "--img_size",
-    str(SIZE),
-    "--device",
-    "cpu",
-]
 LABELS = ["HIS", "ChestXray", "OCT17", "BrainMRI", "LiverCT", "RESC", "Average"]
 # the averages the paper and the README print, in %: (image paper, image impl., pixel paper, pixel impl.)
 PUBLISHED_AVERAGES = {"zero-shot": (80.43, 82.23, 93.39, 92.68), "few-shot": (88.97, 88.95, 98.67, 98.65)}

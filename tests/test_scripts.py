@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SIZE, TINY
 
 import demo
 import test_few
@@ -33,24 +34,8 @@ from mvfa import records
 from tools.synth import make_synthetic_bmad
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE = 56  # image size of the data and the model (a 4x4 patch grid): every pass stays well under a second
 # images per synthetic folder: 3 normal + 3 abnormal test images, a held-out pair in valid with --shot 2
 N = 3
-TINY = [
-    "--model_name",
-    "demo-tiny",
-    "--pretrain",
-    "none",
-    "--features_list",
-    "3",
-    "6",
-    "9",
-    "12",
-    "--img_size",
-    str(SIZE),
-    "--device",
-    "cpu",
-]
 ADAPTER_KEYS = {f"{i}.fc{j}.0.weight" for i in range(4) for j in (1, 2)}
 
 
