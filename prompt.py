@@ -84,11 +84,20 @@ def encode_text_with_prompt_ensemble(clip_model, name: str, device: str | torch.
     return torch.stack(columns, dim=1).to(device)  # [E, 2]
 
 
-def text_features_for(clip_model, objs, device: torch.device, precision) -> dict[str, torch.Tensor]:
+def text_features_for(
+    clip_model, objs, device: torch.device, precision, store=None
+) -> dict[str, torch.Tensor]:
     """{obj: [E, 2]} for each dataset (or prompt name), each distinct prompt name encoded once, in the forward
-    context of `precision` (a `mvfa.precision.Precision`)."""
-    cache = {}
+    context of `precision` (a `mvfa.precision.Precision`). `store` (a `mvfa.text_cache.TextCache` or None)
+    gives back features encoded before with the same weights and settings, and keeps new ones."""
+    features = {}
     with precision.forward():
         for name in {prompt_name(o) for o in objs}:
-            cache[name] = encode_text_with_prompt_ensemble(clip_model, name, device)
-    return {o: cache[prompt_name(o)] for o in objs}
+            sentences = prompt_sentences(name)
+            found = store.get(name, sentences) if store is not None else None
+            if found is None:
+                found = encode_text_with_prompt_ensemble(clip_model, name, device)
+                if store is not None:
+                    store.put(name, sentences, found)
+            features[name] = found.to(device)
+    return {o: features[prompt_name(o)] for o in objs}

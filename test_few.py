@@ -16,6 +16,7 @@ from mvfa.flags import add_fewshot_args, add_map_args, new_parser, one_line_erro
 from mvfa.maps import save_test_maps
 from mvfa.protocol import prompt, test_set
 from mvfa.records import write_record
+from mvfa.text_cache import text_cache
 from prompt import text_features_for
 from utils import augment, setup_seed
 
@@ -50,8 +51,9 @@ def main(argv=None) -> dict:
         setup_seed(run.seed)
         draws = [test_set(run, iterate) for iterate in run.iterate]  # every support set read before the model
         model = model_cfg.build(device, precision)
+        store = text_cache(model_cfg, precision, device, run.text_cache_dir)
         model.load_adapters(run.checkpoint)
-        text = text_features_for(model.clipmodel, [prompt(run)], device, precision)[prompt(run)]
+        text = text_features_for(model.clipmodel, [prompt(run)], device, precision, store)[prompt(run)]
         results = []
         for i, (iterate, dataset) in enumerate(zip(run.iterate, draws)):
             memory_images, _ = augment(dataset.support.normal)  # [11k, 3, H, W]

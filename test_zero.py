@@ -12,6 +12,7 @@ from mvfa.flags import add_map_args, new_parser, one_line_errors
 from mvfa.maps import save_test_maps
 from mvfa.protocol import prompt, test_set
 from mvfa.records import write_record
+from mvfa.text_cache import text_cache
 from prompt import text_features_for
 from utils import setup_seed
 
@@ -33,8 +34,9 @@ def main(argv=None) -> dict:
         setup_seed(run.seed)
         dataset = test_set(run)
         model = model_cfg.build(device, precision)
+        store = text_cache(model_cfg, precision, device, run.text_cache_dir)
         model.load_adapters(run.checkpoint)
-        text = text_features_for(model.clipmodel, [prompt(run)], device, precision)[prompt(run)]
+        text = text_features_for(model.clipmodel, [prompt(run)], device, precision, store)[prompt(run)]
         result, collected = evaluate_set(model, dataset, text, run, precision)
         if run.save_scores:
             files = [path for path, _, _ in dataset.items]

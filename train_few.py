@@ -10,6 +10,7 @@ import argparse
 from mvfa.evaluation import evaluate_set
 from mvfa.flags import add_fewshot_args, add_training_args, new_parser, one_line_errors
 from mvfa.protocol import fewshot_training_set, prompt, selection_set, test_set
+from mvfa.text_cache import text_cache
 from mvfa.training import Training, start
 from prompt import text_features_for
 from utils import augment
@@ -35,10 +36,11 @@ def main(argv=None) -> dict:
         test = test_set(run, run.iterate)  # the test split and the support set
         selection = selection_set(run, test)  # all the data checked before the model is built
         model = model_cfg.build(device, precision)
+        store = text_cache(model_cfg, precision, device, run.text_cache_dir)
         training = Training(model, run, flags, precision, model_cfg.clip_file, saved)
         memory_images, _ = augment(test.support.normal)  # [11k, 3, H, W]: the normal training images too
         data = fewshot_training_set(run, test, memory_images)
-        texts = text_features_for(model.clipmodel, data.texts, device, precision)
+        texts = text_features_for(model.clipmodel, data.texts, device, precision, store)
 
         def evaluate_selection() -> dict:
             return evaluate_set(model, selection, texts[prompt(run)], run, precision, memory_images, False)[0]

@@ -9,6 +9,7 @@ import argparse
 from mvfa.evaluation import evaluate_set
 from mvfa.flags import add_sort_listing_arg, add_training_args, new_parser, one_line_errors
 from mvfa.protocol import prompt, selection_set, test_set, zeroshot_training_set
+from mvfa.text_cache import text_cache
 from mvfa.training import Training, start
 from prompt import text_features_for
 
@@ -29,8 +30,9 @@ def main(argv=None) -> dict:
         test = test_set(run)
         selection = selection_set(run, test)  # deviation: --select val chooses on the valid split
         model = model_cfg.build(device, precision)
+        store = text_cache(model_cfg, precision, device, run.text_cache_dir)
         training = Training(model, run, flags, precision, model_cfg.clip_file, saved)
-        texts = text_features_for(model.clipmodel, [*data.texts, prompt(run)], device, precision)
+        texts = text_features_for(model.clipmodel, [*data.texts, prompt(run)], device, precision, store)
 
         def evaluate_selection() -> dict:
             return evaluate_set(model, selection, texts[prompt(run)], run, precision, pixel_extras=False)[0]

@@ -1,5 +1,6 @@
 """The configs a script builds once from its flags: the model, the run, the precision and the device."""
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -84,6 +85,9 @@ class RunConfig:
     select: str = "test"
     deterministic: bool = False
     bce_on_probability: bool = False
+    # text features kept between runs
+    cache_dir: str | None = None
+    no_text_cache: bool = False
     # outputs of a test
     save_maps: str | None = None
     grid_n: int = 8
@@ -99,6 +103,13 @@ class RunConfig:
         return dataset_name(self.obj)
 
     @property
+    def text_cache_dir(self) -> Path | None:
+        """The text-feature cache folder; None when --no_text_cache."""
+        if self.no_text_cache:
+            return None
+        return Path(self.cache_dir) if self.cache_dir else default_cache_folder()
+
+    @property
     def checkpoint(self) -> Path:
         """The adapter checkpoint: --ckpt, else `{save_path}/{obj}.pth` (`{obj}_{shot}shot.pth` with
         --shot_in_name), as the reference names it."""
@@ -106,6 +117,11 @@ class RunConfig:
             return Path(self.ckpt)
         stem = f"{self.name}_{self.shot}shot" if self.shot_in_name else self.name
         return Path(self.save_path) / f"{stem}.pth"
+
+
+def default_cache_folder() -> Path:
+    """$XDG_CACHE_HOME/mvfa, else ~/.cache/mvfa."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mvfa"
 
 
 def pick(config: type, flags: dict):

@@ -30,6 +30,7 @@ def new_parser(description: str, obj: str | None = None) -> argparse.ArgumentPar
         add_data_args(p)
         p.add_argument("--out_dir", default="./results/", help="where the run's JSON record is written")
         add_model_args(p)
+        add_cache_args(p)
     return p
 
 
@@ -104,6 +105,22 @@ def add_model_args(parser) -> None:
         "--clip_normalize",
         action="store_true",
         help="fix: normalise images with CLIP's mean/std (the reference feeds [0,1] pixels)",
+    )
+
+
+def add_cache_args(parser: argparse.ArgumentParser) -> None:
+    """Where text features are kept between runs, and the switch that turns that off."""
+    parser.add_argument(
+        "--cache_dir",
+        default=None,
+        help="folder of the text-feature cache (default $XDG_CACHE_HOME/mvfa, else ~/.cache/mvfa): "
+        "features are reused, bit for bit, by runs with the same weights file, prompt, precision, attention "
+        "path and device",
+    )
+    parser.add_argument(
+        "--no_text_cache",
+        action="store_true",
+        help="encode the text prompts anew, neither reading nor writing the cache",
     )
 
 

@@ -37,7 +37,9 @@ STATE_VERSION = 2  # 2: the state records the arguments of its run
 # every other flag, a new one too, must be as the state's run had it (paths as written). --save_path names
 # the folder the state was found in; the device counts by its type (cpu, cuda): a requeued job may get
 # another GPU.
-RESULT_NEUTRAL = frozenset({"out_dir", "num_workers", "overwrite", "resume", "save_path", "device"})
+RESULT_NEUTRAL = frozenset(
+    {"out_dir", "num_workers", "overwrite", "resume", "save_path", "device", "cache_dir", "no_text_cache"}
+)
 
 
 def optimizers(model, lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:

@@ -97,6 +97,13 @@ def golden_image(reference_assets, goldens):
     return image
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Runs keep their text-feature cache in this session's temporary folder (subprocesses inherit it), never in
+    the user's ~/.cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Tests never reach the network: a connection to anything but this machine raises (tools/download.py's
