@@ -99,8 +99,8 @@ def golden_image(reference_assets, goldens):
 
 @pytest.fixture(autouse=True, scope="session")
 def private_cache(tmp_path_factory):
-    """Runs keep their text-feature cache in this session's temporary folder (subprocesses inherit it), never in
-    the user's ~/.cache."""
+    """Runs keep their text-feature cache in this session's temporary folder (subprocesses inherit it),
+    never in the user's ~/.cache."""
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
 
 
