@@ -7,7 +7,7 @@ python train_few.py --obj Chest --shot 4 --epoch 5 --precision bf16
 
 import argparse
 
-from mvfa.evaluation import evaluate_set
+from mvfa.evaluation import Collected, evaluate_set
 from mvfa.flags import add_fewshot_args, add_training_args, new_parser, one_line_errors
 from mvfa.protocol import fewshot_training_set, prompt, selection_set, test_set
 from mvfa.text_cache import text_cache
@@ -42,11 +42,11 @@ def main(argv=None) -> dict:
         data = fewshot_training_set(run, test, memory_images)
         texts = text_features_for(model.clipmodel, data.texts, device, precision, store)
 
-        def evaluate_selection() -> dict:
-            return evaluate_set(model, selection, texts[prompt(run)], run, precision, memory_images, False)[0]
+        def evaluate_selection() -> tuple[dict, Collected]:
+            return evaluate_set(model, selection, texts[prompt(run)], run, precision, memory_images, False)
 
-        def evaluate_test() -> dict:
-            return evaluate_set(model, test, texts[prompt(run)], run, precision, memory_images)[0]
+        def evaluate_test() -> tuple[dict, Collected]:
+            return evaluate_set(model, test, texts[prompt(run)], run, precision, memory_images)
 
         training.fit(data, texts, evaluate_selection)
         return training.finish("train_few", evaluate_test)

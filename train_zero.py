@@ -6,7 +6,7 @@ python train_zero.py --obj Brain --select val --save_path ./ckpt/mine/
 
 import argparse
 
-from mvfa.evaluation import evaluate_set
+from mvfa.evaluation import Collected, evaluate_set
 from mvfa.flags import add_sort_listing_arg, add_training_args, new_parser, one_line_errors
 from mvfa.protocol import prompt, selection_set, test_set, zeroshot_training_set
 from mvfa.text_cache import text_cache
@@ -34,11 +34,11 @@ def main(argv=None) -> dict:
         training = Training(model, run, flags, precision, model_cfg.clip_file, saved)
         texts = text_features_for(model.clipmodel, [*data.texts, prompt(run)], device, precision, store)
 
-        def evaluate_selection() -> dict:
-            return evaluate_set(model, selection, texts[prompt(run)], run, precision, pixel_extras=False)[0]
+        def evaluate_selection() -> tuple[dict, Collected]:
+            return evaluate_set(model, selection, texts[prompt(run)], run, precision, pixel_extras=False)
 
-        def evaluate_test() -> dict:
-            return evaluate_set(model, test, texts[prompt(run)], run, precision)[0]
+        def evaluate_test() -> tuple[dict, Collected]:
+            return evaluate_set(model, test, texts[prompt(run)], run, precision)
 
         training.fit(data, texts, evaluate_selection)
         return training.finish("train_zero", evaluate_test)

@@ -95,12 +95,12 @@ def text_cache(
         "img_size": model.img_size,  # random weights: the vision tower's draws come before the text tower's
         "quick_gelu": model.quick_gelu,
         "text_path": "fused" if model.fast or precision.fused_attention else "explicit",
-        "precision": precision.name,
+        "autocast": str(precision.autocast_dtype),  # 'auto' on the CPU is fp32: the same entries
         "device_type": device.type,
-        # the kernels decide the last bits: the CPU's vector instructions, the GPU model
+        # the kernels decide the last bits: the GPU model; the CPU's vector instructions and thread count
         "device_kind": torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else torch.backends.cpu.get_cpu_capability(),
+        else f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
     }
     return TextCache(folder, identity)

@@ -19,7 +19,7 @@ from loss import detection_loss, segmentation_loss
 from utils import setup_seed
 
 from .config import ModelConfig, RunConfig, configs
-from .evaluation import result_lines, selection_score
+from .evaluation import Collected, evaluate, result_lines, selection_score
 from .precision import Precision
 from .protocol import Batch, TrainingSet
 from .records import (
@@ -273,6 +273,9 @@ class Training:
         self.optimizers = optimizers(model, run.learning_rate)
         self.extras = {"args": flags, "versions": versions(self.device)}
         self.best, self.result, self.best_adapters = 0.0, {}, None
+        # --select test: what the chosen weights' pass over the test set collected, so that the final report
+        # adds its extra metrics without a second pass
+        self.best_collected: Collected | None = None
         self.lines, self.signalled = [], None
         # each epoch's mean training loss at full precision (the run record keeps them)
         self.epoch_losses = []
@@ -295,8 +298,10 @@ class Training:
         print(text)
         self.lines.extend(text.splitlines())
 
-    def select(self, evaluate: Callable[[], dict], epoch: int, batch: int | None = None) -> None:
-        result = evaluate()
+    def select(
+        self, evaluate: Callable[[], tuple[dict, Collected]], epoch: int, batch: int | None = None
+    ) -> None:
+        result, collected = evaluate()
         prefix = "[valid] " if self.run.select == "val" else ""
         fewshot = self.run.fewshot
         self.say("\n".join(prefix + line for line in result_lines(self.run.obj, result, fewshot)))
@@ -304,6 +309,7 @@ class Training:
         score = selection_score(result)
         if score > self.best or (not fewshot and score == self.best):
             self.best, self.result, self.best_adapters = score, result, adapter_copy(self.model)
+            self.best_collected = collected if self.run.select == "test" else None
             where = {"epoch": epoch} if batch is None else {"epoch": epoch, "batch": batch}
             if batch is not None:
                 self.say(f"best epoch found: epoch {epoch} batch {batch}")
@@ -312,9 +318,15 @@ class Training:
                     self.model, self.target, {**self.extras, **where, "selection": self.run.select}
                 )
 
-    def fit(self, data: TrainingSet, texts: dict[str, torch.Tensor], evaluate: Callable[[], dict]) -> None:
+    def fit(
+        self,
+        data: TrainingSet,
+        texts: dict[str, torch.Tensor],
+        evaluate: Callable[[], tuple[dict, Collected]],
+    ) -> None:
         """--epoch epochs over `data`, each batch a step against its text features in `texts`; selection by
-        `evaluate()` after each epoch, or every `data.every` steps."""
+        `evaluate()` (metrics without the pixel extras, and what they were computed from) after each epoch, or
+        every `data.every` steps."""
         saved = self.load_state() if self.run.resume else None
         every = data.every
         start, position = (saved["epoch"], saved["position"]) if saved else (0, 0)
@@ -407,9 +419,10 @@ class Training:
             self.say(line)
         return saved
 
-    def finish(self, script: str, test: Callable[[], dict]) -> dict:
+    def finish(self, script: str, test: Callable[[], tuple[dict, Collected]]) -> dict:
         """--select last saves the final weights; val and last report the chosen weights on the test set,
-        which selection never saw; then the run record, and the training state is removed."""
+        which selection never saw; --select test reports the chosen pass itself, its extra metrics (AP,
+        F1-max, AUPRO) computed from what it collected. Then the run record; the training state is removed."""
         run = self.run
         if run.select == "last" and run.save_model:
             save_checkpoint(
@@ -419,8 +432,13 @@ class Training:
         if run.select != "test":
             if self.best_adapters is not None:
                 self.model.load_state_dict(self.best_adapters, strict=False)
-            result = test()
+            result = test()[0]
             self.say("test set:\n" + "\n".join(result_lines(run.obj, result, run.fewshot)))
+        elif self.best_collected is not None:
+            result = evaluate(self.best_collected, self.device, self.precision)
+        elif self.best_adapters is not None:  # resumed after the choice: its pass again, for the extras
+            self.model.load_state_dict(self.best_adapters, strict=False)
+            result = test()[0]
         saved = run.save_model and (self.best_adapters is not None or run.select == "last")
         # the score never rose above 0 (an AUROC of 0): the reference saves nothing
         if run.save_model and not saved:

@@ -25,12 +25,15 @@ import torch
 from conftest import SIZE, TINY
 
 import demo
+import mvfa.evaluation
 import test_few
 import test_zero
 import train_few
 import train_zero
 from dataset import CLASS_NAMES, DATASETS
 from mvfa import records
+from mvfa.evaluation import collect, evaluate, selection_score
+from mvfa.precision import Precision
 from tools.synth import make_synthetic_bmad
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,6 +267,26 @@ def test_train_few_prints_records_and_saves_released_layout(few_brain):
         and ckpt["args"]["obj"] == "Brain"
         and ckpt["versions"]["torch"] == torch.__version__
     )
+
+
+def test_select_test_reports_the_chosen_pass_with_its_extras(synth, tmp_path, monkeypatch):
+    """--select test: the final report is the chosen evaluation itself, its AP, F1-max and AUPRO computed from
+    what that pass collected; no second pass over the test set."""
+    passes = []
+
+    def counted_collect(*args, **kwargs):
+        passes.append(collect(*args, **kwargs))
+        return passes[-1]
+
+    monkeypatch.setattr(mvfa.evaluation, "collect", counted_collect)
+    args = script_args(synth.data, tmp_path, "Brain", "--shot", "1", "--epoch", "2", seed_dir=synth.seed_root)
+    _, result = run(train_few, args)
+    assert len(passes) == 2  # one selection pass per epoch, none after
+    cpu = torch.device("cpu")
+    full = [evaluate(c, cpu, Precision.of("fp32", cpu)) for c in passes]
+    best = max(full, key=selection_score)  # the first of the highest: few-shot keeps a higher score only
+    assert result == best and only_record(tmp_path / "results")["metrics"] == best
+    assert {"image_ap", "image_f1_max", "pixel_ap", "pixel_f1_max", "pixel_aupro"} <= set(result)
 
 
 def test_test_few_reproduces_the_training_run(few_brain, tmp_path, synth, capsys):
