@@ -9,6 +9,7 @@ import argparse
 
 from mvfa.evaluation import Collected, evaluate_set
 from mvfa.flags import add_fewshot_args, add_training_args, new_parser, one_line_errors
+from mvfa.prefix_cache import prefix_cache, serving
 from mvfa.protocol import fewshot_training_set, prompt, selection_set, test_set
 from mvfa.text_cache import text_cache
 from mvfa.training import Training, start
@@ -37,6 +38,7 @@ def main(argv=None) -> dict:
         selection = selection_set(run, test)  # all the data checked before the model is built
         model = model_cfg.build(device, precision)
         store = text_cache(model_cfg, precision, device, run.text_cache_dir)
+        reuse = prefix_cache(run.prefix_cache_ram, run.prefix_cache_dir)
         training = Training(model, run, flags, precision, model_cfg.clip_file, saved)
         memory_images, _ = augment(test.support.normal)  # [11k, 3, H, W]: the normal training images too
         data = fewshot_training_set(run, test, memory_images)
@@ -48,7 +50,8 @@ def main(argv=None) -> dict:
         def evaluate_test() -> tuple[dict, Collected]:
             return evaluate_set(model, test, texts[prompt(run)], run, precision, memory_images)
 
-        training.fit(data, texts, evaluate_selection)
+        with serving(model, reuse):  # the same augmented images every epoch, batch 1: their prefixes reused
+            training.fit(data, texts, evaluate_selection)
         return training.finish("train_few", evaluate_test)
 
 

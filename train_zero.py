@@ -8,6 +8,7 @@ import argparse
 
 from mvfa.evaluation import Collected, evaluate_set
 from mvfa.flags import add_sort_listing_arg, add_training_args, new_parser, one_line_errors
+from mvfa.prefix_cache import prefix_cache, serving
 from mvfa.protocol import prompt, selection_set, test_set, zeroshot_training_set
 from mvfa.text_cache import text_cache
 from mvfa.training import Training, start
@@ -31,11 +32,14 @@ def main(argv=None) -> dict:
         selection = selection_set(run, test)  # deviation: --select val chooses on the valid split
         model = model_cfg.build(device, precision)
         store = text_cache(model_cfg, precision, device, run.text_cache_dir)
+        reuse = prefix_cache(run.prefix_cache_ram, run.prefix_cache_dir)
         training = Training(model, run, flags, precision, model_cfg.clip_file, saved)
         texts = text_features_for(model.clipmodel, [*data.texts, prompt(run)], device, precision, store)
 
         def evaluate_selection() -> tuple[dict, Collected]:
-            return evaluate_set(model, selection, texts[prompt(run)], run, precision, pixel_extras=False)
+            # the same batches at every evaluation: their prefixes reused (the training groups change)
+            with serving(model, reuse):
+                return evaluate_set(model, selection, texts[prompt(run)], run, precision, pixel_extras=False)
 
         def evaluate_test() -> tuple[dict, Collected]:
             return evaluate_set(model, test, texts[prompt(run)], run, precision)

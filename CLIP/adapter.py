@@ -45,18 +45,34 @@ class CLIP_Inplanted(nn.Module):
         bottleneck = bottleneck or clip_model.text_projection.shape[1]
         self.seg_adapters = nn.ModuleList([ClipAdapter(width, bottleneck) for _ in self.features])
         self.det_adapters = nn.ModuleList([ClipAdapter(width, bottleneck) for _ in self.features])
+        self.prefix_cache = None  # a mvfa.prefix_cache.PrefixCache while one serves the forwards
+
+    def frozen_prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> the tokens after the first adapted block, before its adapters: [B, 1+HW, C].
+        Only frozen weights take part, so the same images always give the same tokens."""
+        v = self.image_encoder
+        x = v.embed(images)  # [B, 1+HW, C]
+        for block in v.transformer.resblocks[: min(self.features)]:
+            x = block(x)
+        return x
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """images [B, 3, H, W] -> pooled [B, E], seg and det tokens: one [B, 1+HW, bottleneck] per
         adapted block.
 
-        Token 0 is the CLS token; both adapters see it, as in the reference.
+        Token 0 is the CLS token; both adapters see it, as in the reference. With a `prefix_cache` (see
+        mvfa/prefix_cache.py) the frozen prefix's tokens come from it.
         """
         v = self.image_encoder
-        x = v.embed(images)  # [B, 1+HW, C]
+        first = min(self.features)
+        if self.prefix_cache is None:
+            x = self.frozen_prefix(images)
+        else:
+            x = self.prefix_cache.tokens(images, self.frozen_prefix)
         seg_tokens, det_tokens = [], []
         for number, block in enumerate(v.transformer.resblocks, start=1):
-            x = block(x)
+            if number > first:
+                x = block(x)
             if number in self.features:
                 k = self.features.index(number)
                 seg_med, seg_out = self.seg_adapters[k](x)

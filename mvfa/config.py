@@ -88,6 +88,9 @@ class RunConfig:
     # text features kept between runs
     cache_dir: str | None = None
     no_text_cache: bool = False
+    # the frozen prefix's tokens reused within a training run
+    no_prefix_cache: bool = False
+    prefix_cache_ram: float = 4.0
     # outputs of a test
     save_maps: str | None = None
     grid_n: int = 8
@@ -106,6 +109,14 @@ class RunConfig:
     def text_cache_dir(self) -> Path | None:
         """The text-feature cache folder; None when --no_text_cache."""
         if self.no_text_cache:
+            return None
+        return Path(self.cache_dir) if self.cache_dir else default_cache_folder()
+
+    @property
+    def prefix_cache_dir(self) -> Path | None:
+        """Where a training run's reused prefix tokens beyond --prefix_cache_ram go; None when
+        --no_prefix_cache."""
+        if self.no_prefix_cache:
             return None
         return Path(self.cache_dir) if self.cache_dir else default_cache_folder()
 

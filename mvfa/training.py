@@ -38,7 +38,18 @@ STATE_VERSION = 2  # 2: the state records the arguments of its run
 # the folder the state was found in; the device counts by its type (cpu, cuda): a requeued job may get
 # another GPU.
 RESULT_NEUTRAL = frozenset(
-    {"out_dir", "num_workers", "overwrite", "resume", "save_path", "device", "cache_dir", "no_text_cache"}
+    {
+        "out_dir",
+        "num_workers",
+        "overwrite",
+        "resume",
+        "save_path",
+        "device",
+        "cache_dir",
+        "no_text_cache",
+        "no_prefix_cache",
+        "prefix_cache_ram",
+    }
 )
 
 
