@@ -108,17 +108,13 @@ class RunConfig:
     @property
     def text_cache_dir(self) -> Path | None:
         """The text-feature cache folder; None when --no_text_cache."""
-        if self.no_text_cache:
-            return None
-        return Path(self.cache_dir) if self.cache_dir else default_cache_folder()
+        return cache_folder(self.cache_dir, self.no_text_cache)
 
     @property
     def prefix_cache_dir(self) -> Path | None:
         """Where a training run's reused prefix tokens beyond --prefix_cache_ram go; None when
         --no_prefix_cache."""
-        if self.no_prefix_cache:
-            return None
-        return Path(self.cache_dir) if self.cache_dir else default_cache_folder()
+        return cache_folder(self.cache_dir, self.no_prefix_cache)
 
     @property
     def checkpoint(self) -> Path:
@@ -130,9 +126,15 @@ class RunConfig:
         return Path(self.save_path) / f"{stem}.pth"
 
 
-def default_cache_folder() -> Path:
-    """$XDG_CACHE_HOME/mvfa, else ~/.cache/mvfa."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mvfa"
+def cache_folder(cache_dir: str | None, off: bool = False) -> Path | None:
+    """--cache_dir, else $XDG_CACHE_HOME/mvfa, else ~/.cache/mvfa; None when that cache is turned off."""
+    if off:
+        return None
+    return (
+        Path(cache_dir)
+        if cache_dir
+        else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mvfa"
+    )
 
 
 def pick(config: type, flags: dict):

@@ -113,9 +113,9 @@ def add_cache_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache_dir",
         default=None,
-        help="folder of the text-feature cache (default $XDG_CACHE_HOME/mvfa, else ~/.cache/mvfa): "
-        "features are reused, bit for bit, by runs with the same weights file, prompt, precision, attention "
-        "path and device",
+        help="cache folder (default $XDG_CACHE_HOME/mvfa, else ~/.cache/mvfa): text features, reused bit for "
+        "bit by runs with the same weights file, prompt, precision, attention path and device; a training "
+        "run's prefix tokens beyond --prefix_cache_ram",
     )
     parser.add_argument(
         "--no_text_cache",

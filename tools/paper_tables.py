@@ -14,10 +14,11 @@ from pathlib import Path
 from dataset import dataset_root
 from mvfa.config import ModelConfig, RunConfig, pick
 from mvfa.evaluation import evaluate_set, result_lines
-from mvfa.flags import add_data_args, add_model_args, new_parser, one_line_errors
+from mvfa.flags import add_cache_args, add_data_args, add_model_args, new_parser, one_line_errors
 from mvfa.precision import Precision
 from mvfa.protocol import prompt, test_set
 from mvfa.records import write_record
+from mvfa.text_cache import text_cache
 from prompt import text_features_for
 from tools.published import PUBLISHED, ROWS
 from utils import augment, resolve_device, setup_seed
@@ -98,6 +99,7 @@ def parser() -> argparse.ArgumentParser:
     )
     add_data_args(p)  # the scripts' own flags, defaults and checks
     add_model_args(p)
+    add_cache_args(p)
     return p
 
 
@@ -138,7 +140,8 @@ def test_run(model, model_cfg: ModelConfig, run: RunConfig, precision: Precision
     dataset = test_set(run, run.iterate if run.fewshot else None)
     model.load_adapters(run.checkpoint)
     device = next(model.parameters()).device
-    text = text_features_for(model.clipmodel, [prompt(run)], device, precision)[prompt(run)]
+    store = text_cache(model_cfg, precision, device, run.text_cache_dir)
+    text = text_features_for(model.clipmodel, [prompt(run)], device, precision, store)[prompt(run)]
     memory_images = augment(dataset.support.normal)[0] if run.fewshot else None
     result = evaluate_set(model, dataset, text, run, precision, memory_images)[0]
     print("\n".join(result_lines(run.obj, result, run.fewshot)))

@@ -30,11 +30,12 @@ from torch.utils.data import DataLoader
 from dataset import DATASETS, IMAGE_EXTENSIONS, check_obj, list_images
 from dataset.images import load_input, read_image
 from dataset.medical_few import ImageItems
-from mvfa.config import ModelConfig, pick
+from mvfa.config import ModelConfig, cache_folder, pick
 from mvfa.evaluation import Collected, PixelMaps, build_memory, collect, raw_maps
-from mvfa.flags import add_model_args, new_parser, one_line_errors
+from mvfa.flags import add_cache_args, add_model_args, new_parser, one_line_errors
 from mvfa.maps import overlay
 from mvfa.precision import Precision
+from mvfa.text_cache import text_cache
 from prompt import text_features_for
 from utils import augment, resolve_device
 
@@ -111,6 +112,7 @@ def parser() -> argparse.ArgumentParser:
         help="also write each heat map at the input's own size as float32 .npy, values as drawn",
     )
     add_model_args(p)
+    add_cache_args(p)
     return p
 
 
@@ -164,7 +166,8 @@ def main(argv=None) -> list[dict]:
         model = model_cfg.build(device, precision)
         model.load_adapters(args.ckpt)
         name = obj or args.prompt_name
-        text = text_features_for(model.clipmodel, [name], device, precision)[name]
+        store = text_cache(model_cfg, precision, device, cache_folder(args.cache_dir, args.no_text_cache))
+        text = text_features_for(model.clipmodel, [name], device, precision, store)[name]
         memory = None
         # memory banks of the augmented support images (11 views each), as test_few.py builds them
         if support:
