@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_resume import arguments
-from test_scripts import cached_text, expect_error, one_thread, synth  # noqa: F401
+from test_scripts import expect_error, one_thread, synth  # noqa: F401
 
 import train_few
 import train_zero

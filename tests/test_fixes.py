@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from test_scripts import TINY, cached_text, one_thread, script_args, synth  # noqa: F401
+from test_scripts import TINY, one_thread, script_args, synth  # noqa: F401
 
 import dataset.files
 import loss

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from test_scripts import (  # noqa: F401
     adapter_state,
-    cached_text,
     call,
     ckpt_state,
     expected_lines,

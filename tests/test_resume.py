@@ -12,7 +12,7 @@ import threading
 
 import pytest
 import torch
-from test_scripts import REPO, TINY, cached_text, load_ckpt, one_thread, result_lines, synth  # noqa: F401
+from test_scripts import REPO, TINY, load_ckpt, one_thread, result_lines, synth  # noqa: F401
 
 import train_few
 import train_zero

@@ -51,35 +51,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-_TEXT: dict = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cached_text():
-    """The prompt-ensemble text features of the tiny CLIP (same random weights in every run) are computed once
-    per prompt name and reused by later runs: about 1 s each on the CPU, 5 per train_zero run
-    (tested in test_goldens)."""
-    import prompt
-
-    encode = prompt.encode_text_with_prompt_ensemble
-
-    def cached(clip_model, name, device):
-        weights = (clip_model.token_embedding.weight, clip_model.text_projection, clip_model.ln_final.weight)
-        key = (
-            name,
-            str(device),
-            torch.is_autocast_enabled("cpu"),
-            *(float(w.double().sum()) for w in weights),
-        )
-        if key not in _TEXT:
-            _TEXT[key] = encode(clip_model, name, device)
-        return _TEXT[key].clone()
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prompt, "encode_text_with_prompt_ensemble", cached)
-        yield
-
-
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory):
     """All six synthetic datasets (N images per folder, SIZE px) and support lists for k = 1 and 2,

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_scripts import TINY, cached_text, one_thread  # noqa: F401
+from test_scripts import TINY, one_thread  # noqa: F401
 from torch.utils.data import DataLoader
 
 import train_few

@@ -12,6 +12,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -263,10 +264,22 @@ def write_tables(frame: pd.DataFrame, out: str) -> str:
     return text
 
 
-def cost(job: Job, data_path: str, batch_size: int = 1) -> tuple[int, int]:
-    """(training steps, evaluated images) of a job: few-shot 22k steps and one test pass (11k bank images +
-    the test set) per epoch; zero-shot the other five test sets in groups, 5-6 test passes per epoch; plus
-    the final test. Test-set sizes are counted where the data is, else BMAD's."""
+class Cost(NamedTuple):
+    """A job's work: training steps and evaluated images, and how many of each see a batch again, whose frozen
+    prefix the run reuses (mvfa/prefix_cache.py)."""
+
+    steps: int
+    images: int
+    reused_steps: int
+    reused_images: int
+
+
+def cost(job: Job, data_path: str, batch_size: int = 1) -> Cost:
+    """The work of a job: few-shot 22k steps and one pass (11k bank images + the test set) per epoch;
+    zero-shot the other five test sets in groups, 5-6 test passes per epoch; --select val / last one more
+    pass at the end (--select test reports its chosen pass). Few-shot reuses the prefixes of every epoch after
+    the first; zero-shot those of every evaluation after the first (its groups change each epoch). Test-set
+    sizes are counted where the data is, else BMAD's."""
 
     def size(obj: str) -> int:
         root = Path(data_path) / f"{obj}_AD" / "test"
@@ -274,8 +287,11 @@ def cost(job: Job, data_path: str, batch_size: int = 1) -> tuple[int, int]:
         return found or TEST_IMAGES[obj]
 
     test, epochs = size(job.obj), job.epoch
+    final = 0 if job.select == "test" else 1
     if job.setting == "zero":
         groups = -(-sum(size(o) for o in CLASS_NAMES if o != job.obj) // batch_size)
-        return epochs * groups, epochs * (5 + (groups % 5 != 0)) * test + test
+        passes = epochs * (5 + (groups % 5 != 0))
+        return Cost(epochs * groups, (passes + final) * test, 0, (passes - 1) * test)
     k = int(job.setting)
-    return epochs * 22 * k, (epochs + 1) * (11 * k + test)
+    per_pass = 11 * k + test
+    return Cost(epochs * 22 * k, (epochs + final) * per_pass, (epochs - 1) * 22 * k, (epochs - 1) * per_pass)

@@ -20,6 +20,12 @@ from dataset import CLASS_NAMES
 from mvfa.flags import SELECTIONS, new_parser
 from tools import jobs
 
+# seconds per training step and per evaluated image seen before, the frozen prefix reused: ViT-L, fp32,
+# batch 1, the same 2-core AVX-512 CPU as the defaults (python -m tools.bench.speed --stages forward_reused
+# train_step_reused --precisions fp32)
+STEP_REUSED = 2.19
+IMAGE_REUSED = 0.88
+
 
 def parser():
     p = new_parser(__doc__)
@@ -78,6 +84,18 @@ def parser():
         default=1.18,
         help="cost estimate: seconds per evaluated image (default: the same CPU; bf16 there: 1.34 and 0.61)",
     )
+    p.add_argument(
+        "--sec_per_step_reused",
+        type=float,
+        default=STEP_REUSED,
+        help="cost estimate: seconds per training step on images seen before (the frozen prefix reused)",
+    )
+    p.add_argument(
+        "--sec_per_image_reused",
+        type=float,
+        default=IMAGE_REUSED,
+        help="cost estimate: seconds per evaluated image seen before (the frozen prefix reused)",
+    )
     return p
 
 
@@ -106,20 +124,26 @@ def executor(args, out: Path):
 
 def dry_run(job_list: list, args, extra: list[str]) -> None:
     data = extra[extra.index("--data_path") + 1] if "--data_path" in extra else "./data/"
-    total = 0.0
+    total = total_plain = 0.0
     for job in job_list:
-        steps, images = jobs.cost(job, data)
-        hours = (steps * args.sec_per_step + images * args.sec_per_image) / 3600
-        total += hours
+        c = jobs.cost(job, data)
+        plain = c.steps * args.sec_per_step + c.images * args.sec_per_image
+        saved = c.reused_steps * (args.sec_per_step - args.sec_per_step_reused) + c.reused_images * (
+            args.sec_per_image - args.sec_per_image_reused
+        )
+        hours = (plain - saved) / 3600
+        total, total_plain = total + hours, total_plain + plain / 3600
         draw = "listed" if job.draw == 0 else f"drawn, seed {job.draw}"
         setting = "zero-shot" if job.setting == "zero" else f"{job.setting}-shot"
         print(
-            f"{job.key}: {job.obj} {setting} draw {job.draw} ({draw}) --select {job.select}: {steps} steps, "
-            f"{images} images, ~{hours:.1f} h"
+            f"{job.key}: {job.obj} {setting} draw {job.draw} ({draw}) --select {job.select}: "
+            f"{c.steps} steps, {c.images} images ({c.reused_steps} and {c.reused_images} with the prefix "
+            f"reused), ~{hours:.1f} h"
         )
     print(
-        f"{len(job_list)} jobs, ~{total:.0f} h estimated at {args.sec_per_step} s/step "
-        f"and {args.sec_per_image} s/image (an estimate, not a measurement)"
+        f"{len(job_list)} jobs, ~{total:.0f} h estimated at {args.sec_per_step} s/step and "
+        f"{args.sec_per_image} s/image, {args.sec_per_step_reused} and {args.sec_per_image_reused} with the "
+        f"prefix reused (~{total_plain:.0f} h without reuse; an estimate, not a measurement)"
     )
 
 

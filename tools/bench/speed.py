@@ -16,6 +16,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from CLIP import CLIP_Inplanted, create_model
 from mvfa.config import ModelConfig
 from mvfa.flags import new_parser
 from mvfa.precision import Precision
+from mvfa.prefix_cache import PrefixCache
 from prompt import encode_text_with_prompt_ensemble
 from utils import augment
 
@@ -35,8 +37,10 @@ STAGES = (
     "load",
     "text",
     "forward",
+    "forward_reused",
     "memory_bank",
     "train_step",
+    "train_step_reused",
     "train_step_unfrozen",
     "metrics",
 )
@@ -156,6 +160,9 @@ def run_stage(args) -> dict:
         model_name=args.model_name, pretrain="none", img_size=args.img_size, fast=args.fast
     )
     model = model_cfg.build(device, precision)  # frozen CLIP (fused attention with --fast or bf16), adapters
+    if stage.endswith("_reused"):  # the same batch again: the frozen prefix's tokens from the cache
+        model.prefix_cache = PrefixCache(64.0, Path(tempfile.mkdtemp()))
+        stage = stage.removesuffix("_reused")
     clip = model.clipmodel
     images = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=device)
     flops = vision_gflops(model, args.img_size)
@@ -229,7 +236,7 @@ def driver(args) -> None:
         for stage in args.stages:
             sizes = (
                 args.batch_sizes
-                if stage in ("forward", "memory_bank", "train_step")
+                if stage in ("forward", "forward_reused", "memory_bank", "train_step", "train_step_reused")
                 else args.metric_images
                 if stage == "metrics"
                 else [1]
