@@ -447,7 +447,8 @@ class Training:
             self.say("test set:\n" + "\n".join(result_lines(run.obj, result, run.fewshot)))
         elif self.best_collected is not None:
             result = evaluate(self.best_collected, self.device, self.precision)
-        elif self.best_adapters is not None:  # resumed after the choice: its pass again, for the extras
+        elif self.best_adapters is not None and self.saved is not None:
+            # resumed after the choice, whose collected material the state does not keep: its pass again
             self.model.load_state_dict(self.best_adapters, strict=False)
             result = test()[0]
         saved = run.save_model and (self.best_adapters is not None or run.select == "last")
