@@ -9,7 +9,9 @@ from PIL import Image
 
 from CLIP import CLIP_Inplanted, create_model, tokenize
 from dataset import load_image, load_mask
-from loss import detection_loss, dice_loss, focal_loss, segmentation_loss
+from loss import dice_loss, focal_loss
+from mvfa import training
+from mvfa.precision import Precision
 from prompt import encode_text_with_prompt_ensemble
 from utils import augment
 
@@ -89,38 +91,50 @@ def test_focal_and_dice(goldens, reference_assets):
     assert dice_loss(prob[:, 1], mask).item() == pytest.approx(goldens["dice"], rel=LOSS_RTOL)
 
 
-def test_one_training_step(goldens, brain_model, reference_assets, golden_image):
-    """Losses and every updated adapter weight after one Adam step of both optimisers,
-    as the reference's training loop takes it."""
+def test_one_training_step(goldens, brain_model, reference_assets, golden_image, monkeypatch):
+    """The project's training step (mvfa.training.train_step with the optimisers of mvfa.training.optimizers)
+    on the goldens' image: its det, seg and total losses, and every adapter weight after its Adam steps, as
+    the reference's training loop took them."""
     model = brain_model
     state = {k: v.clone() for k, v in model.state_dict().items() if "adapters" in k}
     mask_file = reference_assets / "data" / goldens["image_file"].replace("/img/", "/anomaly_mask/")
     mask = np.asarray(Image.open(mask_file).convert("L").resize((240, 240), Image.NEAREST), np.float32) / 255
-    mask = (torch.from_numpy(mask)[None] > 0.5).float()  # [1, H, W]
     text = goldens["text_features"]["Brain"]
-    for p in model.clipmodel.parameters():
-        p.requires_grad_(False)
-    seg_opt = torch.optim.Adam(model.seg_adapters.parameters(), lr=1e-3, betas=(0.5, 0.999))
-    det_opt = torch.optim.Adam(model.det_adapters.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    model.clipmodel.requires_grad_(False)  # frozen, as ModelConfig.build leaves it
+    losses = {}  # what the step's two losses returned, recorded on the way
+
+    def recorded(name, loss_fn):
+        def call(*args, **kwargs):
+            losses[name] = loss_fn(*args, **kwargs)
+            return losses[name]
+
+        return call
+
+    monkeypatch.setattr(training, "detection_loss", recorded("det", training.detection_loss))
+    monkeypatch.setattr(training, "segmentation_loss", recorded("seg", training.segmentation_loss))
     try:
-        _, seg, det = model(golden_image)
-        det_loss = detection_loss(det, text, torch.tensor([1.0]))
-        seg_loss = segmentation_loss(seg, text, mask, 240)
-        loss = seg_loss + det_loss
-        seg_opt.zero_grad(), det_opt.zero_grad()
-        loss.backward()
-        seg_opt.step(), det_opt.step()
-        assert det_loss.item() == pytest.approx(goldens["step_det_loss"], rel=LOSS_RTOL)
-        assert seg_loss.item() == pytest.approx(goldens["step_seg_loss"], rel=LOSS_RTOL)
-        assert loss.item() == pytest.approx(goldens["step_loss"], rel=LOSS_RTOL)
+        loss = training.train_step(
+            model,
+            golden_image,
+            torch.tensor([1.0]),
+            torch.from_numpy(mask)[None, None],  # [1, 1, H, W] grey levels / 255: the step binarises them
+            text,
+            has_masks=True,
+            optimizers=training.optimizers(model, 1e-3),
+            precision=Precision.of("auto", torch.device("cpu")),
+            img_size=240,
+        )
+        assert losses["det"].item() == pytest.approx(goldens["step_det_loss"], rel=LOSS_RTOL)
+        assert losses["seg"].item() == pytest.approx(goldens["step_seg_loss"], rel=LOSS_RTOL)
+        assert loss == pytest.approx(goldens["step_loss"], rel=LOSS_RTOL)
         for name in ("seg_adapters", "det_adapters"):
             weights = getattr(model, name).state_dict()
             assert set(weights) == set(goldens[f"step_{name}"])
             for key, probe in goldens[f"step_{name}"].items():
+                before = state[f"{name}.{key}"]  # the step changes values, never shape or dtype
+                full = {**probe, "shape": tuple(before.shape), "dtype": before.dtype}
+                assert_matches_probe(weights[key], full, atol=1e-5, msg=f"{name}.{key}")
                 flat = weights[key].flatten()
-                torch.testing.assert_close(
-                    flat[probe["index"]], probe["values"], atol=1e-5, rtol=0, msg=f"{name}.{key}"
-                )
                 assert flat.double().sum().item() == pytest.approx(probe["sum"], abs=1e-3)
                 assert flat.double().norm().item() == pytest.approx(probe["norm"], rel=1e-6)
     finally:

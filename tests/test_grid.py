@@ -67,7 +67,32 @@ def test_grid_runs_jobs_records_and_tables(executor, synth, tmp_path, capsys, mo
         job = jobs.Job(**{**record["job"], "extra": tuple(record["job"]["extra"])})
         assert record["test"]["script"] == ("test_zero" if job.setting == "zero" else "test_few")
         assert record["test"]["args"]["obj"] == job.obj
+        assert record["commands"] == job.commands(tmp_path / "jobs" / job.key)
     assert (tmp_path / "tables.md").is_file() and (tmp_path / "table_zero.csv").is_file()
+    if executor == "local":  # once, for one job (a training and a test: ~20 s on 2 idle cores)
+        assert_job_equals_its_commands_run_alone(done, tmp_path)
+
+
+def assert_job_equals_its_commands_run_alone(done: dict[str, dict], out: Path) -> None:
+    """The few-shot Brain job's test metrics (every one, the image scores included) are those of its train
+    and test commands (Job.commands) run one after the other in a new folder, outside the grid."""
+    key, record = next((k, r) for k, r in done.items() if k.startswith("1-Brain-"))
+    job = jobs.Job(**{**record["job"], "extra": tuple(record["job"]["extra"])})
+    alone = out / "alone"
+    alone.mkdir()
+    for command in job.commands(alone):
+        ran = subprocess.run(
+            [sys.executable, str(REPO / command[0]), *command[1:]],
+            cwd=alone,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert ran.returncode == 0, ran.stderr[-2000:]
+    (tested,) = (alone / "records").glob("test_few_*.json")
+    metrics = json.loads(tested.read_text())["metrics"]
+    assert {"image_auroc", "pixel_auroc", "image_scores"} <= set(metrics)
+    assert record["test"]["metrics"] == metrics, key
 
 
 def test_tables_are_mean_and_std_of_the_records(synth, tmp_path, capsys):

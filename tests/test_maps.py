@@ -11,19 +11,19 @@ import pytest
 import torch
 from conftest import SIZE, TINY
 from PIL import Image
-from torch.utils.data import DataLoader
+from scoring_spec import spec_few_map, spec_unit, spec_zero_map
+from sklearn.metrics import roc_auc_score
 
 import prompt
 import test_few
 import test_zero
 from dataset import load_image
-from dataset.medical_few import ImageItems
 from mvfa import maps
 from mvfa.config import ModelConfig, configs, pick
-from mvfa.evaluation import collect
 from mvfa.precision import Precision
 from tools import predict
 from tools.synth import make_synthetic_bmad
+from utils import augment
 
 OVERLAY_PX = (900, 460)  # figsize (4.2 * 2 + 0.6, 4.6) at 100 dpi
 NAME = re.compile(r"^(\d{5})_(normal|abnormal)_(\d{5})\.png$")
@@ -36,7 +36,7 @@ def fast():
     real, cache, threads = prompt.text_features_for, {}, torch.get_num_threads()
     torch.set_num_threads(1)
 
-    def cached(clip_model, objs, device, precision):
+    def cached(clip_model, objs, device, precision, store=None):
         if tuple(objs) not in cache:
             cache[tuple(objs)] = real(clip_model, objs, device, precision)
         return cache[tuple(objs)]
@@ -68,6 +68,27 @@ def _size(path: Path) -> tuple[int, int]:
 
 def _pngs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.png") if p.name != "grid.png")
+
+
+TEST_LABELS = [0, 0, 0, 1, 1, 1]  # the synthetic test sets: 3 normal, then 3 abnormal images
+
+
+def _assert_image_auroc(result: dict) -> None:
+    """A run's image AUROC is sklearn's on its own image scores and the test set's labels."""
+    assert len(result["image_scores"]) == len(TEST_LABELS)
+    assert result["image_auroc"] == roc_auc_score(TEST_LABELS, result["image_scores"])
+
+
+def _resize_aligned(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Bilinear resize of [H0, W0] to [h, w] with the corner pixels' centres aligned, in float64."""
+    y, x = np.linspace(0, a.shape[0] - 1, h), np.linspace(0, a.shape[1] - 1, w)
+    y0 = np.minimum(np.floor(y).astype(int), a.shape[0] - 2)
+    x0 = np.minimum(np.floor(x).astype(int), a.shape[1] - 2)
+    wy, wx = (y - y0)[:, None], (x - x0)[None, :]
+    a = a.astype(np.float64)
+    top = a[y0][:, x0] * (1 - wx) + a[y0][:, x0 + 1] * wx
+    bottom = a[y0 + 1][:, x0] * (1 - wx) + a[y0 + 1][:, x0 + 1] * wx
+    return top * (1 - wy) + bottom * wy
 
 
 # ---------------------------------------------------------------- drawing helpers, no model
@@ -132,7 +153,8 @@ def test_few_shot_save_maps_brain(setup, tmp_path):
             "4",
         ]
     )
-    assert len(record["image_scores"]) == 6 and "pixel_auroc" in record  # the run's record: it completed
+    assert "pixel_auroc" in record  # the run's record: it completed
+    _assert_image_auroc(record)
     names = _pngs(out)
     parsed = [NAME.match(n).groups() for n in names]
     assert [int(i) for i, _, _ in parsed] == list(range(6))
@@ -144,7 +166,7 @@ def test_few_shot_save_maps_brain(setup, tmp_path):
 def test_several_draws_get_a_folder_each(setup, tmp_path):
     synth, ckpt = setup
     out = tmp_path / "maps"
-    test_few.main(
+    record = test_few.main(
         TINY
         + [
             "--obj",
@@ -170,6 +192,14 @@ def test_several_draws_get_a_folder_each(setup, tmp_path):
     )
     for it in (0, 1):
         assert len(_pngs(out / f"iterate_{it}")) == 6 and (out / f"iterate_{it}" / "grid.png").is_file()
+    # what main returns: each draw's metrics, and their mean and standard deviation (ddof 0)
+    draws = record["draws"]
+    assert [d["iterate"] for d in draws] == [0, 1]
+    for draw in draws:
+        _assert_image_auroc(draw)
+    for key in ("image_auroc", "pixel_auroc"):
+        values = [d[key] for d in draws]
+        assert record["summary"][key] == {"mean": np.mean(values), "std": np.std(values)}
 
 
 def test_zero_shot_save_maps_image_only_chest(setup, tmp_path, capsys):
@@ -186,7 +216,8 @@ def test_zero_shot_save_maps_image_only_chest(setup, tmp_path, capsys):
         str(tmp_path),
     ]
     record = test_zero.main(common + ["--save_maps", str(out)])  # det-head maps of an image-only dataset
-    assert len(record["image_scores"]) == 6 and "pixel_auroc" not in record
+    assert "pixel_auroc" not in record
+    _assert_image_auroc(record)
     assert len(_pngs(out)) == 6 and all(_size(out / n) == OVERLAY_PX for n in _pngs(out))
     assert _size(out / "grid.png") == (840, round(100 * (2.7 * 6 + 0.4)))  # --grid_n 8 > 6 images: all rows
     with pytest.raises(SystemExit):
@@ -247,37 +278,70 @@ def test_predict_zero_shot_scores_are_absolute(setup, inputs, tmp_path):
 
 
 def test_predict_maps_at_the_input_size(setup, inputs, tmp_path):
-    """--save_npy: each map over its input's own pixels; at the model's size it is the pool's map itself."""
-    synth, ckpt = setup
-    folder = tmp_path / "in"
-    folder.mkdir()
+    """--save_npy: each map over its input's own pixels. Run 1: a wide 16-bit input and one at the model's
+    size. Run 2: the same model inputs, the wide one given as the float image of the model's size that it
+    becomes. Run 1's wide map is the bilinear resize (corners aligned) of run 2's map of it; the maps at the
+    model's size and all the scores are run 2's."""
     grey = np.asarray(Image.open(inputs / "b_grey.png"))  # [64, 64]
-    Image.fromarray(grey.astype(np.uint16) * 257).resize((90, 40)).save(folder / "a_wide16.png")
-    Image.fromarray(grey).resize((SIZE, SIZE)).save(folder / "b_model_size.png")
-    rows = _run_predict(setup, tmp_path, folder, "--obj", "Brain", "--save_npy")
-    out = tmp_path / "pred"
-    wide, square = np.load(out / "00000_a_wide16.npy"), np.load(out / "00001_b_model_size.npy")
-    assert wide.shape == (40, 90) and square.shape == (SIZE, SIZE) and wide.dtype == np.float32
-    # the same maps from the library: collect over the two inputs (seg head, Brain's), min-max over this pool
-    flags = vars(
-        predict.parser().parse_args(TINY + ["--input", str(folder), "--ckpt", str(ckpt), "--obj", "Brain"])
+    one, two = tmp_path / "in1", tmp_path / "in2"
+    one.mkdir(), two.mkdir()
+    Image.fromarray(grey.astype(np.uint16) * 257).resize((90, 40)).save(one / "a_wide16.png")
+    for folder in (one, two):
+        Image.fromarray(grey).resize((SIZE, SIZE)).save(folder / "b_model_size.png")
+    # the wide image as the model sees it: grey levels / 65535, bicubic to the model's size, clipped to [0, 1]
+    levels = np.asarray(Image.open(one / "a_wide16.png")).astype(np.float64) / 65535
+    plane = Image.fromarray(levels.astype(np.float32)).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+    Image.fromarray(np.clip(np.asarray(plane), 0, 1)).save(two / "a_wide_at_model_size.tif")
+    rows1 = _run_predict(setup, tmp_path / "1", one, "--obj", "Brain", "--save_npy")
+    rows2 = _run_predict(setup, tmp_path / "2", two, "--obj", "Brain", "--save_npy")
+    assert [r["score"] for r in rows1] == [r["score"] for r in rows2]
+    wide = np.load(tmp_path / "1/pred/00000_a_wide16.npy")
+    square = np.load(tmp_path / "1/pred/00001_b_model_size.npy")
+    model_wide = np.load(tmp_path / "2/pred/00000_a_wide_at_model_size.npy")
+    model_square = np.load(tmp_path / "2/pred/00001_b_model_size.npy")
+    assert wide.shape == (40, 90) and square.shape == model_wide.shape == (SIZE, SIZE)
+    assert wide.dtype == square.dtype == np.float32
+    np.testing.assert_array_equal(square, model_square)
+    np.testing.assert_allclose(wide, _resize_aligned(model_wide, 40, 90), rtol=0, atol=1e-6)
+    # normalised over the pool of two: the two maps together span [0, 1]
+    assert min(model_wide.min(), model_square.min()) == 0 and max(model_wide.max(), model_square.max()) == 1
+
+
+def test_predict_equals_the_test_scripts_on_their_test_set(setup, tmp_path):
+    """predict on a folder of a test set's images, in its order (its pool is then the test set). Zero-shot:
+    its maps are test_zero.py's (--save_scores) and its absolute scores, min-max normalised over the set, are
+    test_zero.py's. With --support the normal images of test_few.py's support draw: its scores and maps are
+    test_few.py's. Images at the model's size: the maps written at the input's size are the model's."""
+    _, ckpt = setup
+    synth = make_synthetic_bmad(
+        str(tmp_path / "synth"), n_per_split=3, seed=1, img_size=SIZE, objs=("Brain",), shots=(2,)
     )
-    cpu = torch.device("cpu")
-    precision = Precision.of(flags["precision"], cpu)
-    model = pick(ModelConfig, flags).build(cpu, precision)
-    model.load_adapters(ckpt)
-    pool = ImageItems([(str(p), 0, None) for p in predict.list_inputs(folder, "--input")], SIZE)
-    text = predict.text_features_for(model.clipmodel, ["Brain"], cpu, precision)["Brain"]
-    c = collect(model, DataLoader(pool, batch_size=1), text, precision, has_masks=False, head="seg")
-    assert (c.head, c.fewshot) == ("seg", False)
-    scores, maps_fn = predict.pool_scores(c, cpu, precision)
-    np.testing.assert_allclose(square, maps_fn(1, 2)[0].numpy(), atol=1e-6)  # equal size: the map itself
-    model_map = maps_fn(0, 1)[0].numpy()
-    corners = (0, -1)
-    np.testing.assert_allclose(wide[np.ix_(corners, corners)], model_map[np.ix_(corners, corners)], atol=1e-6)
-    # bilinear: within range
-    assert wide.min() >= model_map.min() - 1e-6 and wide.max() <= model_map.max() + 1e-6
-    assert [float(r["score"]) for r in rows] == pytest.approx(scores.tolist(), rel=1e-6)
+    common = [*TINY, "--obj", "Brain", "--ckpt", str(ckpt)]
+    scripts = [*common, "--data_path", synth.data, "--out_dir", str(tmp_path / "rec")]
+    test_zero.main([*scripts, "--save_scores", str(tmp_path / "zero.npz")])
+    few_args = ["--seed_dir", synth.seed_root, "--shot", "2", "--save_scores", str(tmp_path / "few.npz")]
+    test_few.main([*scripts, *few_args])
+    zero, few = np.load(tmp_path / "zero.npz"), np.load(tmp_path / "few.npz")
+    files = [Path(f) for f in zero["files"]]
+    assert files == [Path(f) for f in few["files"]] and zero["labels"].tolist() == TEST_LABELS
+    inputs, support = tmp_path / "inputs", tmp_path / "support"
+    inputs.mkdir(), support.mkdir()
+    for i, f in enumerate(files):  # names that sort in test-set order
+        (inputs / f"{i}_{f.name}").symlink_to(f)
+    listed = (Path(synth.seed_root) / "Brain" / "2-shot.txt").read_text().splitlines()
+    normal = next(line for line in listed if line.startswith("n-0:")).split()[1:3]  # draw 0's normal images
+    for i, name in enumerate(normal):
+        (support / f"{i}_{name}").symlink_to(Path(synth.data) / "Brain_AD" / "valid" / "good" / "img" / name)
+    for extra, expected in (([], zero), (["--support", str(support)], few)):
+        out = tmp_path / ("few" if extra else "zero")
+        rows = predict.main([*common, "--input", str(inputs), "--out", str(out), "--save_npy", *extra])
+        assert [Path(r["file"]).name for r in rows] == [f"{i}_{f.name}" for i, f in enumerate(files)]
+        scores = np.array([float(r["score"]) for r in rows], dtype=np.float32)
+        if not extra:  # zero-shot: the det head's raw score; the test script min-maxes it over the test set
+            scores = (scores - scores.min()) / (scores.max() - scores.min())
+        np.testing.assert_array_equal(scores, expected["image_scores"])
+        maps = np.stack([np.load(out / f"{i:05d}_{i}_{f.stem}.npy") for i, f in enumerate(files)])
+        np.testing.assert_array_equal(maps, expected["maps"])
 
 
 def test_predict_few_shot_with_calibration(setup, inputs, tmp_path):
@@ -306,18 +370,31 @@ def test_predict_few_shot_with_calibration(setup, inputs, tmp_path):
 
 
 def test_predict_few_shot_single_image_uses_raw_maps(setup, inputs, tmp_path):
-    synth, _ = setup
+    """One input, no pool to normalise over: the score is the max of the raw fused map, 0.5 x the zero-shot
+    map (sum over the layers of the abnormal pixel probability) + 0.5 x the few-shot map (sum over the layers
+    of the distances to the memory bank of the 11 views of each support image), recomputed here from the
+    tokens of the det head (Chest is image-only)."""
+    synth, ckpt = setup
+    support_dir = Path(synth.data) / "Chest_AD/valid/good/img"
     rows = _run_predict(
-        setup,
-        tmp_path,
-        inputs / "a_rgb.png",
-        "--obj",
-        "Chest",
-        "--support",
-        str(Path(synth.data) / "Chest_AD/valid/good/img"),
+        setup, tmp_path, inputs / "a_rgb.png", "--obj", "Chest", "--support", str(support_dir)
     )
-    # the max of raw 1 - cos and softmax sums, not a 0-1 scale
-    assert len(rows) == 1 and float(rows[0]["score"]) > 0
+    assert len(rows) == 1
+    cpu = torch.device("cpu")
+    flags = vars(predict.parser().parse_args([*TINY, "--input", "x", "--ckpt", str(ckpt), "--obj", "Chest"]))
+    precision = Precision.of(flags["precision"], cpu)
+    model = pick(ModelConfig, flags).build(cpu, precision)
+    model.load_adapters(ckpt)
+    text = predict.text_features_for(model.clipmodel, ["Chest"], cpu, precision)["Chest"]
+    support = torch.stack([load_image(str(p), SIZE) for p in sorted(support_dir.iterdir())])
+    bank_rows = []  # per view, per layer [1 + HW, D]; the views by utils.augment (test_goldens.py checks it)
+    with torch.no_grad():
+        for view in augment(support)[0]:
+            bank_rows.append([t[0] for t in model(view[None])[2]])
+        bank = [spec_unit(torch.cat(layer)) for layer in zip(*bank_rows)]  # per layer [11k (1 + HW), D]
+        _, _, det = model(load_image(str(inputs / "a_rgb.png"), SIZE)[None])
+        fused = 0.5 * spec_zero_map(det, text, SIZE) + 0.5 * spec_few_map(bank, det, SIZE)  # [1, S, S]
+    assert float(rows[0]["score"]) == pytest.approx(float(fused.max()), rel=1e-6)
 
 
 def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):

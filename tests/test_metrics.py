@@ -1,7 +1,7 @@
-"""mvfa/metrics.py: known answers, equality with sklearn over many chunkings,
-AUPRO against an exact implementation."""
+"""mvfa/metrics.py: known answers, equality with sklearn over many chunkings, AUPRO against an exact
+implementation; mvfa/scoring.py: each function against hand-computed known answers."""
 
-import warnings
+import math
 
 import numpy as np
 import pytest
@@ -9,8 +9,9 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from mvfa import metrics
-from mvfa.metrics import image_metrics, pixel_metrics, to_numpy
+from mvfa import metrics, scoring
+from mvfa.metrics import image_metrics, pixel_metrics
+from mvfa.scoring import minmax
 
 
 def _one(scores, masks):
@@ -86,45 +87,121 @@ def test_image_metrics_errors():
         image_metrics([0, 1], [np.nan, np.nan])
 
 
-# ---- normalisation -----------------------------------------------------------------------------------------
+# ---- scoring (mvfa/scoring.py): hand-computed known answers ----------------------------------------------
+
+L3 = math.log(3.0)  # softmax([0, k L3]) gives the abnormal probability 3^k / (3^k + 1)
 
 
-# a numpy version of mvfa.scoring.minmax with its NaN warning, as the reference's numpy normalisation
-def normalize_minmax(a, lo=None, hi=None) -> np.ndarray:
-    """(a - min) / (max - min) over the whole array, in a's dtype (float16 stays float16: the reference's
-    few-shot maps can be float16 arrays).
-
-    lo / hi: the global min / max when a is one chunk of a larger set. max == min gives NaN as in the
-    reference, with a warning.
-    """
-    a = to_numpy(a)
-    lo = a.min() if lo is None else np.asarray(lo, dtype=a.dtype)
-    hi = a.max() if hi is None else np.asarray(hi, dtype=a.dtype)
-    if hi == lo:
-        warnings.warn(
-            f"normalize_minmax: all scores are equal ({lo}); the normalised scores are NaN as in the "
-            "reference",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (a - lo) / (hi - lo)
+def _close(got: torch.Tensor, expected, atol: float = 1e-6) -> None:
+    """float32 results of a few operations against the exact values: within a few float32 roundings."""
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=got.dtype), rtol=1e-6, atol=atol)
 
 
-def test_normalize_minmax_values_dtype_and_chunks():
-    a = np.array([[2.0, 4.0], [3.0, 6.0]], np.float16)
-    out = normalize_minmax(a)
-    assert out.dtype == np.float16 and out.tolist() == [[0.0, 0.5], [0.25, 1.0]]
-    b = np.random.default_rng(0).random((5, 3, 4)).astype(np.float32)
-    whole = normalize_minmax(b)
-    parts = np.concatenate([normalize_minmax(b[i : i + 2], b.min(), b.max()) for i in range(0, 5, 2)])
-    assert np.array_equal(whole, parts) and whole.dtype == np.float32
+def test_minmax_known_answers_dtype_and_chunks():
+    a = torch.tensor([[1.0, 3.0, 5.0], [2.0, 9.0, 7.0]])
+    # (a - 1) / (9 - 1), each value a multiple of 1/8: exact in binary
+    assert minmax(a, a.min(), a.max()).tolist() == [[0.0, 0.25, 0.5], [0.125, 1.0, 0.75]]
+    half = torch.tensor([[2.0, 4.0], [3.0, 6.0]], dtype=torch.float16)  # the reference's fp16 maps stay fp16
+    out = minmax(half, half.min(), half.max())
+    assert out.dtype == torch.float16 and out.tolist() == [[0.0, 0.5], [0.25, 1.0]]
+    # lo / hi given: the global extremes of a larger set, not this chunk's
+    assert minmax(torch.tensor([1.0, 2.0]), torch.tensor(0.0), torch.tensor(4.0)).tolist() == [0.25, 0.5]
+    b = torch.from_numpy(np.random.default_rng(0).random((5, 3, 4)).astype(np.float32))
+    whole = minmax(b, b.min(), b.max())
+    parts = torch.cat([minmax(b[i : i + 2], b.min(), b.max()) for i in range(0, 5, 2)])
+    assert torch.equal(whole, parts) and whole.dtype == torch.float32
+    assert (whole.min(), whole.max()) == (0.0, 1.0)
 
 
-def test_normalize_minmax_constant_warns_and_gives_nan():
-    with pytest.warns(RuntimeWarning, match="all scores are equal"):
-        out = normalize_minmax(np.full((2, 3), 0.25, np.float32))
-    assert np.isnan(out).all()
+def test_minmax_of_constant_scores_is_nan():
+    """max == min: 0 / 0, NaN everywhere, as the reference's numpy division gives."""
+    a = torch.full((2, 3), 0.25)
+    assert torch.isnan(minmax(a, a.min(), a.max())).all()
+
+
+def test_patches_drop_the_cls_token():
+    tokens = [torch.arange(2 * 3 * 2.0).reshape(2, 3, 2), torch.zeros(1, 5, 4)]  # [B, 1+HW, D]
+    got = scoring.patches(tokens)
+    assert got[0].tolist() == [[[2.0, 3.0], [4.0, 5.0]], [[8.0, 9.0], [10.0, 11.0]]]
+    assert got[1].shape == (1, 4, 4)
+
+
+def test_text_logits_known_answer():
+    unit = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # [1, HW=2, D=2]
+    text = torch.tensor([[0.25, 0.5], [0.75, -0.5]])  # [D, 2]
+    assert scoring.text_logits(unit, text).tolist() == [[[25.0, 50.0], [75.0, -50.0]]]  # 100 * unit @ text
+
+
+def test_upsample_known_answer():
+    """A 2x2 grid to 3x3, bilinear with aligned corners: corners kept, edge midpoints and centre the means."""
+    values = torch.tensor([0.0, 2.0, 4.0, 6.0])  # row-major [[0, 2], [4, 6]]
+    patch_values = torch.stack([values, 10 * values], -1)[None]  # [1, HW=4, C=2]
+    got = scoring.upsample(patch_values, 3)
+    expected = [[0.0, 1.0, 2.0], [2.0, 3.0, 4.0], [4.0, 5.0, 6.0]]
+    assert got.shape == (1, 2, 3, 3)
+    assert got[0, 0].tolist() == expected
+    assert got[0, 1].tolist() == [[10 * v for v in row] for row in expected]
+
+
+def test_unit_rows_known_answer():
+    """x / max(|x|, 1e-8): a zero row stays zero, a row shorter than 1e-8 is divided by 1e-8."""
+    got = scoring.unit_rows(torch.tensor([[3.0, 4.0], [0.0, 0.0], [1e-9, 0.0]]))
+    _close(got, [[0.6, 0.8], [0.0, 0.0], [0.1, 0.0]])
+
+
+def test_zero_shot_logits_known_answer():
+    """Patch tokens (3, 4) and (0, -2): unit (0.6, 0.8) and (0, -1), logits 100x those against the identity;
+    the CLS token is left out and the caller's tokens are left as they were."""
+    tokens = torch.tensor([[[9.0, 9.0], [3.0, 4.0], [0.0, -2.0]]])  # [1, 1+HW, D]
+    before = tokens.clone()
+    (got,) = scoring.zero_shot_logits([tokens], torch.eye(2))
+    assert got.shape == (1, 2, 2)
+    _close(got, [[[60.0, 80.0], [0.0, -100.0]]], atol=1e-5)
+    assert torch.equal(tokens, before)
+
+
+def test_zero_shot_image_score_known_answer():
+    """Layer 1: abnormal probabilities 1/2 and 3/4 (mean 5/8); layer 2: 1/4 and 1/2 (mean 3/8); sum 1."""
+    layer1 = torch.tensor([[[0.0, 0.0], [0.0, L3]]])  # [B=1, HW=2, 2]
+    layer2 = torch.tensor([[[L3, 0.0], [0.0, 0.0]]])
+    got = scoring.zero_shot_image_score([layer1, layer2])
+    assert got.shape == (1,) and got.item() == pytest.approx(1.0, rel=1e-6)
+    assert scoring.zero_shot_image_score([layer1]).item() == pytest.approx(0.625, rel=1e-6)
+
+
+def test_zero_shot_map_known_answer():
+    """Abnormal-minus-normal logits [[0, 2 L3], [2 L3, 4 L3]] upsampled to 3x3 are k L3, k = row + column;
+    the abnormal probability there is 3^k / (3^k + 1). A second layer of equal logits adds 1/2 everywhere."""
+    abnormal = torch.tensor([0.0, 2 * L3, 2 * L3, 4 * L3])
+    layer1 = torch.stack([torch.zeros(4), abnormal], -1)[None]  # [1, HW=4, 2]
+    layer2 = torch.zeros(1, 4, 2)
+    p = [3**k / (3**k + 1) for k in range(5)]
+    expected = [[p[i + j] for j in range(3)] for i in range(3)]
+    got = scoring.zero_shot_map([layer1], 3)
+    assert got.shape == (1, 3, 3)
+    _close(got[0], expected)
+    both = scoring.zero_shot_map([layer1, layer2], 3)
+    _close(both[0], [[v + 0.5 for v in row] for row in expected])
+
+
+def test_few_shot_distances_known_answer():
+    """Memory rows (1, 0) and (0, 1). Image 0: patches (3, 4) -> best cosine 0.8, distance 0.2; (-1, 0) ->
+    best cosine 0, distance 1. Image 1: (0, 5) and (2, 0) lie on a memory row: distance 0. CLS left out."""
+    memory = [torch.eye(2)]  # [M=2, D=2] unit rows
+    tokens = torch.tensor(
+        [[[7.0, -7.0], [3.0, 4.0], [-1.0, 0.0]], [[-7.0, 7.0], [0.0, 5.0], [2.0, 0.0]]]
+    )  # [B=2, 1+HW, D]
+    (got,) = scoring.few_shot_distances(memory, [tokens])
+    assert got.shape == (2, 2)
+    _close(got, [[0.2, 1.0], [0.0, 0.0]])
+
+
+def test_few_shot_map_known_answer():
+    """Distances [[0, 2], [4, 6]] upsampled to 3x3, plus a second layer of ones."""
+    layer1 = torch.tensor([[0.0, 2.0, 4.0, 6.0]])  # [B=1, HW=4]
+    got = scoring.few_shot_map([layer1, torch.ones(1, 4)], 3)
+    assert got.shape == (1, 3, 3)
+    assert got[0].tolist() == [[1.0, 2.0, 3.0], [3.0, 4.0, 5.0], [5.0, 6.0, 7.0]]
 
 
 # ---- pixel metrics: known answers --------------------------------------------------------------------------

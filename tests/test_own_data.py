@@ -2,6 +2,7 @@
 synthetic images (one with masks, one without), through the four scripts and tools/predict.py; and the errors
 of one's own data."""
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -9,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 from test_scripts import (  # noqa: F401
     SIZE,
     TINY,
-    cached_text,
     call,
     expect_error,
     one_thread,
@@ -91,12 +92,14 @@ def test_fewshot_train_then_test_on_a_dataset_with_masks(own, tmp_path):
     ]
     args = [*common, "--iterate", "-1", "--seed", "3", "--out_dir", str(tmp_path / "results")]
     trained = call(train_few, args + ["--epoch", "1"])
-    assert len(result_lines(trained, "knee")) == 2  # pAUC and AUC: the seg path
     record = only_record(tmp_path / "results")
+    # one epoch, one evaluation: pAUC and AUC (the seg path), those of the record (the selected weights)
+    assert result_lines(trained, "knee") == expected_lines_for("knee", record["metrics"], True)
     assert (tmp_path / "ckpt" / "knee.pth").is_file() and record["args"]["prompt_name"] == "knee MRI"
-    tested = call(test_few, args + ["--out_dir", str(tmp_path / "tested")])
+    scores = tmp_path / "tested.npz"
+    tested = call(test_few, args + ["--out_dir", str(tmp_path / "tested"), "--save_scores", str(scores)])
     metrics = only_record(tmp_path / "tested")["metrics"]
-    assert result_lines(tested, "knee") == expected_lines_for("knee", metrics, True)
+    assert result_lines(tested, "knee") == sklearn_lines("knee", scores, metrics, True)
     valid = own / "data" / "knee" / "valid"
     names = {
         state: sorted(p.name for p in (valid / state / "img").iterdir())[-1] for state in ("good", "Ungood")
@@ -113,10 +116,15 @@ def test_fewshot_train_then_test_on_a_dataset_with_masks(own, tmp_path):
             str(tmp_path / "mine.txt"),
             "--out_dir",
             str(tmp_path / "listed"),
+            "--save_scores",
+            str(tmp_path / "listed.npz"),
         ],
     )
-    assert only_record(tmp_path / "listed")["args"]["seed_dir"] == str(tmp_path / "mine.txt")
-    assert len(result_lines(listed, "knee")) == 2
+    record = only_record(tmp_path / "listed")
+    assert record["args"]["seed_dir"] == str(tmp_path / "mine.txt")
+    assert result_lines(listed, "knee") == sklearn_lines(
+        "knee", tmp_path / "listed.npz", record["metrics"], True
+    )
 
 
 def test_zeroshot_train_then_test_on_an_image_only_dataset_given_by_path(own, synth, tmp_path):  # noqa: F811
@@ -136,11 +144,17 @@ def test_zeroshot_train_then_test_on_an_image_only_dataset_given_by_path(own, sy
         str(tmp_path / "results"),
     ]
     trained = call(train_zero, args + ["--epoch", "1", "--batch_size", "6"])
-    assert "best epoch found: epoch 0 batch 0" in trained and len(result_lines(trained, "wrist")) >= 5
-    tested = call(test_zero, args + ["--out_dir", str(tmp_path / "tested")])
+    assert "best epoch found: epoch 0 batch 0" in trained
+    printed = result_lines(trained, "wrist")
+    assert len(printed) >= 5  # 5-6 evaluations in the epoch
+    # the record holds the selected weights' result: the highest AUC printed (image AUROC alone selects)
+    selected = only_record(tmp_path / "results")["metrics"]
+    assert round(selected["image_auroc"], 4) == max(float(line.split(" : ")[1]) for line in printed)
+    scores = tmp_path / "tested.npz"
+    tested = call(test_zero, args + ["--out_dir", str(tmp_path / "tested"), "--save_scores", str(scores)])
     metrics = only_record(tmp_path / "tested")["metrics"]
-    assert result_lines(tested, "wrist") == expected_lines_for("wrist", metrics, False)
-    assert "pixel_auroc" not in metrics  # no masks: image level only
+    assert result_lines(tested, "wrist") == sklearn_lines("wrist", scores, metrics, False)
+    assert "pixel_auroc" not in metrics and "maps" not in np.load(scores).files  # no masks: image level only
 
 
 def expected_lines_for(name: str, metrics: dict, fewshot: bool) -> list[str]:
@@ -150,6 +164,20 @@ def expected_lines_for(name: str, metrics: dict, fewshot: bool) -> list[str]:
         return [auc]
     pauc = f"{name} pAUC : {round(metrics['pixel_auroc'], 4)}"
     return [pauc, auc] if fewshot else [auc, pauc]
+
+
+def sklearn_lines(name: str, scores_file: Path, metrics: dict, fewshot: bool) -> list[str]:
+    """The lines a test run must print, from its own --save_scores file: image AUROC (and with masks pixel
+    AUROC) recomputed by sklearn, which the run's record holds too."""
+    saved = np.load(scores_file)
+    image = roc_auc_score(saved["labels"], saved["image_scores"])
+    assert metrics["image_auroc"] == pytest.approx(image, abs=1e-12)
+    recomputed = {"image_auroc": image}
+    if "maps" in saved.files:
+        pixel = roc_auc_score(saved["masks"].reshape(-1), saved["maps"].reshape(-1))
+        assert metrics["pixel_auroc"] == pytest.approx(pixel, abs=1e-12)
+        recomputed["pixel_auroc"] = pixel
+    return expected_lines_for(name, recomputed, fewshot)
 
 
 def test_predict_on_own_images(own, tmp_path):
@@ -180,25 +208,47 @@ def test_predict_on_own_images(own, tmp_path):
         ],
     )
     shutil.move(tmp_path / "knee.pth", ckpt)
-    inputs = own / "data" / "knee" / "test" / "Ungood" / "img"
-    out, rows = run(
-        predict,
+    # test_zero.py with this checkpoint, then predict on the same test images in the same order
+    knee = [*TINY, "--ckpt", str(ckpt), "--prompt_name", "knee MRI"]
+    call(
+        test_zero,
         [
-            *TINY,
-            "--input",
-            str(inputs),
-            "--ckpt",
-            str(ckpt),
-            "--prompt_name",
-            "knee MRI",
-            "--out",
-            str(tmp_path / "pred"),
+            *knee,
+            "--obj",
+            "knee",
+            "--data_path",
+            str(own / "data"),
+            "--out_dir",
+            str(tmp_path / "tested"),
+            "--save_scores",
+            str(tmp_path / "zero.npz"),
         ],
     )
-    assert len([line for line in out.splitlines() if line.endswith(".png")]) == 2
-    assert (tmp_path / "pred" / "scores.csv").read_text().count("\n") == 3  # header + 2 images
-    # main returns the rows
-    assert [row["file"] for row in rows] == [str(p) for p in sorted(inputs.iterdir())]
+    zero = np.load(tmp_path / "zero.npz")
+    files = [Path(f) for f in zero["files"]]
+    assert zero["labels"].tolist() == [0, 0, 1, 1]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for i, f in enumerate(files):  # names that sort in test-set order
+        (inputs / f"{i}_{f.name}").symlink_to(f)
+    out, rows = run(predict, [*knee, "--input", str(inputs), "--out", str(tmp_path / "pred"), "--save_npy"])
+    paths = [inputs / f"{i}_{f.name}" for i, f in enumerate(files)]
+    assert [row["file"] for row in rows] == [str(p) for p in paths]  # main returns the rows
+    with open(tmp_path / "pred" / "scores.csv", newline="") as f:
+        assert [(r["file"], float(r["score"])) for r in csv.DictReader(f)] == [
+            (r["file"], r["score"]) for r in rows
+        ]
+    assert [line for line in out.splitlines() if line.endswith(".png")] == [
+        f"{r['score']:.4f}  {r['file']}" for r in rows
+    ]
+    # zero-shot: the det head's absolute scores, which test_zero.py min-maxes over the test set; the seg
+    # head's maps (knee has masks), min-max normalised over the same images: test_zero.py's
+    scores = np.array([r["score"] for r in rows], dtype=np.float32)
+    np.testing.assert_array_equal(
+        (scores - scores.min()) / (scores.max() - scores.min()), zero["image_scores"]
+    )
+    maps = np.stack([np.load(tmp_path / "pred" / f"{i:05d}_{p.stem}.npy") for i, p in enumerate(paths)])
+    np.testing.assert_array_equal(maps, zero["maps"])
 
 
 # ---------------------------------------------------------------- errors

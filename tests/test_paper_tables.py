@@ -5,6 +5,7 @@ on synthetic data (one dataset and one checkpoint missing)."""
 import contextlib
 import csv
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -331,6 +332,26 @@ def tiny_run(tiny):
     return root / "out", text
 
 
+OBJ_OF = {
+    "HIS": "Histopathology",
+    "ChestXray": "Chest",
+    "OCT17": "Retina_OCT2017",
+    "BrainMRI": "Brain",
+    "LiverCT": "Liver",
+    "RESC": "Retina_RESC",
+}
+
+
+def _recorded_metrics(runs: Path, script: str) -> dict[str, dict]:
+    """obj -> the metrics of the JSON run record `script` wrote for it (one record per run)."""
+    found = {}
+    for path in runs.glob(f"{script}_*.json"):
+        record = json.loads(path.read_text())
+        assert record["script"] == script and record["args"]["obj"] not in found
+        found[record["args"]["obj"]] = record["metrics"]
+    return found
+
+
 def _parse(cell: str) -> float | None:
     return None if cell == "-" else float(cell)
 
@@ -358,19 +379,23 @@ def test_end_to_end_tables(tiny_run, setting, title):
         rows = list(csv.reader(f))
     assert rows[0] == ["dataset", *pt.COLUMNS] and rows[1:] == body  # the CSV holds the Markdown's cells
     values = [dict(zip(pt.COLUMNS, map(_parse, row[1:]))) for row in body]  # every cell parses
-    for label, row in zip(LABELS, values):
+    recorded = _recorded_metrics(out / "runs", "test_zero" if setting == "zero-shot" else "test_few")
+    for label, row, cells in zip(LABELS, values, body):
         for metric in ("image_auroc", "pixel_auroc"):
             ours, paper, impl = (row[f"{metric}_{p}"] for p in ("ours", "paper", "impl"))
             if ours is None:
                 assert row[f"{metric}_ours-paper"] is None and row[f"{metric}_ours-impl"] is None
             else:
-                assert 0 <= ours <= 100
+                if label != "Average":  # the cell: 100 x the run's recorded AUROC, to 2 decimals
+                    expected = round(100 * recorded[OBJ_OF[label]][metric], 2)
+                    assert cells[1 + pt.COLUMNS.index(f"{metric}_ours")] == f"{expected:.2f}", (label, metric)
                 assert row[f"{metric}_ours-paper"] == pytest.approx(ours - paper, abs=1e-9)
                 assert row[f"{metric}_ours-impl"] == pytest.approx(ours - impl, abs=1e-9)
         has_pixel = label in ("BrainMRI", "LiverCT", "RESC", "Average")
         assert (row["pixel_auroc_paper"] is not None) == has_pixel
     missing = {"ChestXray"} | ({"LiverCT"} if setting == "few-shot" else set())
     assert {label for label, row in zip(LABELS, values) if row["image_auroc_ours"] is None} == missing
+    assert set(recorded) == {OBJ_OF[label] for label in LABELS[:-1] if label not in missing}
     have = [row["image_auroc_ours"] for label, row in zip(LABELS[:-1], values) if label not in missing]
     assert values[-1]["image_auroc_ours"] == pytest.approx(round(sum(have) / len(have), 2), abs=1e-9)
 
