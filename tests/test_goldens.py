@@ -11,8 +11,10 @@ from CLIP import CLIP_Inplanted, create_model, tokenize
 from dataset import load_image, load_mask
 from loss import dice_loss, focal_loss
 from mvfa import training
+from mvfa.config import ModelConfig, cache_folder
 from mvfa.precision import Precision
-from prompt import encode_text_with_prompt_ensemble
+from mvfa.text_cache import text_cache
+from prompt import prompt_name, prompt_sentences, text_features_for
 from utils import augment
 
 TOKEN_TOL = 1e-4  # absolute, on O(1) values
@@ -40,11 +42,21 @@ def test_token_ids(goldens):
     assert ids.dtype == torch.int32 and torch.equal(ids, goldens["tokens_ids"])
 
 
-def test_text_features_of_all_six_datasets(goldens, brain_model):
+def test_text_features_of_all_six_datasets(goldens, brain_model, reference_assets):
+    """Through the scripts' own path (prompt.text_features_for with the text cache of this session's folder),
+    so the later runs on the same weights find these features there instead of encoding them again."""
+    cpu = torch.device("cpu")
+    auto = Precision.of("auto", cpu)
+    model_cfg = ModelConfig(clip_ckpt=str(reference_assets / "CLIP/ckpt/ViT-L-14-336px.pt"))
+    store = text_cache(model_cfg, auto, cpu, cache_folder(None))
+    objs = list(goldens["text_features"])
+    names = {obj: prompt_name(obj) for obj in objs}
+    assert all(store.get(n, prompt_sentences(n)) is None for n in names.values())  # encoded here, not read
+    features = text_features_for(brain_model.clipmodel, objs, cpu, auto, store)
     for obj, expected in goldens["text_features"].items():
-        got = encode_text_with_prompt_ensemble(brain_model.clipmodel, obj, "cpu")
-        assert got.shape == (768, 2)
-        torch.testing.assert_close(got, expected, atol=TOKEN_TOL, rtol=0, msg=obj)
+        assert features[obj].shape == (768, 2)
+        torch.testing.assert_close(features[obj], expected, atol=TOKEN_TOL, rtol=0, msg=obj)
+        assert torch.equal(store.get(names[obj], prompt_sentences(names[obj])), features[obj])
 
 
 def test_adapted_forward(goldens, brain_model, golden_image):

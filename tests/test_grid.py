@@ -202,3 +202,17 @@ def test_slurm_submission_parameters(tmp_path, monkeypatch):
     job = jobs.Job("Brain", "4", 0, "test")
     requeued = jobs.Runner(str(tmp_path)).checkpoint(job)
     assert isinstance(requeued, submitit.helpers.DelayedSubmission) and requeued.args == (job,)
+
+
+def test_cost_counts_the_passes_and_the_reused_work(tmp_path):
+    """Known answers on BMAD's test-set sizes (no data folder): few-shot k = 4, Brain (3,715 test images),
+    50 epochs: 88 steps and one pass of 44 bank images + the test set per epoch, everything after the first
+    epoch reused; zero-shot Liver, the other five test sets (11,520 images) in groups of 16: 720 steps and 5
+    evaluations per epoch (6 where the groups do not divide by 5), all but the very first reused."""
+    none = str(tmp_path / "none")
+    assert jobs.cost(jobs.Job("Brain", "4", 0, "test"), none) == (4400, 50 * 3759, 49 * 88, 49 * 3759)
+    assert jobs.cost(jobs.Job("Brain", "4", 0, "val"), none) == (4400, 51 * 3759, 49 * 88, 49 * 3759)
+    groups = -(-(3715 + 1805 + 1000 + 3000 + 2000) // 16)
+    assert groups == 720
+    zero = jobs.cost(jobs.Job("Liver", "zero", 0, "test"), none, batch_size=16)
+    assert zero == (50 * 720, 50 * 5 * 1493, 0, (50 * 5 - 1) * 1493)
