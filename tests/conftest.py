@@ -43,6 +43,26 @@ def goldens() -> dict:
     return torch.load(REFERENCE / "goldens_seed0_small.pt", map_location="cpu", weights_only=True)
 
 
+def reference_model(assets: Path, device: str = "cpu"):
+    """The reference's model on `device`: ViT-L-14-336 at 240 px from the seed-0 archive, frozen, eval mode,
+    with the few-shot Brain adapters."""
+    from CLIP import CLIP_Inplanted, create_model
+
+    clip = create_model(
+        "ViT-L-14-336", 240, "openai", device, checkpoint=assets / "CLIP/ckpt/ViT-L-14-336px.pt"
+    )
+    clip.requires_grad_(False)
+    model = CLIP_Inplanted(clip).to(device).eval()
+    model.load_adapters(assets / "ckpt/few-shot/Brain.pth")
+    return model
+
+
+@pytest.fixture(scope="module")
+def brain_model(reference_assets):
+    """reference_model on the CPU, once per test module."""
+    return reference_model(reference_assets)
+
+
 @pytest.fixture(scope="session")
 def reference_assets(tmp_path_factory) -> Path:
     """The seed-0 reference inputs (weights, adapters, data, support lists), regenerated once per session by

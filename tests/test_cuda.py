@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import assert_matches_probe
+from conftest import assert_matches_probe, reference_model
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from test_reference_runs import recorded_runs, reference_scores, user_checkout  # noqa: F401 (a fixture)
@@ -114,13 +114,7 @@ def no_tf32():
 @pytest.fixture(scope="module")
 def brain(reference_assets) -> CLIP_Inplanted:
     """The seed-0 ViT-L (frozen) with the few-shot Brain adapters, on CUDA."""
-    clip = create_model(
-        "ViT-L-14-336", 240, "openai", CUDA, checkpoint=reference_assets / "CLIP/ckpt/ViT-L-14-336px.pt"
-    )
-    clip.requires_grad_(False)
-    model = CLIP_Inplanted(clip).to(CUDA).eval()
-    model.load_adapters(reference_assets / "ckpt/few-shot/Brain.pth")
-    return model
+    return reference_model(reference_assets, CUDA)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 from conftest import assert_matches_probe
 from PIL import Image
 
-from CLIP import CLIP_Inplanted, create_model, tokenize
+from CLIP import tokenize
 from dataset import load_image, load_mask
 from loss import dice_loss, focal_loss
 from mvfa import training
@@ -25,16 +25,6 @@ LOSS_RTOL = 1e-5
 AUGMENT_ABNORMAL = "valid/good/img/00000_85.png"
 AUGMENT_MASK = "test/Ungood/anomaly_mask/00000_83.png"
 AUGMENT_NORMAL = ("valid/good/img/00000_85.png", "valid/good/img/00001_66.png")
-
-
-@pytest.fixture(scope="module")
-def brain_model(reference_assets):
-    clip = create_model(
-        "ViT-L-14-336", 240, "openai", "cpu", checkpoint=reference_assets / "CLIP/ckpt/ViT-L-14-336px.pt"
-    )
-    model = CLIP_Inplanted(clip).eval()
-    model.load_adapters(reference_assets / "ckpt/few-shot/Brain.pth")
-    return model
 
 
 def test_token_ids(goldens):

@@ -9,8 +9,6 @@ from test_scripts import only_record, run, script_args, synth  # noqa: F401
 
 import train_few
 import train_zero
-from CLIP.adapter import CLIP_Inplanted
-from CLIP.loading import create_model
 from mvfa.config import ModelConfig
 from mvfa.precision import Precision
 from mvfa.prefix_cache import PrefixCache, serving
@@ -32,27 +30,16 @@ def assert_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
         assert x.dtype == y.dtype and torch.equal(x, y)
 
 
-@pytest.fixture(scope="module")
-def vit_l(reference_assets):
-    """The reference's model: ViT-L-14-336 at 240 px from the seed-0 archive, Brain's adapters."""
-    clip = create_model(
-        "ViT-L-14-336", 240, "openai", "cpu", checkpoint=reference_assets / "CLIP/ckpt/ViT-L-14-336px.pt"
-    )
-    model = CLIP_Inplanted(clip).eval()
-    model.load_adapters(reference_assets / "ckpt/few-shot/Brain.pth")
-    return model
-
-
 @pytest.mark.parametrize("ram_gib", [4.0, 0.0], ids=["in-memory", "spilled-to-files"])
-def test_vit_l_tokens_through_the_cache_equal_the_forward(vit_l, golden_image, tmp_path, ram_gib):
+def test_brain_model_tokens_through_the_cache_equal_the_forward(brain_model, golden_image, tmp_path, ram_gib):
     """Batch 1, fp32, the reference's explicit attention: a miss and then a hit give the uncached tensors."""
-    plain = outputs(vit_l, golden_image)
+    plain = outputs(brain_model, golden_image)
     cache = PrefixCache(ram_gib, tmp_path)
-    with serving(vit_l, cache):
-        missed = outputs(vit_l, golden_image)
-        hit = outputs(vit_l, golden_image)
+    with serving(brain_model, cache):
+        missed = outputs(brain_model, golden_image)
+        hit = outputs(brain_model, golden_image)
     assert (cache.misses, cache.hits) == (1, 1)
-    assert vit_l.prefix_cache is None  # restored after the block
+    assert brain_model.prefix_cache is None  # restored after the block
     assert_equal(missed, plain)
     assert_equal(hit, plain)
     spilled = list(tmp_path.rglob("*.pt"))
@@ -82,8 +69,8 @@ def test_keys_tell_batches_and_autocast_apart(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the fp16 autocast case")
-def test_fp16_autocast_tokens_through_the_cache_equal_the_forward(vit_l, golden_image, tmp_path):
-    model, image = vit_l.cuda(), golden_image.cuda()
+def test_fp16_autocast_tokens_through_the_cache_equal_the_forward(brain_model, golden_image, tmp_path):
+    model, image = brain_model.cuda(), golden_image.cuda()
     try:
         with torch.autocast("cuda", dtype=torch.float16):
             plain = outputs(model, image)
@@ -91,7 +78,7 @@ def test_fp16_autocast_tokens_through_the_cache_equal_the_forward(vit_l, golden_
                 assert_equal(outputs(model, image), plain)
                 assert_equal(outputs(model, image), plain)
     finally:
-        vit_l.cpu()
+        brain_model.cpu()
 
 
 def test_training_steps_with_reuse_equal_steps_without(tmp_path):
