@@ -5,7 +5,7 @@ metrics as one without."""
 import pytest
 import torch
 from conftest import SIZE
-from test_scripts import only_record, run, script_args, synth  # noqa: F401
+from test_scripts import load_ckpt, only_record, run, script_args, synth  # noqa: F401
 
 import train_few
 import train_zero
@@ -112,17 +112,22 @@ def test_training_steps_with_reuse_equal_steps_without(tmp_path):
 
 @pytest.mark.parametrize("script", [train_few, train_zero], ids=["train_few", "train_zero"])
 def test_a_run_with_reuse_equals_one_without(script, synth, tmp_path):  # noqa: F811
-    """The scripts reuse by default; --no_prefix_cache recomputes: the same printed lines and record."""
+    """The scripts reuse by default; --no_prefix_cache recomputes: the same printed lines, record, losses and
+    checkpoint tensors."""
     results = []
+    obj = "Brain" if script is train_few else "Liver"
+    more = ["--shot", "1"] if script is train_few else ["--batch_size", "2"]
+    seed_dir = synth.seed_root if script is train_few else None
     for name, extra in (("reuse", []), ("plain", ["--no_prefix_cache"])):
-        obj = "Brain" if script is train_few else "Liver"
-        more = (
-            ["--shot", "1", "--epoch", "2"] if script is train_few else ["--epoch", "2", "--batch_size", "2"]
-        )
-        seed_dir = synth.seed_root if script is train_few else None
         args = script_args(synth.data, tmp_path / name, obj, "--epoch", "2", *more, *extra, seed_dir=seed_dir)
         out, result = run(script, [*args, "--cache_dir", str(tmp_path / "cache")])
         record = only_record(tmp_path / name / "results")
-        results.append((out, result, record["training"]["epoch_losses"]))
-    assert results[0] == results[1]
+        ckpt = load_ckpt(tmp_path / name / "ckpt" / f"{obj}.pth")
+        results.append((out, result, record["training"]["epoch_losses"], ckpt))
+    (out, result, losses, ckpt), (plain_out, plain_result, plain_losses, plain_ckpt) = results
+    assert (out, result, losses) == (plain_out, plain_result, plain_losses)
+    assert ckpt["epoch"] == plain_ckpt["epoch"]
+    for head in ("seg_adapters", "det_adapters"):
+        assert ckpt[head].keys() == plain_ckpt[head].keys()
+        assert all(torch.equal(ckpt[head][k], plain_ckpt[head][k]) for k in ckpt[head])
     assert not list((tmp_path / "cache" / "prefix").rglob("*.pt"))  # nothing left behind
