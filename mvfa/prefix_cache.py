@@ -39,7 +39,7 @@ class PrefixCache:
         device = images.device.type
         autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         data = images.detach().contiguous().cpu()
-        digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=20)
+        digest = hashlib.blake2b(data.view(torch.uint8).numpy(), digest_size=20)  # the bytes in place
         digest.update(f"{tuple(data.shape)} {data.dtype} {images.device} {autocast}".encode())
         return digest.hexdigest()
 

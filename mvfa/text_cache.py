@@ -10,6 +10,7 @@ import torch
 
 from .config import ModelConfig
 from .precision import Precision
+from .records import sha256
 
 VERSION = 1  # raised whenever the encoding changes, so that older entries are never used
 
@@ -23,8 +24,7 @@ def file_digest(path: Path, folder: Path) -> str:
     seen = memo.get(str(path))
     if seen and seen["size"] == stat.st_size and seen["mtime_ns"] == stat.st_mtime_ns:
         return seen["sha256"]
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = sha256(path)
     memo[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
     folder.mkdir(parents=True, exist_ok=True)
     tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
@@ -35,7 +35,9 @@ def file_digest(path: Path, folder: Path) -> str:
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     data = tensor.detach().cpu().contiguous()
-    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes() + str(data.dtype).encode()).hexdigest()
+    digest = hashlib.sha256(data.view(torch.uint8).numpy())  # the bytes in place, no copy
+    digest.update(str(data.dtype).encode())
+    return digest.hexdigest()
 
 
 class TextCache:

@@ -32,6 +32,11 @@ REFERENCE = TESTS / "fixtures" / "reference"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(TESTS))
 
+from mvfa.config import ModelConfig  # noqa: E402 - importable once the repository is on the path
+
+# the same tiny model as a config, for tests that build it in-process
+TINY_MODEL = ModelConfig(model_name="demo-tiny", pretrain="none", img_size=SIZE, features_list=(3, 6, 9, 12))
+
 SUM_NORM_RTOL = 1e-12  # float64 sums of the same values in another order
 
 

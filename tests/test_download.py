@@ -649,8 +649,8 @@ connect, socket.socket.connect = socket.socket.connect, refuse
 def test_the_check_and_a_script_run_without_network(tmp_path):
     """In subprocesses whose every INET connect raises (sitecustomize): `--check` and a test_zero.py run."""
     import torch
+    from conftest import SIZE, TINY, TINY_MODEL
 
-    from mvfa.config import ModelConfig
     from mvfa.precision import Precision
     from tools.synth import make_synthetic_bmad
 
@@ -682,24 +682,13 @@ def test_the_check_and_a_script_run_without_network(tmp_path):
     assert out.returncode == 1 and out.stderr == ""
     assert out.stdout.splitlines()[-1] == f"0 present, 25 missing, 0 damaged (under {tmp_path / 'empty'})"
 
-    synth = make_synthetic_bmad(str(tmp_path / "synth"), n_per_split=2, seed=0, img_size=56, objs=("Chest",))
-    tiny = ModelConfig(model_name="demo-tiny", pretrain="none", img_size=56, features_list=(3, 6, 9, 12))
+    synth = make_synthetic_bmad(
+        str(tmp_path / "synth"), n_per_split=2, seed=0, img_size=SIZE, objs=("Chest",)
+    )
     cpu = torch.device("cpu")
-    torch.save(tiny.build(cpu, Precision.of("fp32", cpu)).adapter_state(), tmp_path / "Chest.pth")
+    torch.save(TINY_MODEL.build(cpu, Precision.of("fp32", cpu)).adapter_state(), tmp_path / "Chest.pth")
     args = [
-        "--model_name",
-        "demo-tiny",
-        "--pretrain",
-        "none",
-        "--features_list",
-        "3",
-        "6",
-        "9",
-        "12",
-        "--img_size",
-        "56",
-        "--device",
-        "cpu",
+        *TINY,
         "--obj",
         "Chest",
         "--data_path",

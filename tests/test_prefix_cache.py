@@ -4,18 +4,16 @@ metrics as one without."""
 
 import pytest
 import torch
-from conftest import SIZE
+from conftest import SIZE, TINY_MODEL
 from test_scripts import load_ckpt, only_record, run, script_args, synth  # noqa: F401
 
 import train_few
 import train_zero
-from mvfa.config import ModelConfig
 from mvfa.precision import Precision
 from mvfa.prefix_cache import PrefixCache, serving
 from mvfa.training import optimizers, train_step
 
 CPU = torch.device("cpu")
-TINY_MODEL = ModelConfig(model_name="demo-tiny", pretrain="none", img_size=SIZE, features_list=(3, 6, 9, 12))
 
 
 def outputs(model, images):

@@ -2,6 +2,7 @@
 encoded again and replaced; every setting the features depend on keys the entry."""
 
 import torch
+from conftest import TINY_MODEL
 
 from mvfa.config import ModelConfig
 from mvfa.precision import Precision
@@ -9,7 +10,6 @@ from mvfa.text_cache import text_cache
 from prompt import text_features_for
 
 CPU = torch.device("cpu")
-TINY = ModelConfig(model_name="demo-tiny", pretrain="none", img_size=56, features_list=(3, 6, 9, 12))
 
 
 def encode(model, store, name="Brain", precision="fp32"):
@@ -18,8 +18,8 @@ def encode(model, store, name="Brain", precision="fp32"):
 
 def test_hit_equals_a_fresh_encoding_and_damage_is_encoded_again(tmp_path):
     fp32 = Precision.of("fp32", CPU)
-    model = TINY.build(CPU, fp32)
-    store = text_cache(TINY, fp32, CPU, tmp_path)
+    model = TINY_MODEL.build(CPU, fp32)
+    store = text_cache(TINY_MODEL, fp32, CPU, tmp_path)
     fresh = encode(model, None)
     written = encode(model, store)
     entries = sorted((tmp_path / "text").glob("*.pt"))
@@ -48,12 +48,12 @@ def test_hit_equals_a_fresh_encoding_and_damage_is_encoded_again(tmp_path):
 
 def test_entries_are_keyed_by_prompt_precision_and_text_path(tmp_path):
     fp32 = Precision.of("fp32", CPU)
-    model = TINY.build(CPU, fp32)
-    encode(model, text_cache(TINY, fp32, CPU, tmp_path), "Brain")
-    encode(model, text_cache(TINY, fp32, CPU, tmp_path), "Liver")
+    model = TINY_MODEL.build(CPU, fp32)
+    encode(model, text_cache(TINY_MODEL, fp32, CPU, tmp_path), "Brain")
+    encode(model, text_cache(TINY_MODEL, fp32, CPU, tmp_path), "Liver")
     bf16 = Precision.of("bf16", CPU)
-    encode(model, text_cache(TINY, bf16, CPU, tmp_path), "Brain", "bf16")
-    fast = ModelConfig(**{**TINY.__dict__, "fast": True})
+    encode(model, text_cache(TINY_MODEL, bf16, CPU, tmp_path), "Brain", "bf16")
+    fast = ModelConfig(**{**TINY_MODEL.__dict__, "fast": True})
     encode(model, text_cache(fast, fp32, CPU, tmp_path), "Brain")
     assert len(list((tmp_path / "text").glob("*.pt"))) == 4
 

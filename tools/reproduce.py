@@ -20,9 +20,10 @@ from dataset import CLASS_NAMES
 from mvfa.flags import SELECTIONS, new_parser
 from tools import jobs
 
-# seconds per training step and per evaluated image seen before, the frozen prefix reused: ViT-L, fp32,
-# batch 1, the same 2-core AVX-512 CPU as the defaults (python -m tools.bench.speed --stages forward_reused
-# train_step_reused --precisions fp32)
+# seconds per training step and per evaluated image seen before, the frozen prefix reused: estimates, the fp32
+# defaults less the prefix's quarter of a 1.18 s forward (0.30 s). One noisy measurement on the same CPU gave
+# 2.37 s per step (2.64 s without reuse in that run); measure with `python -m tools.bench.speed --stages
+# forward forward_reused train_step train_step_reused --precisions fp32` and pass the figures.
 STEP_REUSED = 2.19
 IMAGE_REUSED = 0.88
 
