@@ -8,7 +8,7 @@ from conftest import assert_matches_probe
 from PIL import Image
 
 from CLIP import tokenize
-from dataset import load_image, load_mask
+from dataset import CLASS_NAMES, load_image, load_mask
 from loss import dice_loss, focal_loss
 from mvfa import training
 from mvfa.config import ModelConfig, cache_folder
@@ -32,21 +32,23 @@ def test_token_ids(goldens):
     assert ids.dtype == torch.int32 and torch.equal(ids, goldens["tokens_ids"])
 
 
-def test_text_features_of_all_six_datasets(goldens, brain_model, reference_assets):
+# Brain's in every run; the other five (~30 s each on 2 cores) with the slow tier, whose trainings use them
+@pytest.mark.parametrize(
+    "obj", [obj if obj == "Brain" else pytest.param(obj, marks=pytest.mark.slow) for obj in CLASS_NAMES]
+)
+def test_text_features(goldens, brain_model, reference_assets, obj):
     """Through the scripts' own path (prompt.text_features_for with the text cache of this session's folder),
     so the later runs on the same weights find these features there instead of encoding them again."""
     cpu = torch.device("cpu")
     auto = Precision.of("auto", cpu)
     model_cfg = ModelConfig(clip_ckpt=str(reference_assets / "CLIP/ckpt/ViT-L-14-336px.pt"))
     store = text_cache(model_cfg, auto, cpu, cache_folder(None))
-    objs = list(goldens["text_features"])
-    names = {obj: prompt_name(obj) for obj in objs}
-    assert all(store.get(n, prompt_sentences(n)) is None for n in names.values())  # encoded here, not read
-    features = text_features_for(brain_model.clipmodel, objs, cpu, auto, store)
-    for obj, expected in goldens["text_features"].items():
-        assert features[obj].shape == (768, 2)
-        torch.testing.assert_close(features[obj], expected, atol=TOKEN_TOL, rtol=0, msg=obj)
-        assert torch.equal(store.get(names[obj], prompt_sentences(names[obj])), features[obj])
+    name = prompt_name(obj)
+    assert store.get(name, prompt_sentences(name)) is None  # encoded here, not read
+    features = text_features_for(brain_model.clipmodel, [obj], cpu, auto, store)[obj]
+    assert features.shape == (768, 2)
+    torch.testing.assert_close(features, goldens["text_features"][obj], atol=TOKEN_TOL, rtol=0, msg=obj)
+    assert torch.equal(store.get(name, prompt_sentences(name)), features)
 
 
 def test_adapted_forward(goldens, brain_model, golden_image):

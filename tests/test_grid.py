@@ -57,12 +57,16 @@ def test_dry_run_lists_the_paper_grid_without_data(tmp_path, capsys):
     assert any(line.startswith("4-Liver-draw0-test-") for line in jobs)
 
 
-@pytest.mark.parametrize("executor", ["local", "submitit-local"])
-def test_grid_runs_jobs_records_and_tables(executor, synth, tmp_path, capsys, monkeypatch):
+# the local pool runs the whole small grid; submitit's executor (the SLURM path) its two few-shot jobs
+@pytest.mark.parametrize(
+    "executor,settings,n_jobs", [("local", ["1", "zero"], 4), ("submitit-local", ["1"], 2)]
+)
+def test_grid_runs_jobs_records_and_tables(executor, settings, n_jobs, synth, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # submitit's workers import the job function from here
-    assert reproduce.main(grid_args(synth, tmp_path, "--executor", executor, "--workers", "2")) == 0
+    args = grid_args(synth, tmp_path, "--executor", executor, "--workers", "2", "--settings", *settings)
+    assert reproduce.main(args) == 0
     done = records(tmp_path)
-    assert len(done) == 4
+    assert len(done) == n_jobs
     for record in done.values():
         job = jobs.Job(**{**record["job"], "extra": tuple(record["job"]["extra"])})
         assert record["test"]["script"] == ("test_zero" if job.setting == "zero" else "test_few")
@@ -121,7 +125,9 @@ def test_tables_are_mean_and_std_of_the_records(synth, tmp_path, capsys):
 
 
 def test_killed_run_reruns_only_what_is_missing(synth, tmp_path):
-    command = [sys.executable, "-m", "tools.reproduce", *grid_args(synth, tmp_path, "--workers", "1")]
+    """Killed after its first job of three: the rerun runs only the other two."""
+    args = grid_args(synth, tmp_path, "--workers", "1", "--settings", "1", "--draws", "3", "--objs", "Brain")
+    command = [sys.executable, "-m", "tools.reproduce", *args]
     proc = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -130,11 +136,11 @@ def test_killed_run_reruns_only_what_is_missing(synth, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the run and the job it was in the middle of
     proc.wait()
     first = {key: (tmp_path / "jobs" / key / "done.json").stat().st_mtime_ns for key in records(tmp_path)}
-    assert 1 <= len(first) < 4
+    assert 1 <= len(first) < 3
     out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f"{len(first)} of 4 jobs done already; running {4 - len(first)}" in out.stdout
-    assert len(records(tmp_path)) == 4
+    assert f"{len(first)} of 3 jobs done already; running {3 - len(first)}" in out.stdout
+    assert len(records(tmp_path)) == 3
     assert all((tmp_path / "jobs" / key / "done.json").stat().st_mtime_ns == t for key, t in first.items())
 
 

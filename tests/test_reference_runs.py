@@ -19,6 +19,9 @@ import pytest
 from conftest import REFERENCE, REPO
 from reference_inputs import make_reference_inputs
 
+# ViT-L runs of ~1.5 to 6 minutes each on 2 cores: the slow tier (README, Testing)
+pytestmark = pytest.mark.slow
+
 
 def recorded_runs(transcript: str = "reference_outputs_seed0.txt") -> list[tuple[str, list[str]]]:
     """[(command, printed lines)] from one of the reference's transcripts."""

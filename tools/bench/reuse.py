@@ -1,11 +1,16 @@
 """Whole-process timings of the scripts with and without reuse (the text-feature cache and the frozen prefix),
-one after the other on the same machine; every variant of a command must print the same result lines.
+and of the authors' implementation on the same inputs, one after the other on the same machine; every variant
+of a command must print the same result lines.
 
     python tests/reference_inputs.py /tmp/seed0        # the seed-0 inputs (~15 s, ~1.4 GB)
-    python -m tools.bench.reuse --inputs /tmp/seed0
+    python -m tools.bench.reuse --inputs /tmp/seed0 [--reference DIR --reference_python PY]
 
-Variants: `before` recomputes everything (--no_text_cache --no_prefix_cache); `cold` reuses within the run and
-starts from an empty cache folder; `warm` finds the text features of an earlier run in the cache folder.
+Variants: `reference` runs the command in DIR, a scratch checkout of the authors' code
+(https://github.com/MediaBrain-SJTU/MVFA-AD) with the same inputs laid out in it (CLIP/ckpt/, ckpt/, data/,
+dataset/fewshot_seed/; its training scripts overwrite ckpt/), with PY (an interpreter with its requirements);
+on a CPU it needs the one change of MVFA_SPEC.md Q1 (its `.to('cuda')` of a discarded tensor). `before`
+recomputes everything (--no_text_cache --no_prefix_cache); `cold` reuses within the run and starts from an
+empty cache folder; `warm` finds the text features of an earlier run in the cache folder.
 """
 
 import os
@@ -27,7 +32,13 @@ COMMANDS = {
     "test_few": ["test_few.py", "--obj", "Brain", "--shot", "4", "--iterate", "0"],
     "test_zero": ["test_zero.py", "--obj", "Liver"],
 }
-VARIANTS = {"before": ["--no_text_cache", "--no_prefix_cache"], "cold": [], "warm": []}
+VARIANTS = {
+    "reference": [],  # the authors' script, its own flags only
+    "before": ["--no_text_cache", "--no_prefix_cache"],  # the test scripts: --no_text_cache (no prefix reuse)
+    "cold": [],
+    "warm": [],
+}
+BASES = ("reference", "before")  # the ratio columns
 
 
 def result_lines(stdout: str) -> list[str]:
@@ -48,11 +59,9 @@ def command_line(name: str, inputs: Path, work: Path) -> list[str]:
     return words
 
 
-def timed_run(words: list[str], cache: Path) -> tuple[float, list[str]]:
+def timed_run(words: list[str], cwd: Path = REPO) -> tuple[float, list[str]]:
     start = time.perf_counter()
-    out = subprocess.run(
-        [*words, "--cache_dir", str(cache)], cwd=REPO, capture_output=True, text=True, env=dict(os.environ)
-    )
+    out = subprocess.run(words, cwd=cwd, capture_output=True, text=True, env=dict(os.environ))
     seconds = time.perf_counter() - start
     if out.returncode:
         raise SystemExit(f"{' '.join(words)} failed:\n{out.stderr[-2000:]}")
@@ -64,9 +73,13 @@ def main(argv=None) -> int:
     p.add_argument("--inputs", required=True, help="the seed-0 inputs (python tests/reference_inputs.py DIR)")
     p.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=COMMANDS, help="what to time")
     p.add_argument(
-        "--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="before, cold and warm"
+        "--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time, in this order"
     )
+    p.add_argument("--reference", help="a scratch checkout of the authors' code with the inputs (see above)")
+    p.add_argument("--reference_python", default=sys.executable, help="the interpreter for --reference")
     args = p.parse_args(argv)
+    if "reference" in args.variants and not args.reference:
+        args.variants.remove("reference")
     inputs = Path(args.inputs).resolve()
     if not (inputs / "CLIP/ckpt/ViT-L-14-336px.pt").is_file():
         raise SystemExit(
@@ -74,22 +87,30 @@ def main(argv=None) -> int:
         )
     capability = torch.backends.cpu.get_cpu_capability()
     print(f"{os.cpu_count()} CPU threads, torch {torch.__version__}, kernels {capability}")
-    print("| command | variant | seconds | of `before` |")
-    print("|---|---|---|---|")
+    print("| command | variant | seconds | of `reference` | of `before` |")
+    print("|---|---|---|---|---|")
     for name in args.commands:
         work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         cache = work / "cache"
         words = command_line(name, inputs, work)
         times, printed = {}, {}
         for variant in args.variants:
-            if variant == "cold":
-                shutil.rmtree(cache, ignore_errors=True)
-            elif variant == "warm" and not (cache / "text").is_dir():
-                timed_run(words, cache)  # fills the text cache first
-            times[variant], printed[variant] = timed_run([*words, *VARIANTS[variant]], cache)
-            ratio = f"{times[variant] / times['before']:.2f}" if "before" in times else ""
+            if variant == "reference":
+                reference = Path(args.reference).resolve()
+                run = [args.reference_python, *COMMANDS[name]]
+                times[variant], printed[variant] = timed_run(run, reference)
+            else:
+                if variant == "cold":
+                    shutil.rmtree(cache, ignore_errors=True)
+                elif variant == "warm" and not (cache / "text").is_dir():
+                    timed_run([*words, "--cache_dir", str(cache)])  # fills the text cache first
+                flags = [f for f in VARIANTS[variant] if name.startswith("train") or f != "--no_prefix_cache"]
+                run = [*words, "--cache_dir", str(cache), *flags]
+                times[variant], printed[variant] = timed_run(run)
+            ratios = [f"{times[variant] / times[base]:.2f}" if base in times else "" for base in BASES]
             print(
-                f"| `{' '.join(COMMANDS[name])}` | {variant} | {times[variant]:.0f} | {ratio} |", flush=True
+                f"| `{' '.join(COMMANDS[name])}` | {variant} | {times[variant]:.0f} | {' | '.join(ratios)} |",
+                flush=True,
             )
         if len({tuple(lines) for lines in printed.values()}) != 1:
             raise SystemExit(f"{name}: the variants printed different result lines: {printed}")
