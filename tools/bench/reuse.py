@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time, in this order"
     )
+    p.add_argument("--epoch", type=int, help="the trainings' --epoch instead of the listed one")
     p.add_argument("--reference", help="a scratch checkout of the authors' code with the inputs (see above)")
     p.add_argument("--reference_python", default=sys.executable, help="the interpreter for --reference")
     args = p.parse_args(argv)
@@ -89,6 +90,10 @@ def main(argv=None) -> int:
     print(f"{os.cpu_count()} CPU threads, torch {torch.__version__}, kernels {capability}")
     print("| command | variant | seconds | of `reference` | of `before` |")
     print("|---|---|---|---|---|")
+    if args.epoch is not None:
+        for name in ("train_few", "train_zero"):
+            words = COMMANDS[name]
+            words[words.index("--epoch") + 1] = str(args.epoch)
     for name in args.commands:
         work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         cache = work / "cache"
