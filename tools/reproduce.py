@@ -20,12 +20,11 @@ from dataset import CLASS_NAMES
 from mvfa.flags import SELECTIONS, new_parser
 from tools import jobs
 
-# seconds per training step and per evaluated image seen before, the frozen prefix reused: estimates, the fp32
-# defaults less the prefix's quarter of a 1.18 s forward (0.30 s). One noisy measurement on the same CPU gave
-# 2.37 s per step (2.64 s without reuse in that run); measure with `python -m tools.bench.speed --stages
-# forward forward_reused train_step train_step_reused --precisions fp32` and pass the figures.
-STEP_REUSED = 2.19
-IMAGE_REUSED = 0.88
+# seconds per training step and per evaluated image seen before, the frozen prefix reused: the fp32 defaults
+# scaled by what reuse saved within one run of `train_few.py --obj Brain --shot 4 --epoch 2` on the same CPU
+# (docs/speed.md, "Reuse"): a step 0.93 of one without reuse, an evaluated image 0.23 s less
+STEP_REUSED = 2.32
+IMAGE_REUSED = 0.95
 
 
 def parser():
