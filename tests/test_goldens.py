@@ -44,7 +44,8 @@ def test_text_features(goldens, brain_model, reference_assets, obj):
     model_cfg = ModelConfig(clip_ckpt=str(reference_assets / "CLIP/ckpt/ViT-L-14-336px.pt"))
     store = text_cache(model_cfg, auto, cpu, cache_folder(None))
     name = prompt_name(obj)
-    assert store.get(name, prompt_sentences(name)) is None  # encoded here, not read
+    if next(o for o in CLASS_NAMES if prompt_name(o) == name) == obj:  # the Retinas share one prompt name
+        assert store.get(name, prompt_sentences(name)) is None  # encoded here, not read
     features = text_features_for(brain_model.clipmodel, [obj], cpu, auto, store)[obj]
     assert features.shape == (768, 2)
     torch.testing.assert_close(features, goldens["text_features"][obj], atol=TOKEN_TOL, rtol=0, msg=obj)
