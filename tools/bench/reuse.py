@@ -6,11 +6,12 @@ of a command must print the same result lines.
     python -m tools.bench.reuse --inputs /tmp/seed0 [--reference DIR --reference_python PY]
 
 Variants: `reference` runs the command in DIR, a scratch checkout of the authors' code
-(https://github.com/MediaBrain-SJTU/MVFA-AD) with the same inputs laid out in it (CLIP/ckpt/, ckpt/, data/,
-dataset/fewshot_seed/; its training scripts overwrite ckpt/), with PY (an interpreter with its requirements);
-on a CPU it needs the one change of MVFA_SPEC.md Q1 (its `.to('cuda')` of a discarded tensor). `before`
-recomputes everything (--no_text_cache --no_prefix_cache); `cold` reuses within the run and starts from an
-empty cache folder; `warm` finds the text features of an earlier run in the cache folder.
+(https://github.com/MediaBrain-SJTU/MVFA-AD) with the same inputs laid out in it (CLIP/ckpt/, ckpt/,
+data/, dataset/fewshot_seed/; its training scripts overwrite ckpt/), with PY (an interpreter with its
+requirements); on a CPU it needs the one change of MVFA_SPEC.md Q1 (the device of a discarded
+tensor). `before` turns off every cache its script has (trainings: --no_text_cache --no_prefix_cache;
+test scripts: --no_text_cache); `cold` reuses within the run and starts from an empty cache folder;
+`warm` finds the text features of an earlier run in the cache folder.
 """
 
 import os
@@ -32,12 +33,7 @@ COMMANDS = {
     "test_few": ["test_few.py", "--obj", "Brain", "--shot", "4", "--iterate", "0"],
     "test_zero": ["test_zero.py", "--obj", "Liver"],
 }
-VARIANTS = {
-    "reference": [],  # the authors' script, its own flags only
-    "before": ["--no_text_cache", "--no_prefix_cache"],  # the test scripts: --no_text_cache (no prefix reuse)
-    "cold": [],
-    "warm": [],
-}
+VARIANTS = ("reference", "before", "cold", "warm")
 BASES = ("reference", "before")  # the ratio columns
 
 
@@ -45,9 +41,22 @@ def result_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if " AUC : " in line or " pAUC : " in line]
 
 
-def command_line(name: str, inputs: Path, work: Path) -> list[str]:
-    """The command on the inputs in `inputs`; the outputs of training in `work`."""
-    words = [sys.executable, *COMMANDS[name]]
+def script_words(name: str, epoch: int | None) -> list[str]:
+    """The listed command, with --epoch `epoch` for a training when given."""
+    words = list(COMMANDS[name])
+    if epoch is not None and "--epoch" in words:
+        words[words.index("--epoch") + 1] = str(epoch)
+    return words
+
+
+def before_flags(name: str) -> list[str]:
+    """Every cache off: the test scripts have only the text cache (no image is seen twice there)."""
+    return ["--no_text_cache", "--no_prefix_cache"] if name.startswith("train") else ["--no_text_cache"]
+
+
+def command_line(name: str, script: list[str], inputs: Path, work: Path) -> list[str]:
+    """The command `script` on the inputs in `inputs`; the outputs of training in `work`."""
+    words = [sys.executable, *script]
     words += ["--clip_ckpt", str(inputs / "CLIP/ckpt/ViT-L-14-336px.pt"), "--data_path", str(inputs / "data")]
     words += ["--device", "cpu", "--out_dir", str(work / "results")]
     if "few" in name:
@@ -90,31 +99,28 @@ def main(argv=None) -> int:
     print(f"{os.cpu_count()} CPU threads, torch {torch.__version__}, kernels {capability}")
     print("| command | variant | seconds | of `reference` | of `before` |")
     print("|---|---|---|---|---|")
-    if args.epoch is not None:
-        for name in ("train_few", "train_zero"):
-            words = COMMANDS[name]
-            words[words.index("--epoch") + 1] = str(args.epoch)
     for name in args.commands:
         work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
         cache = work / "cache"
-        words = command_line(name, inputs, work)
+        script = script_words(name, args.epoch)
+        words = command_line(name, script, inputs, work)
         times, printed = {}, {}
         for variant in args.variants:
             if variant == "reference":
                 reference = Path(args.reference).resolve()
-                run = [args.reference_python, *COMMANDS[name]]
+                run = [args.reference_python, *script]
                 times[variant], printed[variant] = timed_run(run, reference)
             else:
                 if variant == "cold":
                     shutil.rmtree(cache, ignore_errors=True)
                 elif variant == "warm" and not (cache / "text").is_dir():
                     timed_run([*words, "--cache_dir", str(cache)])  # fills the text cache first
-                flags = [f for f in VARIANTS[variant] if name.startswith("train") or f != "--no_prefix_cache"]
+                flags = before_flags(name) if variant == "before" else []
                 run = [*words, "--cache_dir", str(cache), *flags]
                 times[variant], printed[variant] = timed_run(run)
             ratios = [f"{times[variant] / times[base]:.2f}" if base in times else "" for base in BASES]
             print(
-                f"| `{' '.join(COMMANDS[name])}` | {variant} | {times[variant]:.0f} | {' | '.join(ratios)} |",
+                f"| `{' '.join(script)}` | {variant} | {times[variant]:.0f} | {' | '.join(ratios)} |",
                 flush=True,
             )
         if len({tuple(lines) for lines in printed.values()}) != 1:
