@@ -81,6 +81,18 @@ def sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def adapters_sha256(adapter_state: dict) -> str:
+    """One digest of adapter weights in the released layout ({'seg_adapters': ..., 'det_adapters': ...}): per
+    tensor, in state_dict order, its name ('seg_adapters.0.fc1.0.weight') then its float32 bytes. Two runs
+    whose final adapters have the same digest ended with the same bits."""
+    digest = hashlib.sha256()
+    for branch in ("seg_adapters", "det_adapters"):
+        for key, tensor in adapter_state[branch].items():
+            digest.update(f"{branch}.{key}".encode())
+            digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def versions(device: torch.device | None = None) -> dict:
     """Library versions; on a CUDA `device` (the run's) also what its fp16 autocast does to upsampling."""
     import PIL

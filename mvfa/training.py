@@ -23,6 +23,7 @@ from .evaluation import Collected, evaluate, result_lines, selection_score
 from .precision import Precision
 from .protocol import Batch, TrainingSet
 from .records import (
+    adapters_sha256,
     check_folder,
     check_readable,
     check_writable,
@@ -288,8 +289,8 @@ class Training:
         # adds its extra metrics without a second pass
         self.best_collected: Collected | None = None
         self.lines, self.signalled = [], None
-        # each epoch's mean training loss at full precision (the run record keeps them)
-        self.epoch_losses = []
+        # each epoch's mean training loss at full precision, and every step's loss (the run record keeps both)
+        self.epoch_losses, self.step_losses = [], []
 
     def step(self, batch: Batch, texts: dict[str, torch.Tensor]) -> float:
         return train_step(
@@ -360,6 +361,7 @@ class Training:
                     if self.signalled:
                         self.stop(epoch, idx + 1, losses, epoch_rng)
                 self.epoch_losses.append(float(np.mean(losses)))
+                self.step_losses.append(losses)
                 self.say(f"epoch {epoch} loss {self.epoch_losses[-1]:.4f}")
                 if not every and self.run.select != "last":
                     self.select(evaluate, epoch)
@@ -407,6 +409,7 @@ class Training:
             "best_adapters": self.best_adapters,
             "lines": self.lines,
             "epoch_losses": self.epoch_losses,
+            "step_losses": self.step_losses,
         }
         save_atomic(state, path)
 
@@ -421,6 +424,7 @@ class Training:
             optimizer.load_state_dict(state)
         self.best, self.result, self.best_adapters = saved["best"], saved["result"], saved["best_adapters"]
         self.epoch_losses = list(saved["epoch_losses"])
+        self.step_losses = [list(losses) for losses in saved.get("step_losses", [])]
         set_rng_states(saved["rng"])
         print(
             f"--resume: continuing from {path} at epoch {saved['epoch']}, step {saved['position']}",
@@ -435,6 +439,7 @@ class Training:
         which selection never saw; --select test reports the chosen pass itself, its extra metrics (AP,
         F1-max, AUPRO) computed from what it collected. Then the run record; the training state is removed."""
         run = self.run
+        final_adapters = adapters_sha256(self.model.adapter_state())  # before the chosen ones are loaded
         if run.select == "last" and run.save_model:
             save_checkpoint(
                 self.model, self.target, {**self.extras, "epoch": run.epoch - 1, "selection": "last"}
@@ -458,7 +463,11 @@ class Training:
                 f"no checkpoint saved: the selection score never rose above 0; {self.target} was not written"
             )
         files = {"clip": self.clip_file, "adapters": self.target if saved else None}
-        training = {"epoch_losses": self.epoch_losses}
+        training = {
+            "epoch_losses": self.epoch_losses,
+            "step_losses": self.step_losses,
+            "final_adapters_sha256": final_adapters,
+        }
         write_record(run.out_dir, script, run.name, self.flags, result, files, self.device, training)
         state_file(self.target).unlink(missing_ok=True)
         return result

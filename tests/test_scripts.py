@@ -34,6 +34,7 @@ from dataset import CLASS_NAMES, DATASETS
 from mvfa import records
 from mvfa.evaluation import collect, evaluate, selection_score
 from mvfa.precision import Precision
+from mvfa.records import adapters_sha256
 from tools.synth import make_synthetic_bmad
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,6 +233,12 @@ def test_train_few_prints_records_and_saves_released_layout(few_brain):
     ckpt = load_ckpt(ckpt_file)
     assert {"seg_adapters", "det_adapters", "args", "versions", "epoch"} <= set(ckpt)
     assert set(ckpt["seg_adapters"]) == set(ckpt["det_adapters"]) == ADAPTER_KEYS
+    # every step's loss, whose mean is the epoch's, and the final adapters' digest: one epoch evaluated once,
+    # so the saved adapters are the final ones
+    steps = record["training"]["step_losses"]
+    assert len(steps) == 1 and len(steps[0]) > 1
+    assert record["training"]["epoch_losses"] == [float(np.mean(steps[0]))]
+    assert record["training"]["final_adapters_sha256"] == adapters_sha256(ckpt)
     assert ckpt["seg_adapters"]["0.fc1.0.weight"].shape == (256, 256)  # width -> CLIP's embedding width
     assert (
         ckpt["epoch"] == 0
