@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from mvfa.scoring import patches, text_logits, upsample
+from CLIP.tokens import patches, text_logits, upsample
 
 
 def focal_loss(

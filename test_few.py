@@ -10,15 +10,16 @@ import argparse
 
 import numpy as np
 
+from dataset.augment import augment
 from mvfa.config import configs
 from mvfa.evaluation import evaluate_set, result_lines, save_scores
 from mvfa.flags import add_fewshot_args, add_map_args, new_parser, one_line_errors
 from mvfa.maps import save_test_maps
 from mvfa.protocol import prompt, test_set
 from mvfa.records import write_record
+from mvfa.seeding import setup_seed
 from mvfa.text_cache import text_cache
 from prompt import text_features_for
-from utils import augment, setup_seed
 
 
 def parser() -> argparse.ArgumentParser:

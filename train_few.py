@@ -7,6 +7,7 @@ python train_few.py --obj Chest --shot 4 --epoch 5 --precision bf16
 
 import argparse
 
+from dataset.augment import augment
 from mvfa.evaluation import Collected, evaluate_set
 from mvfa.flags import add_fewshot_args, add_training_args, new_parser, one_line_errors
 from mvfa.prefix_cache import prefix_cache, serving
@@ -14,7 +15,6 @@ from mvfa.protocol import fewshot_training_set, prompt, selection_set, test_set
 from mvfa.text_cache import text_cache
 from mvfa.training import Training, start
 from prompt import text_features_for
-from utils import augment
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,87 +1,24 @@
-"""Seeding, the device, and the few-shot augmentation."""
-
-import math
-import os
-import random
-
-import numpy as np
-import torch
-import torch.nn.functional as F
+"""The project's error type: a check of the user's input (a flag, a file, the data) that failed. Its message
+names the value at fault and the fix; the command line prints it as one line and exits with code 2. Any other
+exception is a bug and keeps its traceback."""
 
 
-def setup_seed(seed: int, deterministic: bool = False) -> None:
-    """The reference's seeding; deterministic=True also asks torch for deterministic kernels (the
-    reference's cudnn flags do not make CUDA's bilinear-upsampling backward deterministic, so its training is
-    not bitwise reproducible)."""
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    if deterministic:
-        # cuBLAS needs it for deterministic products
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # a warning where no deterministic kernel exists
-        torch.use_deterministic_algorithms(True, warn_only=True)
+class InputError(Exception):
+    """A check of the user's input failed; `flag`, when set, is the command-line flag that gave the value
+    (the command line names it, the library need not)."""
+
+    def __init__(self, message: str, flag: str | None = None):
+        super().__init__(message)
+        self.flag = flag
 
 
-def draw_as_loader(shuffle: bool) -> None:
-    """Draw from the global generator what iterating a DataLoader draws: its base seed and, when it
-    shuffles, its sampler's seed. For the loaders the reference iterates where this code needs none, so that
-    the generator, and so the reference's training draws, stay in step."""
-    for _ in range(2 if shuffle else 1):
-        torch.empty((), dtype=torch.int64).random_()
+class BadValue(InputError, ValueError):
+    """A value the run cannot use: a flag's, a file's content, an image's pixels."""
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """'auto' or None -> cuda when available, else cpu; anything else is checked."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return device
+class MissingFile(InputError, FileNotFoundError):
+    """A file or folder the run reads is not there."""
 
 
-def _warp(x: torch.Tensor, matrix: list[list[torch.Tensor]]) -> torch.Tensor:
-    """Affine warp of x [N, C, H, W] by one float32 2x3 matrix, bilinear, reflection padding, align_corners
-    False."""
-    theta = torch.tensor(matrix, dtype=torch.float32).expand(x.shape[0], 2, 3)  # [N, 2, 3]
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-def rotate(x: torch.Tensor, angle: float) -> torch.Tensor:
-    # the angle is rounded to float32 before cos/sin, as the reference's float32 matrices
-    t = torch.tensor(angle, dtype=torch.float32)
-    c, s = float(torch.cos(t)), float(torch.sin(t))
-    return _warp(x, [[c, -s, 0.0], [s, c, 0.0]])
-
-
-def translate(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
-    return _warp(x, [[1.0, 0.0, dx], [0.0, 1.0, dy]])
-
-
-def augment(images: torch.Tensor, masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """k images [k, C, H, W] -> 11k: originals, 4 rotations, 4 translations, h-flip, v-flip (blocks in this
-    order).
-
-    Masks get the same warps (so they become fractional; training binarises them at 0.5); without masks,
-    zeros.
-    """
-    images = images.float()
-
-    def views(x):
-        return [
-            x,
-            *(rotate(x, a) for a in (-math.pi / 8, -math.pi / 16, math.pi / 16, math.pi / 8)),
-            *(translate(x, dx, dy) for dx, dy in ((0.1, 0.1), (-0.1, 0.1), (-0.1, -0.1), (0.1, -0.1))),
-            x.flip(-1),
-            x.flip(-2),
-        ]
-
-    out = torch.cat(views(images))  # [11k, C, H, W]
-    if masks is None:
-        return out, torch.zeros(out.shape[0], 1, *out.shape[2:])
-    return out, torch.cat(views(masks.float()))
+class FileInTheWay(InputError, FileExistsError):
+    """A file the run would write exists already."""

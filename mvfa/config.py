@@ -9,7 +9,6 @@ import torch
 from CLIP import CLIP_Inplanted, create_model
 from CLIP.loading import default_checkpoint
 from dataset import dataset_name
-from utils import resolve_device
 
 from .precision import Precision
 
@@ -156,3 +155,13 @@ def configs(flags: dict, protocol: str) -> tuple[ModelConfig, RunConfig, Precisi
     device = resolve_device(flags.get("device", "auto"))
     precision = Precision.of(flags.get("precision", "auto"), device)
     return model, run, precision, device
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """'auto' or None -> cuda when available, else cpu; anything else is checked."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device

@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataset import dataset_name
-from utils import draw_as_loader
 
 from . import metrics
 from .config import RunConfig
@@ -30,6 +29,7 @@ from .scoring import (
     zero_shot_logits,
     zero_shot_map,
 )
+from .seeding import draw_as_loader
 
 CHUNK = 16  # images per recomputed block of full-size maps
 

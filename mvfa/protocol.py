@@ -9,9 +9,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from dataset import CLASS_NAMES, DATASETS, check_target, dataset_root, prompt_of
+from dataset.augment import augment
 from dataset.medical_few import MedDataset, MedTestDataset
 from dataset.medical_zero import MedTrainDataset
-from utils import augment
 
 from .config import RunConfig
 

@@ -1,31 +1,14 @@
 """MVFA's scoring maths as small pure functions, as the reference's few-shot and zero-shot tests compute
 them: text logits, zero-shot and few-shot maps.
 
-Token lists hold one tensor per adapted layer, [B, 1+HW, D] with the CLS token first; `patches` drops it
-here and nowhere else. Operation order follows the reference so that autocast produces the same dtypes.
+Token lists hold one tensor per adapted layer, [B, 1+HW, D] with the CLS token first; `patches` (in
+CLIP/tokens.py, shared with the losses) drops it. Operation order follows the reference so that autocast
+produces the same dtypes.
 """
 
 import torch
-import torch.nn.functional as F
 
-
-def patches(tokens: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per layer [B, 1+HW, D] -> [B, HW, D] (the CLS token dropped)."""
-    return [t[:, 1:] for t in tokens]
-
-
-def text_logits(unit_tokens: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-    """Unit-norm tokens [..., HW, D] x text features [D, 2] -> logits [..., HW, 2] at CLIP's scale 100."""
-    return (100.0 * unit_tokens) @ text_features
-
-
-def upsample(patch_values: torch.Tensor, size: int) -> torch.Tensor:
-    """Patch values [B, HW, C] (row-major square grid) -> [B, C, size, size], bilinear with
-    align_corners=True."""
-    b, hw, c = patch_values.shape
-    side = round(hw**0.5)
-    grid = patch_values.permute(0, 2, 1).reshape(b, c, side, side)  # [B, C, g, g]
-    return F.interpolate(grid, size=size, mode="bilinear", align_corners=True)
+from CLIP.tokens import patches, text_logits, upsample
 
 
 def zero_shot_logits(tokens: list[torch.Tensor], text_features: torch.Tensor) -> list[torch.Tensor]:

@@ -1,7 +1,6 @@
 """Adapter training shared by train_few.py and train_zero.py: optimisers, one step, and `Training`: the epoch
 loop with checkpoint selection, the state --resume continues from, and the final test."""
 
-import random
 import signal
 import sys
 import threading
@@ -16,7 +15,6 @@ from tqdm import tqdm
 
 from CLIP.loading import read_state_dict
 from loss import detection_loss, segmentation_loss
-from utils import setup_seed
 
 from .config import ModelConfig, RunConfig, configs
 from .evaluation import Collected, evaluate, result_lines, selection_score
@@ -32,6 +30,7 @@ from .records import (
     versions,
     write_record,
 )
+from .seeding import rng_states, set_rng_states, setup_seed
 
 STATE_VERSION = 2  # 2: the state records the arguments of its run
 # The flags that cannot change what a run trains or saves, which --resume may therefore give other values;
@@ -236,25 +235,6 @@ def train_step(
 def adapter_copy(model) -> dict:
     adapters = ("seg_adapters", "det_adapters")
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(adapters)}
-
-
-def rng_states() -> dict:
-    """Every generator a training run draws from."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {
-        "torch": torch.get_rng_state(),
-        "gpus": cuda,
-        "numpy": np.random.get_state(),
-        "random": random.getstate(),
-    }
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["gpus"]:
-        torch.cuda.set_rng_state_all(states["gpus"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["random"])
 
 
 class Training:

@@ -10,13 +10,13 @@ from scoring_spec import spec_distances, spec_image_score, spec_logits, spec_los
 from torch.utils.data import DataLoader
 
 import test_few
+from dataset.augment import augment
 from dataset.medical_few import MedDataset
 from mvfa.config import configs
 from mvfa.evaluation import build_memory, collect
 from mvfa.precision import Precision
 from mvfa.training import optimizers, train_step
 from tools.synth import make_synthetic_bmad
-from utils import augment
 
 CPU = torch.device("cpu")
 BF16 = Precision.of("bf16", CPU)

@@ -24,13 +24,13 @@ from test_reference_runs import recorded_runs, reference_scores, user_checkout  
 from torch.utils.data import DataLoader
 
 from CLIP import CLIP_Inplanted, create_model
+from dataset.augment import augment
 from dataset.medical_few import MedDataset
 from mvfa.evaluation import build_memory, collect, evaluate, raw_maps
 from mvfa.precision import Precision
 from mvfa.records import save_checkpoint
 from mvfa.training import optimizers, train_step
 from prompt import encode_text_with_prompt_ensemble, text_features_for
-from utils import augment
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),

@@ -20,7 +20,7 @@ import train_zero
 from dataset.medical_zero import MedTrainDataset
 from mvfa import protocol, training
 from mvfa.config import configs
-from utils import setup_seed
+from mvfa.seeding import setup_seed
 
 D = 8  # token width of the hand-made detection tokens
 

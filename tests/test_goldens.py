@@ -9,13 +9,13 @@ from PIL import Image
 
 from CLIP import tokenize
 from dataset import CLASS_NAMES, load_image, load_mask
+from dataset.augment import augment
 from loss import dice_loss, focal_loss
 from mvfa import training
 from mvfa.config import ModelConfig, cache_folder
 from mvfa.precision import Precision
 from mvfa.text_cache import text_cache
 from prompt import prompt_name, prompt_sentences, text_features_for
-from utils import augment
 
 TOKEN_TOL = 1e-4  # absolute, on O(1) values
 LOSS_RTOL = 1e-5

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from CLIP import create_model
 from CLIP.init_draws import advance, reference_init_draws
 from CLIP.loading import load_config
-from utils import draw_as_loader
+from mvfa.seeding import draw_as_loader
 
 
 class Block(nn.Module):

@@ -12,16 +12,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dataset import dataset_root
-from mvfa.config import ModelConfig, RunConfig, pick
+from dataset.augment import augment
+from mvfa.config import ModelConfig, RunConfig, pick, resolve_device
 from mvfa.evaluation import evaluate_set, result_lines
 from mvfa.flags import add_cache_args, add_data_args, add_model_args, new_parser, one_line_errors
 from mvfa.precision import Precision
 from mvfa.protocol import prompt, test_set
 from mvfa.records import write_record
+from mvfa.seeding import setup_seed
 from mvfa.text_cache import text_cache
 from prompt import text_features_for
 from tools.published import PUBLISHED, ROWS
-from utils import augment, resolve_device, setup_seed
 
 SETTINGS = {"zero-shot": "zero", "few-shot": "few"}
 METRICS = (("image_auroc", "AUC"), ("pixel_auroc", "pAUC"))

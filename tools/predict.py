@@ -28,16 +28,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dataset import DATASETS, IMAGE_EXTENSIONS, check_obj, list_images
+from dataset.augment import augment
 from dataset.images import load_input, read_image
 from dataset.medical_few import ImageItems
-from mvfa.config import ModelConfig, cache_folder, pick
+from mvfa.config import ModelConfig, cache_folder, pick, resolve_device
 from mvfa.evaluation import Collected, PixelMaps, build_memory, collect, raw_maps
 from mvfa.flags import add_cache_args, add_model_args, new_parser, one_line_errors
 from mvfa.maps import overlay
 from mvfa.precision import Precision
 from mvfa.text_cache import text_cache
 from prompt import text_features_for
-from utils import augment, resolve_device
 
 
 def list_inputs(path: str | Path, flag: str) -> list[Path]:

@@ -25,12 +25,12 @@ import torch
 from torch.utils import benchmark
 
 from CLIP import CLIP_Inplanted, create_model
+from dataset.augment import augment
 from mvfa.config import ModelConfig
 from mvfa.flags import new_parser
 from mvfa.precision import Precision
 from mvfa.prefix_cache import PrefixCache
 from prompt import encode_text_with_prompt_ensemble
-from utils import augment
 
 STAGES = (
     "init_draws",
