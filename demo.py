@@ -17,7 +17,7 @@ from pathlib import Path
 
 from CLIP.loading import default_checkpoint
 from dataset import CLASS_NAMES
-from tools.synth import make_synthetic_bmad
+from dataset.synthetic import make_synthetic_bmad
 
 REPO = Path(__file__).resolve().parent
 

@@ -8,12 +8,15 @@ python train_few.py --obj Chest --shot 4 --epoch 5 --precision bf16
 import argparse
 
 from dataset.augment import augment
+from mvfa.config import configs
 from mvfa.evaluation import Collected, evaluate_set
 from mvfa.flags import add_fewshot_args, add_training_args, new_parser, one_line_errors
 from mvfa.prefix_cache import prefix_cache, serving
 from mvfa.protocol import fewshot_training_set, prompt, selection_set, test_set
+from mvfa.resume import preflight
+from mvfa.seeding import setup_seed
 from mvfa.text_cache import text_cache
-from mvfa.training import Training, start
+from mvfa.training import Training
 from prompt import text_features_for
 
 
@@ -32,14 +35,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     flags = vars(parser().parse_args(argv))
     with one_line_errors():
-        # configs; folders, checkpoint, weights and --resume's state checked; seeds set
-        model_cfg, run, precision, device, saved = start(flags, protocol="few")
+        model_cfg, run, precision, device = configs(flags, protocol="few")
+        preflight(model_cfg, run, precision, device)  # folders, checkpoint, weights, --resume's state
+        setup_seed(run.seed, deterministic=run.deterministic)
         test = test_set(run, run.iterate)  # the test split and the support set
         selection = selection_set(run, test)  # all the data checked before the model is built
         model = model_cfg.build(device, precision)
         store = text_cache(model_cfg, precision, device, run.text_cache_dir)
         reuse = prefix_cache(run.prefix_cache_ram, run.prefix_cache_dir)
-        training = Training(model, run, flags, precision, model_cfg.clip_file, saved)
+        training = Training(model, model_cfg, run, precision)
         memory_images, _ = augment(test.support.normal)  # [11k, 3, H, W]: the normal training images too
         data = fewshot_training_set(run, test, memory_images)
         texts = text_features_for(model.clipmodel, data.texts, device, precision, store)

@@ -6,12 +6,15 @@ python train_zero.py --obj Brain --select val --save_path ./ckpt/mine/
 
 import argparse
 
+from mvfa.config import configs
 from mvfa.evaluation import Collected, evaluate_set
 from mvfa.flags import add_sort_listing_arg, add_training_args, new_parser, one_line_errors
 from mvfa.prefix_cache import prefix_cache, serving
 from mvfa.protocol import prompt, selection_set, test_set, zeroshot_training_set
+from mvfa.resume import preflight
+from mvfa.seeding import setup_seed
 from mvfa.text_cache import text_cache
-from mvfa.training import Training, start
+from mvfa.training import Training
 from prompt import text_features_for
 
 
@@ -25,15 +28,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     flags = vars(parser().parse_args(argv))
     with one_line_errors():
-        # configs; folders, checkpoint, weights and --resume's state checked; seeds set
-        model_cfg, run, precision, device, saved = start(flags, protocol="zero")
+        model_cfg, run, precision, device = configs(flags, protocol="zero")
+        preflight(model_cfg, run, precision, device)  # folders, checkpoint, weights, --resume's state
+        setup_seed(run.seed, deterministic=run.deterministic)
         data = zeroshot_training_set(run)  # grouped with the global `random`, as the reference
         test = test_set(run)
         selection = selection_set(run, test)  # deviation: --select val chooses on the valid split
         model = model_cfg.build(device, precision)
         store = text_cache(model_cfg, precision, device, run.text_cache_dir)
         reuse = prefix_cache(run.prefix_cache_ram, run.prefix_cache_dir)
-        training = Training(model, run, flags, precision, model_cfg.clip_file, saved)
+        training = Training(model, model_cfg, run, precision)
         texts = text_features_for(model.clipmodel, [*data.texts, prompt(run)], device, precision, store)
 
         def evaluate_selection() -> tuple[dict, Collected]:

@@ -1,9 +1,12 @@
 """The MVFA adapter model: residual bottleneck adapters after chosen ViT blocks."""
 
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from utils import BadValue, MissingFile
 
 from .loading import check_keys
 from .model import CLIP
@@ -35,9 +38,7 @@ class CLIP_Inplanted(nn.Module):
         self.image_encoder = clip_model.visual
         depth = len(self.image_encoder.transformer.resblocks)
         if not features or any(not 1 <= f <= depth for f in features) or len(set(features)) < len(features):
-            raise ValueError(
-                f"--features_list {list(features)}: distinct block numbers in 1..{depth} expected"
-            )
+            raise BadValue(f"--features_list {list(features)}: distinct block numbers in 1..{depth} expected")
         self.features = list(features)
         width = self.image_encoder.conv1.out_channels
         # tokens are compared with text features, so the bottleneck is CLIP's embedding width
@@ -96,22 +97,28 @@ class CLIP_Inplanted(nn.Module):
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"adapter checkpoint not found: {path} (download the released MVFA checkpoints "
                 f"with `python -m tools.download checkpoints`, or train one with train_few.py / "
                 f"train_zero.py)"
+            )
+        if is_training_state(path):
+            checkpoint = path.with_name(path.name.removesuffix(".state"))
+            raise BadValue(
+                f"{path} is a training state (what train_*.py --resume continues), not an adapter "
+                f"checkpoint: pass the checkpoint its run saves beside it, such as {checkpoint}"
             )
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
             # some errors (EOFError of an empty file) have no text
             first_line = (str(e).splitlines() or [""])[0][:200]
-            raise ValueError(
+            raise BadValue(
                 f"cannot read adapter checkpoint {path}: {type(e).__name__}: {first_line}"
             ) from None
         for name in ("seg_adapters", "det_adapters"):
             if not isinstance(ckpt, dict) or name not in ckpt:
-                raise ValueError(f"{path} is not an MVFA adapter checkpoint: no '{name}' entry")
+                raise BadValue(f"{path} is not an MVFA adapter checkpoint: no '{name}' entry")
             modules = getattr(self, name)
             check_keys(
                 {f"{name}.{k}": v for k, v in modules.state_dict().items()},
@@ -121,3 +128,17 @@ class CLIP_Inplanted(nn.Module):
             )
             modules.load_state_dict(ckpt[name], strict=True)
         return ckpt
+
+
+def is_training_state(path: Path) -> bool:
+    """Whether `path` is a training state that train_*.py writes beside its checkpoint, told without
+    unpickling it: its pickle, inside torch.save's zip archive, opens with the state's tag."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickled = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+            if pickled is None:
+                return False
+            with archive.open(pickled) as f:
+                return b"mvfa_training_state" in f.read(200)
+    except (zipfile.BadZipFile, OSError):
+        return False

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from utils import BadValue, MissingFile
+
 from .init_draws import advance, reference_init_draws
 from .model import CLIP, init_parameters
 
@@ -35,7 +37,7 @@ def read_state_dict(path: str | Path, model_name: str = "ViT-L-14-336") -> dict:
     path = Path(path)
     if not path.is_file():
         url = OPENAI_URLS.get(model_name, "the OpenAI CLIP release")
-        raise FileNotFoundError(
+        raise MissingFile(
             f"CLIP weights not found at {path}: download {url} and put it there, or run "
             f"`python -m tools.download clip` (or pass --clip_ckpt PATH)"
         )
@@ -54,7 +56,7 @@ def read_state_dict(path: str | Path, model_name: str = "ViT-L-14-336") -> dict:
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
         # some errors (EOFError of an empty file) have no text
         first_line = (str(e).splitlines() or [""])[0][:200]
-        raise ValueError(
+        raise BadValue(
             f"cannot read CLIP weights {path}: {type(e).__name__}: {first_line} "
             f"(is it a complete, uncorrupted download?)"
         ) from None
@@ -144,7 +146,7 @@ def config_from_state_dict(sd: dict) -> dict:
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     text_width = sd["ln_final.weight"].shape[0]
     if width % 64 or text_width % 64:
-        raise ValueError(
+        raise BadValue(
             f"widths {width}/{text_width} are not multiples of 64: the head count cannot be read off the "
             f"shapes; add a CLIP/model_configs/<model_name>.json"
         )
@@ -179,15 +181,15 @@ def check_keys(expected: dict, sd: dict, source: str, hint: str) -> None:
     """Raise a one-line ValueError naming the first key that is missing, unexpected or of another shape."""
     for key, value in expected.items():
         if key not in sd:
-            raise ValueError(f"{source}: missing key '{key}' ({hint})")
+            raise BadValue(f"{source}: missing key '{key}' ({hint})")
         if sd[key].shape != value.shape:
-            raise ValueError(
+            raise BadValue(
                 f"{source}: '{key}' has shape {tuple(sd[key].shape)}, the model expects "
                 f"{tuple(value.shape)} ({hint})"
             )
     extra = [k for k in sd if k not in expected]
     if extra:
-        raise ValueError(f"{source}: unexpected key '{extra[0]}' ({hint})")
+        raise BadValue(f"{source}: unexpected key '{extra[0]}' ({hint})")
 
 
 def load_strict(model: torch.nn.Module, sd: dict, source: str) -> None:
@@ -213,7 +215,7 @@ def create_model(
     `CLIP.set_fused`).
     """
     if pretrained not in ("openai", "none"):
-        raise ValueError(
+        raise BadValue(
             f"--pretrain {pretrained!r} is not supported: use 'openai' (with --clip_ckpt for a file)"
         )
     sd = None
@@ -225,9 +227,9 @@ def create_model(
         try:
             config = config_from_state_dict(sd)
         except KeyError as e:
-            raise ValueError(f"{path}: no {e} tensor - not CLIP weights") from None
+            raise BadValue(f"{path}: no {e} tensor - not CLIP weights") from None
     if config is None:
-        raise ValueError(
+        raise BadValue(
             f"unknown --model_name {model_name!r}: no CLIP/model_configs/{model_name}.json and no weights"
         )
     # The reference builds a throw-away CLIP at the checkpoint's resolution, then its own at img_size, both

@@ -16,6 +16,8 @@ import ftfy
 import regex
 import torch
 
+from utils import BadValue, MissingFile
+
 BPE_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 N_MERGES = 49152 - 256 - 2  # 48,894 merge lines follow the '#version' header
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
@@ -59,7 +61,7 @@ class SimpleTokenizer:
     def __init__(self, bpe_path: str | Path = BPE_PATH):
         bpe_path = Path(bpe_path)
         if not bpe_path.is_file():
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"BPE vocabulary {bpe_path} not found; restore CLIP/bpe_simple_vocab_16e6.txt.gz "
                 "from the repository"
             )
@@ -136,7 +138,7 @@ def tokenize(
         if len(ids) > context_length:
             if not truncate:
                 # deviation: the reference raises RuntimeError; a ValueError names the text and the fix.
-                raise ValueError(
+                raise BadValue(
                     f"text {text[:40]!r}... is {len(ids)} tokens long (incl. SOT/EOT), more than "
                     f"context_length={context_length}; pass truncate=True to cut it"
                 )

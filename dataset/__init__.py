@@ -6,6 +6,8 @@ the helpers every dataset module shares. The datasets themselves are in `dataset
 import os
 from typing import NamedTuple
 
+from utils import BadValue, MissingFile
+
 from .files import IMAGE_EXTENSIONS, list_images, pair_masks
 from .images import CLIP_MEAN, CLIP_STD, load_image, load_input, load_mask
 
@@ -54,7 +56,7 @@ __all__ = [
 def check_obj(name: str) -> str:
     """Return `name` if it is one of CLASS_NAMES, else raise a ValueError listing the valid names."""
     if name not in DATASETS:
-        raise ValueError(f"unknown --obj {name!r}: choose one of {', '.join(CLASS_NAMES)}")
+        raise BadValue(f"unknown --obj {name!r}: choose one of {', '.join(CLASS_NAMES)}")
     return name
 
 
@@ -67,14 +69,14 @@ def dataset_root(data_path: str, obj: str) -> str:
                 return root
         if os.sep not in obj and "/" not in obj:
             check_obj(obj)  # a bare name that is no folder: most likely a misspelt BMAD name
-        raise FileNotFoundError(
+        raise MissingFile(
             f"--obj {obj}: no dataset in BMAD's layout there (no {os.path.join(obj, 'test')} "
             f"folder); see README 'Your own data'"
         )
     folder = DATASETS[obj].folder
     root = os.path.join(data_path, folder)
     if not os.path.isdir(root):
-        raise FileNotFoundError(
+        raise MissingFile(
             f"dataset folder not found: {root}; the BMAD data must be placed as data/{folder}/{{valid,test}}/"
             f"{{good,Ungood}}/img/ (masks in Ungood/anomaly_mask/): "
             f"run `python -m tools.download data {obj}`, or pass --data_path to the folder holding it"
@@ -108,7 +110,7 @@ def prompt_of(obj: str, prompt_name: str | None = None) -> str:
     if prompt_name:
         return prompt_name
     if obj not in DATASETS:
-        raise ValueError(
+        raise BadValue(
             f"--prompt_name is needed for --obj {obj}, which is not one of BMAD's six: the object named "
             f"in the text prompts, e.g. --prompt_name 'knee MRI'"
         )

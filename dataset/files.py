@@ -4,6 +4,8 @@ import os
 
 from PIL import Image
 
+from utils import BadValue, MissingFile
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpeg", ".jpg", ".bmp", ".tif", ".tiff")
 
 
@@ -11,7 +13,7 @@ def list_images(folder: str, sort: bool = True) -> list[str]:
     """Full paths of the image files in `folder`, sorted by name, or in `os.listdir` order if `sort` is
     False."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(
+        raise MissingFile(
             f"image folder not found: {folder}; the BMAD data must be placed as data/<obj>_AD/{{valid,test}}/"
             f"{{good,Ungood}}/img/ (masks in Ungood/anomaly_mask/); "
             f"`python -m tools.download --check` says what is missing"
@@ -36,13 +38,13 @@ def pair_masks(img_paths: list[str], mask_dir: str, require_all: bool = True) ->
     for path in img_paths:
         name = os.path.basename(path)
         if name not in masks:
-            raise ValueError(f"no mask for image {path}: expected {os.path.join(mask_dir, name)}")
+            raise BadValue(f"no mask for image {path}: expected {os.path.join(mask_dir, name)}")
         check_same_size(path, masks[name])
         paired.append(masks[name])
     if require_all:
         extra = sorted(set(masks) - {os.path.basename(p) for p in img_paths})
         if extra:
-            raise ValueError(
+            raise BadValue(
                 f"mask {masks[extra[0]]} has no image of the same name "
                 f"({len(extra)} unpaired mask(s); masks are paired with images by file name)"
             )
@@ -57,7 +59,7 @@ def check_same_size(image: str, mask: str) -> None:
     except OSError:
         return  # unreadable files get their own error when they are loaded
     if sizes[0] != sizes[1]:
-        raise ValueError(
+        raise BadValue(
             f"mask {mask} is {sizes[1][0]}x{sizes[1][1]} but its image {image} is "
             f"{sizes[0][0]}x{sizes[0][1]}: a mask must have its image's size"
         )

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils import BadValue, MissingFile
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL opens 16-bit grey PNG/TIFF as I;16* (older: I)
@@ -24,16 +26,22 @@ def _open(path: str, mode: str | None) -> Image.Image | tuple[np.ndarray, bool]:
             # I;16B: astype byte-swaps
             sixteen, a = img.mode in SIXTEEN_BIT, np.asarray(img).astype(np.float64)
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
+        raise MissingFile(f"image file not found: {path}") from None
     # UnidentifiedImageError is an OSError; truncated data too
     except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(
+        raise BadValue(
             f"cannot read image {path}: {err} (corrupt or not an image; replace or remove it)"
         ) from None
+    if not np.isfinite(a).all():  # only float images can hold them; refused here, where the file is known
+        bad = int(np.count_nonzero(~np.isfinite(a)))
+        raise BadValue(
+            f"image {path}: {bad} NaN or infinite pixel value(s); replace them with finite values in [0, 1] "
+            f"or remove the image"
+        )
     if sixteen and (a.min() < 0 or a.max() > 65535):
-        raise ValueError(f"image {path}: 32-bit integer values outside 0..65535; save it as 8- or 16-bit")
+        raise BadValue(f"image {path}: 32-bit integer values outside 0..65535; save it as 8- or 16-bit")
     if not sixteen and (a.min() < 0 or a.max() > 1):
-        raise ValueError(
+        raise BadValue(
             f"image {path}: float values in [{a.min():g}, {a.max():g}], [0, 1] expected; "
             f"rescale it or save it as 8- or 16-bit"
         )

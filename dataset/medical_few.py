@@ -9,6 +9,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
+from utils import BadValue, MissingFile
+
 from . import dataset_name, dataset_root, has_masks, list_images, load_input, load_mask, pair_masks
 
 # deviation: the reference opens ./dataset/fewshot_seed relative to the working directory, so it fails when
@@ -88,10 +90,10 @@ def _tagged_names(lines: list[str], tag: str, shot: int, path: str) -> list[str]
     """First `shot` .png/.jpeg names of the first line starting with `tag` (e.g. 'n-0:')."""
     tokens = next((t for t in map(str.split, lines) if t[:1] == [tag]), None)
     if tokens is None:
-        raise ValueError(f"support list {path} has no line {tag!r}; {LISTS_HINT}")
+        raise BadValue(f"support list {path} has no line {tag!r}; {LISTS_HINT}")
     names = [t for t in tokens[1:] if t.endswith(SUPPORT_EXTENSIONS)]
     if len(names) < shot:
-        raise ValueError(
+        raise BadValue(
             f"support list {path} has {len(names)} image names after {tag!r}, fewer than --shot "
             f"{shot}; {LISTS_HINT}"
         )
@@ -109,7 +111,7 @@ def read_support_list(
         else os.path.join(seed_root or DEFAULT_SEED_ROOT, dataset_name(obj), f"{shot}-shot.txt")
     )
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"support list not found: {path}; {LISTS_HINT}")
+        raise MissingFile(f"support list not found: {path}; {LISTS_HINT}")
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     return _tagged_names(lines, f"n-{iterate}:", shot, path), _tagged_names(
@@ -126,7 +128,7 @@ def draw_names(
     # opt-in --sort_listing: sorted first, independent of the file system
     paths = list_images(pool_dir, sort=sort_listing)
     if len(paths) < shot:
-        raise ValueError(f"{pool_dir} holds {len(paths)} images, fewer than --shot {shot}")
+        raise BadValue(f"{pool_dir} holds {len(paths)} images, fewer than --shot {shot}")
     return [os.path.basename(p) for p in rng.sample(paths, shot)]
 
 
@@ -144,7 +146,7 @@ def load_support(
     """Support set from the valid split: listed (iterate >= 0) or drawn (iterate < 0; Random(seed), else
     global)."""
     if shot < 1:
-        raise ValueError(f"--shot must be at least 1, got {shot}")
+        raise BadValue(f"--shot must be at least 1, got {shot}")
     root = dataset_root(data_path, obj)
     good, bad = os.path.join(root, "valid", "good", "img"), os.path.join(root, "valid", "Ungood", "img")
     if iterate >= 0:

@@ -6,6 +6,8 @@ import random
 import torch
 from torch.utils.data import Dataset
 
+from utils import BadValue
+
 from . import CLASS_NAMES, DATASETS, dataset_root, load_input, load_mask
 from .medical_few import MedTestDataset, list_test_items
 
@@ -30,7 +32,7 @@ class MedTrainDataset(Dataset):
         normalize: bool = False,
     ):
         if batch_size < 1:
-            raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+            raise BadValue(f"--batch_size must be at least 1, got {batch_size}")
         self.obj = obj  # a BMAD name (left out of training) or one's own dataset (all six train)
         if obj not in DATASETS:
             # one's own dataset must exist; an unknown bare name is a misspelt one

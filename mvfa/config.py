@@ -1,7 +1,7 @@
 """The configs a script builds once from its flags: the model, the run, the precision and the device."""
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -9,6 +9,7 @@ import torch
 from CLIP import CLIP_Inplanted, create_model
 from CLIP.loading import default_checkpoint
 from dataset import dataset_name
+from utils import BadValue
 
 from .precision import Precision
 
@@ -49,6 +50,17 @@ class ModelConfig:
         return CLIP_Inplanted(clip, self.features_list).to(device)
 
 
+# A RunConfig field so marked cannot change what a run trains or saves: --resume may give it another value.
+# Every other field, of both configs, defines the run (a resumed run must have it as the state's run had it);
+# --save_path names the folder the state was found in.
+NEUTRAL = {"result": False}
+
+
+def neutral(default):
+    """A field that changes no result (where files go, how many workers, the caches, what may be replaced)."""
+    return field(default=default, metadata=NEUTRAL)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """What a run does with the model: protocol, data, support set, selection, optimiser, seeds and
@@ -62,38 +74,40 @@ class RunConfig:
     clip_normalize: bool = False
     sort_listing: bool = False
     seed: int = 111
-    num_workers: int = 0
+    num_workers: int = neutral(0)
     batch_size: int = 1
-    out_dir: str = "./results/"
+    out_dir: str = neutral("./results/")
     # few-shot: the support set and the memory bank
     shot: int = 4
     iterate: int | tuple[int, ...] = 0
     seed_dir: str | None = None
     memory_no_cls: bool = False
     # the adapter checkpoint read (tests) or written (training)
-    save_path: str = "./ckpt/few-shot/"
+    save_path: str = neutral("./ckpt/few-shot/")
     ckpt: str | None = None
     shot_in_name: bool = False
     # training
     epoch: int = 50
     learning_rate: float = 0.001
     save_model: int = 1
-    overwrite: bool = False
-    resume: bool = False
+    overwrite: bool = neutral(False)
+    resume: bool = neutral(False)
     init_ckpt: str | None = None
     select: str = "test"
     deterministic: bool = False
     bce_on_probability: bool = False
     # text features kept between runs
-    cache_dir: str | None = None
-    no_text_cache: bool = False
+    cache_dir: str | None = neutral(None)
+    no_text_cache: bool = neutral(False)
     # the frozen prefix's tokens reused within a training run
-    no_prefix_cache: bool = False
-    prefix_cache_ram: float = 4.0
+    no_prefix_cache: bool = neutral(False)
+    prefix_cache_ram: float = neutral(4.0)
     # outputs of a test
     save_maps: str | None = None
     grid_n: int = 8
     save_scores: str | None = None
+    # the command line's values as given, which checkpoints and run records keep; never read to decide
+    arguments: dict = field(default_factory=dict, metadata=NEUTRAL, compare=False, repr=False)
 
     @property
     def fewshot(self) -> bool:
@@ -144,14 +158,27 @@ def pick(config: type, flags: dict):
     return config(**values)
 
 
+def result_fields(config) -> dict:
+    """The fields of a config that can change a run's result, by name (sequences as lists, as flags give
+    them)."""
+    return {
+        f.name: list(value) if isinstance(value := getattr(config, f.name), tuple) else value
+        for f in fields(config)
+        if f.metadata.get("result", True)
+    }
+
+
 def configs(flags: dict, protocol: str) -> tuple[ModelConfig, RunConfig, Precision, torch.device]:
     """The parsed flags of a script, once, as its configs; a flag that belongs to none is an error."""
     model_keys = {f.name for f in fields(ModelConfig)}
-    run_keys = {f.name for f in fields(RunConfig)} - {"protocol"}
+    run_keys = {f.name for f in fields(RunConfig)} - {"protocol", "arguments"}
     unknown = set(flags) - model_keys - run_keys - {"device", "precision"}
     if unknown:
         raise ValueError(f"no config takes the flag(s) {', '.join(sorted(unknown))}")
-    model, run = pick(ModelConfig, flags), pick(RunConfig, {**flags, "protocol": protocol})
+    model, run = (
+        pick(ModelConfig, flags),
+        pick(RunConfig, {**flags, "protocol": protocol, "arguments": flags}),
+    )
     device = resolve_device(flags.get("device", "auto"))
     precision = Precision.of(flags.get("precision", "auto"), device)
     return model, run, precision, device
@@ -163,5 +190,5 @@ def resolve_device(name: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        raise BadValue(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
     return device

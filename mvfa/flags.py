@@ -1,9 +1,11 @@
 """The command-line flags the scripts share, one group per function (the reference's names and defaults), and
-`one_line_errors`, which turns the expected errors of a run into one line and exit code 2."""
+`one_line_errors`, which turns a failed check of the user's input into one line and exit code 2."""
 
 import argparse
 import contextlib
 import sys
+
+from utils import InputError
 
 from .precision import PRECISIONS
 
@@ -236,13 +238,17 @@ def add_map_args(parser) -> None:
 
 @contextlib.contextmanager
 def one_line_errors():
-    """Expected errors (bad files, flags, data) become a one-line message on stderr and exit code 2."""
+    """A check of the user's input that failed (utils.InputError) becomes a one-line message on stderr, with
+    the flag that gave the value when the check names one, and exit code 2. Any other exception is a bug and
+    keeps its traceback."""
     try:
         yield
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # for an error re-raised from a DataLoader worker ("Caught ValueError in DataLoader worker process 0."
-        # + the worker's traceback), the original error's message: the traceback's last line
+    except InputError as e:
+        # an error re-raised from a DataLoader worker carries the worker's traceback in its text ("Caught
+        # BadValue in DataLoader worker process 0." + the traceback): the original message is its last line
         lines = str(e).strip().splitlines()
         worker = len(lines) > 1 and lines[0].startswith("Caught ") and "Traceback" in lines[1]
-        print(f"error: {lines[-1].split(': ', 1)[-1] if worker else e}", file=sys.stderr)
+        message = lines[-1].split(": ", 1)[-1] if worker else str(e)
+        flag = f"--{e.flag}: " if e.flag and f"--{e.flag}" not in message else ""
+        print(f"error: {flag}{message}", file=sys.stderr)
         raise SystemExit(2) from None

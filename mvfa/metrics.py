@@ -14,6 +14,8 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from utils import BadValue
+
 Chunks = Callable[[], Iterable[tuple]]  # chunks() -> fresh iterable of (scores [n,H,W], masks [n,H,W])
 PIXEL_METRICS = ("auroc", "ap", "f1_max", "aupro")
 _BLOCK = 1 << 18  # pixels handled at once: bounds every temporary to a few MB whatever the chunk size
@@ -38,7 +40,7 @@ def to_numpy(a) -> np.ndarray:
 
 def _check_both_classes(n_pos: int, n_neg: int, what: str) -> None:
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(
+        raise BadValue(
             f"AUROC is undefined: the test set has only normal (or only abnormal) {what} "
             f"({n_pos} abnormal, {n_neg} normal); evaluate on a test set that has both"
         )

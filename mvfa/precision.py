@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from utils import BadValue
+
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "amp")
 
 
@@ -24,7 +26,7 @@ class Precision:
 
     def __post_init__(self):
         if self.name not in PRECISIONS:
-            raise ValueError(f"--precision {self.name}: choose one of {', '.join(PRECISIONS)}")
+            raise BadValue(f"--precision {self.name}: choose one of {', '.join(PRECISIONS)}")
 
     @classmethod
     def of(cls, name: str, device: torch.device) -> "Precision":

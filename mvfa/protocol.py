@@ -12,6 +12,7 @@ from dataset import CLASS_NAMES, DATASETS, check_target, dataset_root, prompt_of
 from dataset.augment import augment
 from dataset.medical_few import MedDataset, MedTestDataset
 from dataset.medical_zero import MedTrainDataset
+from utils import BadValue
 
 from .config import RunConfig
 
@@ -56,7 +57,7 @@ def selection_set(run: RunConfig, test: MedTestDataset) -> MedTestDataset:
     used |= {os.path.join(valid, "Ungood", "img", name) for name in support.abnormal_files}
     held_out.items = [item for item in held_out.items if item[0] not in used]
     if len({label for _, label, _ in held_out.items}) < 2:
-        raise ValueError(
+        raise BadValue(
             f"--select val: the valid split of {run.obj} has no normal or no abnormal image left besides the "
             f"support set; use --select test or last"
         )
@@ -111,7 +112,7 @@ def zeroshot_training_set(run: RunConfig) -> TrainingSet:
         run.data_path, run.obj, run.img_size, run.batch_size, run.sort_listing, run.clip_normalize
     )
     if len(data) == 0:
-        raise ValueError(
+        raise BadValue(
             f"no zero-shot training images: the test splits of the other datasets under {run.data_path} are "
             f"empty (training uses the BMAD datasets other than --obj {run.obj})"
         )

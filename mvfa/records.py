@@ -14,11 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils import BadValue, FileInTheWay
+
 
 def check_writable(path: Path, overwrite: bool) -> None:
     """Refuse, before any work, to replace a checkpoint that exists already (a downloaded one, say)."""
     if path.exists() and not overwrite:
-        raise FileExistsError(
+        raise FileInTheWay(
             f"{path} exists already: pass --overwrite to replace it, or choose another --save_path"
         )
 
@@ -32,17 +34,33 @@ def check_folder(folder: Path, flag: str) -> None:
         existing = existing.parent
     if not existing.is_dir():
         what = "is a file" if existing == folder else f"cannot be made: {existing} is a file"
-        raise ValueError(f"{flag} {folder} {what}, not a folder; choose another {flag}")
+        raise BadValue(f"{flag} {folder} {what}, not a folder; choose another {flag}")
     # trying is what counts: os.access asks for the real user, not the effective one, and network file systems
     # may decide otherwise
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise ValueError(
+        raise BadValue(
             f"{flag} {folder} cannot be written ({e.strerror} in {existing}); choose another "
             f"{flag} or make it writable"
         ) from None
+
+
+def zip_flaw(path: Path) -> str | None:
+    """What makes `path` no zip archive as torch.save writes, told by its size and zip structure alone
+    (unpickling random bytes may ask for any amount of memory); None if it could be one."""
+    if path.stat().st_size == 0:
+        return "it is empty"
+    if zipfile.is_zipfile(path):
+        return None
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    return (
+        "it is cut off: a zip archive without its end"
+        if zipped
+        else "it is no zip archive as torch.save writes"
+    )
 
 
 def check_readable(path: Path, what: str) -> None:
@@ -52,11 +70,11 @@ def check_readable(path: Path, what: str) -> None:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as e:
-        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+        raise BadValue(f"cannot read {what} {path}: {e.strerror}") from None
     if not head:
-        raise ValueError(f"{what} {path} is empty: download or copy it again")
-    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
-        raise ValueError(
+        raise BadValue(f"{what} {path} is empty: download or copy it again")
+    if head == b"PK\x03\x04" and zip_flaw(path):
+        raise BadValue(
             f"{what} {path} is cut off (a zip archive without its end): an incomplete download "
             f"or copy; download or copy it again"
         )

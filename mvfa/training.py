@@ -1,56 +1,22 @@
 """Adapter training shared by train_few.py and train_zero.py: optimisers, one step, and `Training`: the epoch
-loop with checkpoint selection, the state --resume continues from, and the final test."""
+loop with checkpoint selection, the state --resume continues from (mvfa/resume.py), and the final test."""
 
-import signal
 import sys
-import threading
-import time
-import zipfile
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from CLIP.loading import read_state_dict
 from loss import detection_loss, segmentation_loss
 
-from .config import ModelConfig, RunConfig, configs
+from .config import ModelConfig, RunConfig
 from .evaluation import Collected, evaluate, result_lines, selection_score
 from .precision import Precision
 from .protocol import Batch, TrainingSet
-from .records import (
-    adapters_sha256,
-    check_folder,
-    check_readable,
-    check_writable,
-    save_atomic,
-    save_checkpoint,
-    versions,
-    write_record,
-)
-from .seeding import rng_states, set_rng_states, setup_seed
-
-STATE_VERSION = 2  # 2: the state records the arguments of its run
-# The flags that cannot change what a run trains or saves, which --resume may therefore give other values;
-# every other flag, a new one too, must be as the state's run had it (paths as written). --save_path names
-# the folder the state was found in; the device counts by its type (cpu, cuda): a requeued job may get
-# another GPU.
-RESULT_NEUTRAL = frozenset(
-    {
-        "out_dir",
-        "num_workers",
-        "overwrite",
-        "resume",
-        "save_path",
-        "device",
-        "cache_dir",
-        "no_text_cache",
-        "no_prefix_cache",
-        "prefix_cache_ram",
-    }
-)
+from .records import adapters_sha256, save_checkpoint, versions, write_record
+from .resume import StopSignals, move_aside, read_state, run_identity, state_file, write_state
+from .seeding import rng_states, set_rng_states
 
 
 def optimizers(model, lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
@@ -58,143 +24,6 @@ def optimizers(model, lr: float) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     seg = torch.optim.Adam(model.seg_adapters.parameters(), lr=lr, betas=(0.5, 0.999))
     det = torch.optim.Adam(model.det_adapters.parameters(), lr=lr, betas=(0.5, 0.999))
     return seg, det
-
-
-def state_file(target: Path) -> Path:
-    """Where the training state of the run saving `target` is kept: beside it, never in its place."""
-    return target.with_name(target.name + ".state")
-
-
-def run_identity(flags: dict, device: torch.device) -> dict:
-    """The flags that define a run's result, as its training state records them."""
-    return {**{k: v for k, v in flags.items() if k not in RESULT_NEUTRAL}, "device": device.type}
-
-
-def shown(value) -> str:
-    """A flag's value as a message shows it."""
-    if isinstance(value, bool) or value is None:
-        return {True: "on", False: "off", None: "unset"}[value]
-    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def as_flag(name: str, value) -> str:
-    """How a command line gives `value` to `--name`; a switch that is off, or an unset option, is left out."""
-    if value is False or value is None:
-        return f"without --{name}"
-    return f"--{name}" if value is True else f"--{name} {shown(value)}"
-
-
-def state_flaw(path: Path) -> str | None:
-    """What makes `path` no file torch.save wrote, told by its size and zip structure alone (unpickling random
-    bytes may ask for any amount of memory); None if it could be one."""
-    if path.stat().st_size == 0:
-        return "it is empty"
-    if zipfile.is_zipfile(path):
-        return None
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
-    return (
-        "it is cut off: a zip archive without its end"
-        if zipped
-        else "it is no zip archive as torch.save writes"
-    )
-
-
-def read_state(target: Path, identity: dict) -> dict:
-    """The training state beside `target`, checked to be this code's, of its state version, and of the run
-    that `identity` describes; anything else is a ValueError naming the file, what is wrong, the ways out."""
-    path = state_file(target)
-    afresh = "or run without --resume, which moves it aside and starts afresh"
-    try:
-        flaw = state_flaw(path)
-        saved = None if flaw else torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - damage inside the archive: the loader's first sentence says what
-        flaw = f"{type(e).__name__}: {(str(e).split('. ')[0].splitlines() or [''])[0][:200]}"
-    if flaw:
-        raise ValueError(
-            f"training state {path} cannot be read ({flaw}): delete it or move it away, {afresh}"
-        )
-    if not isinstance(saved, dict) or "mvfa_training_state" not in saved:
-        raise ValueError(f"{path} is not a training state of this code: move it away, {afresh}")
-    if saved["mvfa_training_state"] != STATE_VERSION:
-        raise ValueError(
-            f"training state {path} is of state version {saved['mvfa_training_state']}, this "
-            f"code continues version {STATE_VERSION} only: continue it with the code that wrote "
-            f"it, or delete it or move it away, {afresh}"
-        )
-    old = saved["args"]
-    changed = [k for k in {**old, **identity} if old.get(k, ...) != identity.get(k, ...)]
-    if changed:
-        differences = ", ".join(
-            f"--{k} {shown(old.get(k, 'absent'))} -> {shown(identity.get(k, 'absent'))}" for k in changed
-        )
-        original = " ".join(as_flag(k, old[k]) for k in changed if k in old)
-        overwrite = f" and replaces {target} with --overwrite" if target.exists() else ""
-        raise ValueError(
-            f"training state {path} is of a run with other arguments: {differences}; to "
-            f"continue that run, rerun its command ({original} --resume), or run without "
-            f"--resume, which moves the state aside{overwrite} and starts afresh"
-        )
-    return saved
-
-
-def preflight(run: RunConfig, model: ModelConfig, flags: dict, device: torch.device) -> dict | None:
-    """What a training run can check before it reads data or builds the model, so that a mistake surfaces in
-    seconds: the folders it writes, the checkpoint it would replace, the weights files it reads and, with
-    --resume, the state it continues (returned; None: the run starts from the beginning)."""
-    target = run.checkpoint
-    check_folder(target.parent, "--save_path")  # the state is written there even with --save_model 0
-    check_folder(Path(run.out_dir), "--out_dir")  # the run record, written at the very end
-    state, saved = state_file(target), None
-    if run.resume and state.exists():
-        saved = read_state(target, run_identity(flags, device))
-    elif run.resume:
-        print(f"--resume: no training state at {state} yet: starting from the beginning", file=sys.stderr)
-    if run.save_model and saved is None:
-        if state.exists() and target.exists() and not run.overwrite:
-            raise FileExistsError(
-                f"{target} exists already, beside the training state {state} of an unfinished run: "
-                f"add --resume to continue that run, "
-                f"or --overwrite to start afresh (the state is then moved aside)"
-            )
-        check_writable(target, run.overwrite)
-    clip = model.clip_file
-    if clip is not None:
-        if not clip.is_file():
-            read_state_dict(clip, model.model_name)  # raises the FileNotFoundError saying where to get it
-        check_readable(clip, "CLIP weights")
-    if run.init_ckpt:
-        if not Path(run.init_ckpt).is_file():
-            raise FileNotFoundError(f"--init_ckpt {run.init_ckpt}: no such file")
-        check_readable(Path(run.init_ckpt), "adapter checkpoint")
-    return saved
-
-
-def start(flags: dict, protocol: str) -> tuple[ModelConfig, RunConfig, Precision, torch.device, dict | None]:
-    """What every training does before it reads data: its configs, the checks of preflight() (with --resume,
-    the state it continues: last of the returned values), and the reference's seeding."""
-    model, run, precision, device = configs(flags, protocol)
-    saved = preflight(run, model, flags, device)
-    setup_seed(run.seed, run.deterministic)
-    return model, run, precision, device, saved
-
-
-def move_aside(path: Path) -> None:
-    """The training state of an earlier run, renamed `{path}.old-{time}` by a run that starts afresh: kept,
-    never replaced by the new run's."""
-    if not path.exists():
-        return
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    new, n = path.with_name(f"{path.name}.old-{stamp}"), 1
-    while new.exists():
-        n += 1
-        new = path.with_name(f"{path.name}.old-{stamp}-{n}")
-    path.rename(new)
-    print(
-        f"without --resume this run starts afresh: the training state {path} of an earlier run was moved "
-        f"aside to {new}",
-        file=sys.stderr,
-    )
 
 
 def train_step(
@@ -242,33 +71,27 @@ class Training:
     continues from (written atomically beside the checkpoint after every epoch and on SIGTERM, SIGUSR1 or
     SIGUSR2, SLURM's preemption and time-limit signals), and the final test of the chosen weights."""
 
-    def __init__(
-        self,
-        model,
-        run: RunConfig,
-        flags: dict,
-        precision: Precision,
-        clip_file: Path | None,
-        saved: dict | None,
-    ):
-        """`model`: the adapted CLIP with fresh adapters (replaced by --init_ckpt's); `flags`: the command
-        line's values, which the state and the run record keep; `saved`: the state preflight() read for
-        --resume, which fit() continues. Without --resume a state left beside the checkpoint is moved
-        aside."""
-        self.model, self.run, self.flags, self.precision = model, run, flags, precision
-        self.target, self.clip_file, self.saved = run.checkpoint, clip_file, saved
+    def __init__(self, model, model_config: ModelConfig, run: RunConfig, precision: Precision):
+        """`model`: the adapted CLIP that `model_config` built, with fresh adapters (replaced by
+        --init_ckpt's). With --resume, the state beside the checkpoint (preflight() checked it) is read
+        here and fit() continues it; without, a state left there is moved aside."""
+        self.model, self.run, self.precision = model, run, precision
+        self.target, self.clip_file = run.checkpoint, model_config.clip_file
         self.device = next(model.parameters()).device
+        self.identity = run_identity(model_config, run, precision, self.device)
         if not run.resume:
             move_aside(state_file(self.target))
+        resumed = run.resume and state_file(self.target).exists()
+        self.saved = read_state(self.target, self.identity) if resumed else None
         if run.init_ckpt:
             model.load_adapters(run.init_ckpt)
         self.optimizers = optimizers(model, run.learning_rate)
-        self.extras = {"args": flags, "versions": versions(self.device)}
+        self.extras = {"args": run.arguments, "versions": versions(self.device)}
         self.best, self.result, self.best_adapters = 0.0, {}, None
         # --select test: what the chosen weights' pass over the test set collected, so that the final report
         # adds its extra metrics without a second pass
         self.best_collected: Collected | None = None
-        self.lines, self.signalled = [], None
+        self.lines, self.signals = [], StopSignals()
         # each epoch's mean training loss at full precision, and every step's loss (the run record keeps both)
         self.epoch_losses, self.step_losses = [], []
 
@@ -322,8 +145,7 @@ class Training:
         saved = self.load_state() if self.run.resume else None
         every = data.every
         start, position = (saved["epoch"], saved["position"]) if saved else (0, 0)
-        previous = self.catch_signals()
-        try:
+        with self.signals:
             for epoch in range(start, self.run.epoch):
                 inside = saved is not None and epoch == start and position > 0
                 if inside:  # the epoch's shuffles again from its start, then the generators as they were left
@@ -338,7 +160,7 @@ class Training:
                     if every and self.run.select != "last" and idx % every == 0:
                         self.select(evaluate, epoch, idx)
                     losses.append(self.step(batch, texts))
-                    if self.signalled:
+                    if self.signals.received:
                         self.stop(epoch, idx + 1, losses, epoch_rng)
                 self.epoch_losses.append(float(np.mean(losses)))
                 self.step_losses.append(losses)
@@ -346,37 +168,19 @@ class Training:
                 if not every and self.run.select != "last":
                     self.select(evaluate, epoch)
                 self.save_state(epoch + 1, 0, [], None)
-                if self.signalled:
+                if self.signals.received:
                     self.stop(epoch + 1, 0, [], None)
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
-
-    def catch_signals(self) -> dict:
-        """SIGTERM / SIGUSR1 / SIGUSR2 (SLURM's and submitit's) ask the run to stop after the current step;
-        returns the handlers they replace."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(number, frame):
-            self.signalled = number
-
-        return {n: signal.signal(n, handler) for n in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
 
     def stop(self, epoch: int, position: int, losses: list, epoch_rng: dict | None) -> None:
         self.save_state(epoch, position, losses, epoch_rng)
         raise SystemExit(
-            f"interrupted by signal {self.signalled}: training state saved to {state_file(self.target)}; "
-            f"run the same command with --resume to continue"
+            f"interrupted by signal {self.signals.received}: training state saved to "
+            f"{state_file(self.target)}; run the same command with --resume to continue"
         )
 
     def save_state(self, epoch: int, position: int, losses: list, epoch_rng: dict | None) -> None:
         """Everything the run needs to go on from step `position` of `epoch`, written atomically."""
-        path = state_file(self.target)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {
-            "mvfa_training_state": STATE_VERSION,
-            "args": run_identity(self.flags, self.device),
             "epoch": epoch,
             "position": position,
             "losses": losses,
@@ -391,10 +195,10 @@ class Training:
             "epoch_losses": self.epoch_losses,
             "step_losses": self.step_losses,
         }
-        save_atomic(state, path)
+        write_state(state_file(self.target), self.identity, state)
 
     def load_state(self) -> dict | None:
-        """The state preflight() read, put back into this run (its lines printed again); None if none."""
+        """The state read for --resume, put back into this run (its lines printed again); None if none."""
         saved = self.saved
         if saved is None:
             return None
@@ -448,6 +252,6 @@ class Training:
             "step_losses": self.step_losses,
             "final_adapters_sha256": final_adapters,
         }
-        write_record(run.out_dir, script, run.name, self.flags, result, files, self.device, training)
+        write_record(run.out_dir, script, run.name, run.arguments, result, files, self.device, training)
         state_file(self.target).unlink(missing_ok=True)
         return result

@@ -12,11 +12,11 @@ from torch.utils.data import DataLoader
 import test_few
 from dataset.augment import augment
 from dataset.medical_few import MedDataset
+from dataset.synthetic import make_synthetic_bmad
 from mvfa.config import configs
 from mvfa.evaluation import build_memory, collect
 from mvfa.precision import Precision
 from mvfa.training import optimizers, train_step
-from tools.synth import make_synthetic_bmad
 
 CPU = torch.device("cpu")
 BF16 = Precision.of("bf16", CPU)

@@ -1,5 +1,5 @@
 """Tests of the dataset package: reference list order and transforms, support lists, pairing, errors, and the
-synthetic data of tools/synth.py."""
+synthetic data of dataset/synthetic.py."""
 
 import hashlib
 import os
@@ -18,7 +18,7 @@ import dataset
 from dataset import CLASS_NAMES, DATASETS, check_obj, list_images, load_image, load_mask
 from dataset.medical_few import DEFAULT_SEED_ROOT, MedDataset, MedTestDataset, load_support, read_support_list
 from dataset.medical_zero import MedTrainDataset
-from tools.synth import make_synthetic_bmad
+from dataset.synthetic import make_synthetic_bmad
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = 48  # image size of the synthetic fixtures

@@ -651,8 +651,8 @@ def test_the_check_and_a_script_run_without_network(tmp_path):
     import torch
     from conftest import SIZE, TINY, TINY_MODEL
 
+    from dataset.synthetic import make_synthetic_bmad
     from mvfa.precision import Precision
-    from tools.synth import make_synthetic_bmad
 
     (tmp_path / "site").mkdir()
     (tmp_path / "site/sitecustomize.py").write_text(SITECUSTOMIZE)

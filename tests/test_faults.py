@@ -16,7 +16,7 @@ from test_scripts import expect_error, one_thread, synth  # noqa: F401
 
 import train_few
 import train_zero
-from mvfa import training
+from mvfa import resume, training
 from mvfa.config import ModelConfig
 from tools.convert import main as convert_main
 
@@ -120,7 +120,7 @@ def test_state_of_another_version(synthetic, tmp_path, copy, no_model, capsys):
     error = refused(arguments("few", synthetic, tmp_path) + ["--resume"], copy, capsys)
     assert error == (
         f"error: training state {copy} is of state version 1, this code continues version "
-        f"{training.STATE_VERSION} only: continue it with the code that wrote it, or delete it "
+        f"{resume.STATE_VERSION} only: continue it with the code that wrote it, or delete it "
         f"or move it away, {AFRESH}"
     )
 

@@ -17,8 +17,8 @@ import submitit
 from conftest import SIZE, TINY
 from submitit.slurm.slurm import _make_sbatch_string
 
+from dataset.synthetic import make_synthetic_bmad
 from tools import jobs, reproduce
-from tools.synth import make_synthetic_bmad
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = ["--objs", "Brain", "Chest", "--settings", "1", "zero", "--epoch", "1", "--batch_size", "6"]

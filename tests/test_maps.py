@@ -19,11 +19,11 @@ import test_few
 import test_zero
 from dataset import load_image
 from dataset.augment import augment
+from dataset.synthetic import make_synthetic_bmad
 from mvfa import maps
 from mvfa.config import ModelConfig, configs, pick
 from mvfa.precision import Precision
 from tools import predict
-from tools.synth import make_synthetic_bmad
 
 OVERLAY_PX = (900, 460)  # figsize (4.2 * 2 + 0.6, 4.6) at 100 dpi
 NAME = re.compile(r"^(\d{5})_(normal|abnormal)_(\d{5})\.png$")
@@ -387,7 +387,7 @@ def test_predict_few_shot_single_image_uses_raw_maps(setup, inputs, tmp_path):
     model.load_adapters(ckpt)
     text = predict.text_features_for(model.clipmodel, ["Chest"], cpu, precision)["Chest"]
     support = torch.stack([load_image(str(p), SIZE) for p in sorted(support_dir.iterdir())])
-    bank_rows = []  # per view, per layer [1 + HW, D]; the views by dataset.augment (test_goldens.py checks it)
+    bank_rows = []  # per view, per layer [1 + HW, D]; views by dataset.augment (test_goldens.py checks it)
     with torch.no_grad():
         for view in augment(support)[0]:
             bank_rows.append([t[0] for t in model(view[None])[2]])

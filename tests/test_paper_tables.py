@@ -17,8 +17,8 @@ import test_zero
 import tools.paper_tables as pt
 from CLIP import CLIP_Inplanted, create_model
 from dataset import CLASS_NAMES
+from dataset.synthetic import make_synthetic_bmad
 from mvfa.config import ModelConfig, configs
-from tools.synth import make_synthetic_bmad
 
 LABELS = ["HIS", "ChestXray", "OCT17", "BrainMRI", "LiverCT", "RESC", "Average"]
 # the averages the paper and the README print, in %: (image paper, image impl., pixel paper, pixel impl.)

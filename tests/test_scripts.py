@@ -31,11 +31,11 @@ import test_zero
 import train_few
 import train_zero
 from dataset import CLASS_NAMES, DATASETS
+from dataset.synthetic import make_synthetic_bmad
 from mvfa import records
 from mvfa.evaluation import collect, evaluate, selection_score
 from mvfa.precision import Precision
 from mvfa.records import adapters_sha256
-from tools.synth import make_synthetic_bmad
 
 REPO = Path(__file__).resolve().parents[1]
 # images per synthetic folder: 3 normal + 3 abnormal test images, a held-out pair in valid with --shot 2

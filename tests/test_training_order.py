@@ -21,8 +21,8 @@ from test_scripts import TINY, one_thread  # noqa: F401
 from torch.utils.data import DataLoader
 
 import train_few
+from dataset.synthetic import make_synthetic_bmad
 from mvfa import training
-from tools.synth import make_synthetic_bmad
 
 SIZE = 56
 

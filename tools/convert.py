@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from dataset.files import check_same_size, list_images
+from utils import BadValue, FileInTheWay, InputError
 
 
 def split(paths: list[str], valid: float, rng: random.Random) -> tuple[list[str], list[str]]:
@@ -25,7 +26,7 @@ def split(paths: list[str], valid: float, rng: random.Random) -> tuple[list[str]
     rng.shuffle(paths)
     n = max(1, round(valid * len(paths)))
     if n >= len(paths):
-        raise ValueError(
+        raise BadValue(
             f"--valid {valid}: {len(paths)} images leave none for the test split; give more images or "
             f"a smaller --valid"
         )
@@ -46,7 +47,7 @@ def match_masks(images: list[str], mask_dir: str, allow_unmatched: bool = False)
             f"{len(orphans)} mask(s) of --masks {mask_dir} match no image of --abnormal: {', '.join(orphans)}"
         )
     if problems and not allow_unmatched:
-        raise ValueError(
+        raise BadValue(
             f"{'; '.join(problems)} (masks pair with images by file name); rename them, or pass "
             f"--allow_unmatched to leave these images and masks out"
         )
@@ -70,18 +71,18 @@ def convert(
     """Copy the images (and masks) into `out` in BMAD's layout; returns `out`."""
     out_dir = Path(out)
     if out_dir.exists():
-        raise FileExistsError(f"--out {out_dir} exists already: choose a new folder (nothing is overwritten)")
+        raise FileInTheWay(f"--out {out_dir} exists already: choose a new folder (nothing is overwritten)")
     if not 0 < valid < 1:
-        raise ValueError(f"--valid must lie strictly between 0 and 1, got {valid}")
+        raise BadValue(f"--valid must lie strictly between 0 and 1, got {valid}")
     good, bad = list_images(normal), list_images(abnormal)
     for flag, paths, folder in (("--normal", good, normal), ("--abnormal", bad, abnormal)):
         if not paths:
-            raise ValueError(f"{flag} {folder}: no image files in this folder")
+            raise BadValue(f"{flag} {folder}: no image files in this folder")
     mask_of = match_masks(bad, masks, allow_unmatched) if masks else {}
     if masks:  # an abnormal image without its mask would leave the dataset's masks incomplete
         bad = [path for path in bad if path in mask_of]
         if not bad:
-            raise ValueError(f"--masks {masks}: no abnormal image of --abnormal {abnormal} has a mask there")
+            raise BadValue(f"--masks {masks}: no abnormal image of --abnormal {abnormal} has a mask there")
     rng = random.Random(seed)
     plan = [
         (state, part, path)
@@ -120,7 +121,7 @@ def main(argv=None) -> int:
         out = convert(
             args.normal, args.abnormal, args.out, args.masks, args.valid, args.seed, args.allow_unmatched
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except InputError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"written {out}: use --obj {out} (or --data_path {out.parent} --obj {out.name}) with --prompt_name")
     return 0

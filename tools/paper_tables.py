@@ -23,6 +23,7 @@ from mvfa.seeding import setup_seed
 from mvfa.text_cache import text_cache
 from prompt import text_features_for
 from tools.published import PUBLISHED, ROWS
+from utils import InputError, MissingFile
 
 SETTINGS = {"zero-shot": "zero", "few-shot": "few"}
 METRICS = (("image_auroc", "AUC"), ("pixel_auroc", "pAUC"))
@@ -159,7 +160,7 @@ def run_all(args) -> tuple[dict[str, dict], list[str]]:
     for (setting, obj), run in list(runs.items()):
         if why := missing_input(run):
             if args.strict:
-                raise FileNotFoundError(f"{obj} {setting}: {why}")
+                raise MissingFile(f"{obj} {setting}: {why}")
             notes.append(f"{obj} {setting}: not run, {why}")
             del runs[setting, obj]
     skipped = [obj for obj, _ in ROWS if obj not in args.objs]
@@ -174,7 +175,7 @@ def run_all(args) -> tuple[dict[str, dict], list[str]]:
         model = model or model_cfg.build(device, precision)
         try:
             results[setting][obj] = test_run(model, model_cfg, run, precision)
-        except (FileNotFoundError, ValueError) as e:
+        except InputError as e:
             if args.strict:
                 raise
             notes.append(f"{obj} {setting}: failed, {e}")

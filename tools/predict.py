@@ -38,6 +38,7 @@ from mvfa.maps import overlay
 from mvfa.precision import Precision
 from mvfa.text_cache import text_cache
 from prompt import text_features_for
+from utils import BadValue, MissingFile
 
 
 def list_inputs(path: str | Path, flag: str) -> list[Path]:
@@ -46,12 +47,12 @@ def list_inputs(path: str | Path, flag: str) -> list[Path]:
     if p.is_dir():
         files = [Path(f) for f in list_images(str(p))]
         if not files:
-            raise ValueError(f"{flag} {p}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+            raise BadValue(f"{flag} {p}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
         return files
     if not p.exists():
-        raise FileNotFoundError(f"{flag} {p}: no such file or folder")
+        raise MissingFile(f"{flag} {p}: no such file or folder")
     if not p.name.lower().endswith(IMAGE_EXTENSIONS):
-        raise ValueError(f"{flag} {p}: not an image file name (expected {', '.join(IMAGE_EXTENSIONS)})")
+        raise BadValue(f"{flag} {p}: not an image file name (expected {', '.join(IMAGE_EXTENSIONS)})")
     return [p]
 
 
@@ -155,7 +156,7 @@ def main(argv=None) -> list[dict]:
     args = parser().parse_args(argv)
     with one_line_errors():
         if not 0 < args.fpr < 1:
-            raise ValueError(f"--fpr must lie strictly between 0 and 1, got {args.fpr}")
+            raise BadValue(f"--fpr must lie strictly between 0 and 1, got {args.fpr}")
         obj = check_obj(args.obj) if args.obj else None
         inputs = list_inputs(args.input, "--input")
         normals = list_inputs(args.calibrate, "--calibrate") if args.calibrate else []

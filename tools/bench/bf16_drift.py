@@ -28,6 +28,7 @@ from scipy.stats import spearmanr
 from torch.utils.data import DataLoader
 
 from dataset.augment import augment
+from dataset.synthetic import make_synthetic_bmad
 from mvfa import metrics
 from mvfa.config import ModelConfig, RunConfig, pick
 from mvfa.evaluation import PixelMaps, build_memory, collect, evaluate
@@ -36,7 +37,6 @@ from mvfa.precision import Precision
 from mvfa.protocol import prompt, test_set
 from mvfa.scoring import minmax, patches, text_logits, unit_rows, upsample
 from prompt import text_features_for
-from tools.synth import make_synthetic_bmad
 
 STAGES = ("forward", "text", "logits", "softmax", "memory", "upsample", "minmax")
 CPU = torch.device("cpu")

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from dataset import CLASS_NAMES, DATASETS, check_obj
+from . import CLASS_NAMES, DATASETS, check_obj
 
 STYLE = {
     "Brain": "head",
