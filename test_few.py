@@ -8,18 +8,12 @@ images.
 
 import argparse
 
-import numpy as np
-
-from dataset.augment import augment
 from mvfa.config import configs
-from mvfa.evaluation import evaluate_set, result_lines, save_scores
 from mvfa.flags import add_fewshot_args, add_map_args, new_parser, one_line_errors
-from mvfa.maps import save_test_maps
 from mvfa.protocol import prompt, test_set
-from mvfa.records import write_record
 from mvfa.seeding import setup_seed
-from mvfa.text_cache import text_cache
-from prompt import text_features_for
+from mvfa.testing import test_adapters
+from mvfa.text_cache import adapted_model
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,52 +31,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def per_draw(path: str | None, i: int, draws: int, suffix: str = "") -> str | None:
-    """An output path of draw i: as given for a single draw, else with `_iterate_{i}` (a folder:
-    `/iterate_{i}`)."""
-    if not path or draws == 1:
-        return path
-    return f"{path}/iterate_{i}" if not suffix else f"{path.removesuffix(suffix)}_iterate_{i}{suffix}"
-
-
 def main(argv=None) -> dict:
     flags = vars(parser().parse_args(argv))
     with one_line_errors():
         model_cfg, run, precision, device = configs(flags, protocol="few")
         setup_seed(run.seed)
         draws = [test_set(run, iterate) for iterate in run.iterate]  # every support set read before the model
-        model = model_cfg.build(device, precision)
-        store = text_cache(model_cfg, precision, device, run.text_cache_dir)
-        model.load_adapters(run.checkpoint)
-        text = text_features_for(model.clipmodel, [prompt(run)], device, precision, store)[prompt(run)]
-        results = []
-        for i, (iterate, dataset) in enumerate(zip(run.iterate, draws)):
-            memory_images, _ = augment(dataset.support.normal)  # [11k, 3, H, W]
-            result, collected = evaluate_set(model, dataset, text, run, precision, memory_images)
-            if scores_file := per_draw(run.save_scores, i, len(draws), ".npz"):
-                files = [path for path, _, _ in dataset.items]
-                save_scores(scores_file, collected, result, files, device, precision)
-            if maps_dir := per_draw(run.save_maps, i, len(draws)):
-                save_test_maps(
-                    maps_dir, dataset, collected, result["image_scores"], device, precision, run.grid_n
-                )
-            if len(draws) > 1:
-                print(f"support draw {i} (--iterate {iterate}): " + " ".join(dataset.support.normal_files))
-            print("\n".join(result_lines(run.obj, result, fewshot=True)))
-            results.append(result)
-        record = results[0]
-        if len(results) > 1:  # the mean and standard deviation of every metric over the draws
-            values = {k: [r[k] for r in results] for k, v in results[0].items() if isinstance(v, float)}
-            summary = {k: {"mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in values.items()}
-            record = {
-                "draws": [{"iterate": it, **r} for it, r in zip(run.iterate, results)],
-                "summary": summary,
-            }
-            for key, value in summary.items():
-                print(f"{run.obj} {key} : {value['mean']:.4f} ± {value['std']:.4f} over {len(results)} draws")
-        files = {"clip": model_cfg.clip_file, "adapters": run.checkpoint}
-        write_record(run.out_dir, "test_few", run.name, flags, record, files, device)
-    return record
+        model, texts = adapted_model(model_cfg, precision, device, [prompt(run)], run.text_cache_dir)
+        return test_adapters(model, run, precision, texts[prompt(run)], draws, model_cfg.clip_file, flags)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,8 @@ from mvfa.prefix_cache import prefix_cache, serving
 from mvfa.protocol import fewshot_training_set, prompt, selection_set, test_set
 from mvfa.resume import preflight
 from mvfa.seeding import setup_seed
-from mvfa.text_cache import text_cache
+from mvfa.text_cache import adapted_model
 from mvfa.training import Training
-from prompt import text_features_for
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,16 +39,16 @@ def main(argv=None) -> dict:
         setup_seed(run.seed, deterministic=run.deterministic)
         test = test_set(run, run.iterate)  # the test split and the support set
         selection = selection_set(run, test)  # all the data checked before the model is built
-        model = model_cfg.build(device, precision)
-        store = text_cache(model_cfg, precision, device, run.text_cache_dir)
+        model, texts = adapted_model(model_cfg, precision, device, [prompt(run)], run.text_cache_dir)
         reuse = prefix_cache(run.prefix_cache_ram, run.prefix_cache_dir)
         training = Training(model, model_cfg, run, precision)
         memory_images, _ = augment(test.support.normal)  # [11k, 3, H, W]: the normal training images too
         data = fewshot_training_set(run, test, memory_images)
-        texts = text_features_for(model.clipmodel, data.texts, device, precision, store)
 
         def evaluate_selection() -> tuple[dict, Collected]:
-            return evaluate_set(model, selection, texts[prompt(run)], run, precision, memory_images, False)
+            return evaluate_set(
+                model, selection, texts[prompt(run)], run, precision, memory_images, pixel_extras=False
+            )
 
         def evaluate_test() -> tuple[dict, Collected]:
             return evaluate_set(model, test, texts[prompt(run)], run, precision, memory_images)

@@ -13,9 +13,8 @@ from mvfa.prefix_cache import prefix_cache, serving
 from mvfa.protocol import prompt, selection_set, test_set, zeroshot_training_set
 from mvfa.resume import preflight
 from mvfa.seeding import setup_seed
-from mvfa.text_cache import text_cache
+from mvfa.text_cache import adapted_model
 from mvfa.training import Training
-from prompt import text_features_for
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,11 +33,11 @@ def main(argv=None) -> dict:
         data = zeroshot_training_set(run)  # grouped with the global `random`, as the reference
         test = test_set(run)
         selection = selection_set(run, test)  # deviation: --select val chooses on the valid split
-        model = model_cfg.build(device, precision)
-        store = text_cache(model_cfg, precision, device, run.text_cache_dir)
+        model, texts = adapted_model(
+            model_cfg, precision, device, [*data.texts, prompt(run)], run.text_cache_dir
+        )
         reuse = prefix_cache(run.prefix_cache_ram, run.prefix_cache_dir)
         training = Training(model, model_cfg, run, precision)
-        texts = text_features_for(model.clipmodel, [*data.texts, prompt(run)], device, precision, store)
 
         def evaluate_selection() -> tuple[dict, Collected]:
             # the same batches at every evaluation: their prefixes reused (the training groups change)

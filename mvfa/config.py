@@ -168,17 +168,19 @@ def result_fields(config) -> dict:
     }
 
 
-def configs(flags: dict, protocol: str) -> tuple[ModelConfig, RunConfig, Precision, torch.device]:
-    """The parsed flags of a script, once, as its configs; a flag that belongs to none is an error."""
+def configs(
+    flags: dict, protocol: str, beside: tuple[str, ...] = ()
+) -> tuple[ModelConfig, RunConfig, Precision, torch.device]:
+    """The parsed flags of a script, once, as its configs; a flag that belongs to none is an error, but for
+    those named in `beside` (a tool's own, which it reads itself). RunConfig.arguments keeps them all."""
     model_keys = {f.name for f in fields(ModelConfig)}
     run_keys = {f.name for f in fields(RunConfig)} - {"protocol", "arguments"}
-    unknown = set(flags) - model_keys - run_keys - {"device", "precision"}
+    unknown = set(flags) - model_keys - run_keys - {"device", "precision", *beside}
     if unknown:
         raise ValueError(f"no config takes the flag(s) {', '.join(sorted(unknown))}")
-    model, run = (
-        pick(ModelConfig, flags),
-        pick(RunConfig, {**flags, "protocol": protocol, "arguments": flags}),
-    )
+    own = {k: v for k, v in flags.items() if k not in beside}
+    model = pick(ModelConfig, own)
+    run = pick(RunConfig, {**own, "protocol": protocol, "arguments": flags})
     device = resolve_device(flags.get("device", "auto"))
     precision = Precision.of(flags.get("precision", "auto"), device)
     return model, run, precision, device

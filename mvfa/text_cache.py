@@ -4,9 +4,13 @@ sentences, the precision and the device type, and a hit gives the very tensor an
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+
+from CLIP import CLIP_Inplanted
+from prompt import text_features_for
 
 from .config import ModelConfig
 from .precision import Precision
@@ -106,3 +110,31 @@ def text_cache(
         "torch": torch.__version__,
     }
     return TextCache(folder, identity)
+
+
+def text_features(
+    model: CLIP_Inplanted,
+    model_config: ModelConfig,
+    precision: Precision,
+    prompts: Iterable[str],
+    cache_dir: Path | None,
+) -> dict[str, torch.Tensor]:
+    """{prompt name: [E, 2]} for the CLIP in `model` (which `model_config` built): read from the text cache
+    in `cache_dir` where kept there with the same weights and settings, else encoded and kept (None: no
+    cache)."""
+    device = next(model.parameters()).device
+    store = text_cache(model_config, precision, device, cache_dir)
+    return text_features_for(model.clipmodel, list(prompts), device, precision, store)
+
+
+def adapted_model(
+    model_config: ModelConfig,
+    precision: Precision,
+    device: torch.device,
+    prompts: Iterable[str],
+    cache_dir: Path | None,
+) -> tuple[CLIP_Inplanted, dict[str, torch.Tensor]]:
+    """The adapted CLIP that `model_config` describes, on `device` with fresh adapters, and the text features
+    of `prompts` for it (text_features())."""
+    model = model_config.build(device, precision)
+    return model, text_features(model, model_config, precision, prompts, cache_dir)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SIZE, TINY
+from PIL import Image
 
 import demo
 import mvfa.evaluation
@@ -30,12 +31,14 @@ import test_few
 import test_zero
 import train_few
 import train_zero
+from CLIP import CLIP_Inplanted
 from dataset import CLASS_NAMES, DATASETS
 from dataset.synthetic import make_synthetic_bmad
 from mvfa import records
 from mvfa.evaluation import collect, evaluate, selection_score
 from mvfa.precision import Precision
 from mvfa.records import adapters_sha256
+from utils import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 # images per synthetic folder: 3 normal + 3 abnormal test images, a held-out pair in valid with --shot 2
@@ -600,6 +603,51 @@ def test_corrupt_image_read_during_a_pass(name, workers, zero_brain, synth, tmp_
         args += ["--epoch", "1", "--select", "last"]  # no test pass before the training steps
     error = expect_error(SCRIPTS[name], args, capsys)
     assert error.startswith(f"error: cannot read image {bad}: ") and error.endswith("replace or remove it)")
+
+
+def test_image_with_nan_pixels_is_refused_when_read(synth, tmp_path, capsys):
+    """A float image holding NaN is refused where it is read, naming it (it used to surface after the whole
+    pass as NaN scores, no file named)."""
+    data = copy_data(synth, tmp_path)
+    folder = data / "Liver_AD" / "test" / "good" / "img"  # train_zero on Chest trains on Liver's test split
+    (folder / "00001.png").unlink()
+    pixels = np.full((SIZE, SIZE), 0.5, np.float32)
+    pixels[3, 4] = np.nan
+    Image.fromarray(pixels, mode="F").save(folder / "00001.tiff")
+    args = script_args(data, tmp_path, "Chest", "--epoch", "1", "--select", "last", "--batch_size", "6")
+    error = expect_error(train_zero, args, capsys)
+    assert error == (
+        f"error: image {folder / '00001.tiff'}: 1 NaN or infinite pixel value(s); replace them with finite "
+        f"values in [0, 1] or remove the image"
+    )
+
+
+def test_training_state_given_as_ckpt_is_named(synth, tmp_path, capsys):
+    state = tmp_path / "ckpt" / "Brain.pth.state"
+    state.parent.mkdir()
+    torch.save({"mvfa_training_state": 3, "args": {}, "epoch": 1}, state)
+    error = expect_error(test_zero, script_args(synth.data, tmp_path, "Brain", "--ckpt", str(state)), capsys)
+    assert error == (
+        f"error: {state} is a training state (what train_*.py --resume continues), not an adapter "
+        f"checkpoint: pass the checkpoint its run saves beside it, such as {tmp_path / 'ckpt' / 'Brain.pth'}"
+    )
+
+
+def test_a_bug_in_the_forward_keeps_its_traceback(synth, tmp_path, monkeypatch, capsys):
+    """A ValueError that is no check of the user's input (here raised inside the model's forward) leaves
+    main() as itself, so that Python prints its traceback: no one-line `error:`, no exit code 2."""
+
+    def broken(self, x):
+        raise ValueError("a bug inside the forward")
+
+    monkeypatch.setattr(CLIP_Inplanted, "forward", broken)
+    args = script_args(synth.data, tmp_path, "Liver", "--epoch", "1", "--select", "last", "--batch_size", "6")
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="a bug inside the forward") as raised:
+        train_zero.main(args)
+    assert not isinstance(raised.value, InputError)
+    assert raised.traceback[-1].name == "broken"  # the traceback reaches the line that raised
+    assert "error: " not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["train_few", "train_zero"])

@@ -11,7 +11,11 @@ import subprocess
 from functools import cache
 from pathlib import Path
 
+import pytest
 from conftest import REPO
+
+from mvfa.flags import one_line_errors
+from utils import BadValue, MissingFile
 
 SCRIPTS = {"train_few", "train_zero", "test_few", "test_zero"}
 # the card's, and demo.py: the README's first command
@@ -100,8 +104,60 @@ def test_import_graph_at_most_five_floors_and_no_cycle():
 
     deepest = max(edges, key=depth)
     assert depth(deepest) <= 5, f"{deepest}: {depth(deepest)} floors"
-    ground = PACKAGES | {"utils", "mvfa.metrics", "mvfa.scoring", "mvfa.precision"}
-    assert {name: depth(name) for name in ground} == dict.fromkeys(ground, 1)
+    # utils.py holds the project's error type, which every layer raises
+    assert depth("utils") == 1 and edges["utils"] == frozenset()
+    below_the_package = PACKAGES | {"loss", "prompt", "mvfa.metrics", "mvfa.scoring", "mvfa.precision"}
+    assert {name: depth(name) <= 3 for name in below_the_package} == dict.fromkeys(below_the_package, True)
+
+
+def test_no_loop_between_packages_and_root_modules():
+    """A package counts as one node (mvfa/ and tools/ too): a root module the package imports never imports
+    the package back."""
+    edges = {}
+    for name, deps in graph().items():
+        top = name.split(".")[0]
+        edges.setdefault(top, set()).update(d.split(".")[0] for d in deps)
+    edges = {name: deps - {name} for name, deps in edges.items()}
+
+    def reach(name: str, path: tuple) -> None:
+        for dep in edges[name]:
+            assert dep not in path, f"import loop: {' -> '.join((*path, dep))}"
+            reach(dep, (*path, dep))
+
+    for name in edges:
+        reach(name, (name,))
+
+
+def test_one_line_errors_turns_only_the_project_error_into_one_line(capsys):
+    with pytest.raises(SystemExit) as stopped, one_line_errors():
+        raise BadValue("--shot 0: must be at least 1", flag="shot")
+    assert stopped.value.code == 2 and capsys.readouterr().err == "error: --shot 0: must be at least 1\n"
+    with pytest.raises(SystemExit), one_line_errors():
+        raise MissingFile("support list x.txt not found", flag="seed_dir")
+    assert capsys.readouterr().err == "error: --seed_dir: support list x.txt not found\n"
+    for bug in (ValueError("a bug"), FileNotFoundError("a bug"), KeyError("a bug")):
+        with pytest.raises(type(bug)), one_line_errors():
+            raise bug
+    assert capsys.readouterr().err == ""
+
+
+# the library functions allowed to take the command line's values: where the configs are built from them, and
+# where the run record keeps them
+TAKE_FLAGS = {("mvfa/config.py", "configs"), ("mvfa/config.py", "pick"), ("mvfa/records.py", "write_record")}
+
+
+def test_no_library_function_takes_the_flag_dict():
+    """Only the configs are built from the flags, and the run record keeps them (a training run's from
+    RunConfig.arguments): no other library function takes them."""
+    found = []
+    for path in library_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                params = {a.arg for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs}
+                where = (path.relative_to(REPO).as_posix(), node.name)
+                if params & {"flags", "argv_values", "namespace"} and where not in TAKE_FLAGS:
+                    found.append(f"{where[0]}:{node.lineno} {node.name}")
+    assert found == []
 
 
 def library_files() -> list[Path]:

@@ -12,16 +12,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dataset import dataset_root
-from dataset.augment import augment
 from mvfa.config import ModelConfig, RunConfig, pick, resolve_device
-from mvfa.evaluation import evaluate_set, result_lines
 from mvfa.flags import add_cache_args, add_data_args, add_model_args, new_parser, one_line_errors
 from mvfa.precision import Precision
 from mvfa.protocol import prompt, test_set
-from mvfa.records import write_record
 from mvfa.seeding import setup_seed
-from mvfa.text_cache import text_cache
-from prompt import text_features_for
+from mvfa.testing import test_adapters
+from mvfa.text_cache import text_features
 from tools.published import PUBLISHED, ROWS
 from utils import InputError, MissingFile
 
@@ -140,17 +137,11 @@ def test_run(model, model_cfg: ModelConfig, run: RunConfig, precision: Precision
     """One table cell's run, as test_zero.py / test_few.py (first support list) run it, on a shared model."""
     setup_seed(run.seed)
     dataset = test_set(run, run.iterate if run.fewshot else None)
-    model.load_adapters(run.checkpoint)
+    text = text_features(model, model_cfg, precision, [prompt(run)], run.text_cache_dir)[prompt(run)]
     device = next(model.parameters()).device
-    store = text_cache(model_cfg, precision, device, run.text_cache_dir)
-    text = text_features_for(model.clipmodel, [prompt(run)], device, precision, store)[prompt(run)]
-    memory_images = augment(dataset.support.normal)[0] if run.fewshot else None
-    result = evaluate_set(model, dataset, text, run, precision, memory_images)[0]
-    print("\n".join(result_lines(run.obj, result, run.fewshot)))
-    flags = {**asdict(model_cfg), **asdict(run), "device": device.type, "precision": precision.name}
-    files = {"clip": model_cfg.clip_file, "adapters": run.checkpoint}
-    write_record(run.out_dir, f"test_{run.protocol}", run.name, flags, result, files, device)
-    return result
+    config = {k: v for k, v in asdict(run).items() if k != "arguments"}
+    arguments = {**asdict(model_cfg), **config, "device": device.type, "precision": precision.name}
+    return test_adapters(model, run, precision, text, [dataset], model_cfg.clip_file, arguments)
 
 
 def run_all(args) -> tuple[dict[str, dict], list[str]]:

@@ -31,13 +31,12 @@ from dataset import DATASETS, IMAGE_EXTENSIONS, check_obj, list_images
 from dataset.augment import augment
 from dataset.images import load_input, read_image
 from dataset.medical_few import ImageItems
-from mvfa.config import ModelConfig, cache_folder, pick, resolve_device
+from mvfa.config import configs
 from mvfa.evaluation import Collected, PixelMaps, build_memory, collect, raw_maps
 from mvfa.flags import add_cache_args, add_model_args, new_parser, one_line_errors
 from mvfa.maps import overlay
 from mvfa.precision import Precision
-from mvfa.text_cache import text_cache
-from prompt import text_features_for
+from mvfa.text_cache import adapted_model
 from utils import BadValue, MissingFile
 
 
@@ -76,6 +75,10 @@ def pool_scores(
         return display[start:stop]
 
     return np.array([score], dtype=np.float32), display_maps
+
+
+# the flags predict.py reads itself; the others make its configs
+OWN_FLAGS = ("input", "head", "support", "calibrate", "fpr", "out", "save_npy")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -161,26 +164,23 @@ def main(argv=None) -> list[dict]:
         inputs = list_inputs(args.input, "--input")
         normals = list_inputs(args.calibrate, "--calibrate") if args.calibrate else []
         support = list_inputs(args.support, "--support") if args.support else []
-        device = resolve_device(args.device)
-        precision = Precision.of(args.precision, device)
-        model_cfg = pick(ModelConfig, vars(args))
-        model = model_cfg.build(device, precision)
-        model.load_adapters(args.ckpt)
-        name = obj or args.prompt_name
-        store = text_cache(model_cfg, precision, device, cache_folder(args.cache_dir, args.no_text_cache))
-        text = text_features_for(model.clipmodel, [name], device, precision, store)[name]
+        model_cfg, run, precision, device = configs(vars(args), protocol="zero", beside=OWN_FLAGS)
+        name = obj or run.prompt_name
+        model, texts = adapted_model(model_cfg, precision, device, [name], run.text_cache_dir)
+        model.load_adapters(run.checkpoint)
+        text = texts[name]
         memory = None
         # memory banks of the augmented support images (11 views each), as test_few.py builds them
         if support:
-            images = [load_input(p, args.img_size, args.clip_normalize) for p in support]
+            images = [load_input(p, run.img_size, run.clip_normalize) for p in support]
             # from the [11k, 3, S, S] augmented images
-            memory = build_memory(model, augment(torch.stack(images))[0], precision, args.batch_size)
-        pool = ImageItems([(str(p), 0, None) for p in normals + inputs], args.img_size, args.clip_normalize)
+            memory = build_memory(model, augment(torch.stack(images))[0], precision, run.batch_size)
+        pool = ImageItems([(str(p), 0, None) for p in normals + inputs], run.img_size, run.clip_normalize)
         # auto: the det head for image-only datasets (their few-shot checkpoints never train the seg adapters)
         head = args.head
         if head == "auto":
             head = "det" if obj and not DATASETS[obj].has_masks else "seg"
-        loader = DataLoader(pool, batch_size=args.batch_size, shuffle=False)
+        loader = DataLoader(pool, batch_size=run.batch_size, shuffle=False)
         c = collect(model, loader, text, precision, has_masks=False, memory=memory, head=head, desc="maps")
         scores, maps_fn = pool_scores(c, device, precision)
         threshold = float(np.quantile(scores[: len(normals)], 1 - args.fpr)) if normals else None
