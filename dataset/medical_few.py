@@ -160,7 +160,9 @@ def load_support(
     abnormal_paths = [os.path.join(bad, n) for n in abnormal]
     masks = None
     if has_masks(data_path, obj):
-        mask_paths = pair_masks(abnormal_paths, os.path.join(root, "valid", "Ungood", "anomaly_mask"), False)
+        mask_paths = pair_masks(
+            abnormal_paths, os.path.join(root, "valid", "Ungood", "anomaly_mask"), require_all=False
+        )
         masks = torch.stack([load_mask(p, img_size) for p in mask_paths])  # [k, 1, H, W]
     return Support(
         normal=torch.stack([load_input(p, img_size, normalize) for p in normal_paths]),  # [k, 3, H, W]

@@ -126,7 +126,7 @@ def few_shot_maps(
     c: Collected, start: int, stop: int, device: torch.device, precision: Precision
 ) -> torch.Tensor:
     """Unnormalised full-size few-shot maps [n, H, W] of images start..stop-1."""
-    with torch.no_grad(), precision.forward(), precision.scoring():
+    with torch.no_grad(), precision.maps():
         distances = torch.stack(c.distances[start:stop]).to(device)  # [n, L, HW]
         return few_shot_map(list(distances.unbind(1)), c.img_size).float()  # [n, H, W]
 
@@ -136,7 +136,7 @@ def raw_maps(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Unnormalised full-size zero-shot and few-shot maps [n, H, W] of images start..stop-1 (few: None if
     absent)."""
-    with torch.no_grad(), precision.forward(), precision.scoring():
+    with torch.no_grad(), precision.maps():
         logits = torch.stack(c.logits[start:stop]).to(device)  # [n, L, HW, 2]
         zero = zero_shot_map(list(logits.unbind(1)), c.img_size).float()  # [n, H, W]
     few = few_shot_maps(c, start, stop, device, precision) if c.fewshot else None

@@ -170,7 +170,11 @@ def _ap_f1(chunks: Chunks, pos: np.ndarray, n_neg: int, dtype, top_hist: np.ndar
     b = pos.size + 1
     while b > 0:  # windows of positions r = #positives <= score, from the top
         a = max(0, b - _WINDOW)
-        hist = top_hist if b == pos.size + 1 else _scan(chunks, pos, False, dtype, (a, b), n_neg)[2]
+        hist = (
+            top_hist
+            if b == pos.size + 1
+            else _scan(chunks, pos, positive=False, dtype=dtype, window=(a, b), n_streamed=n_neg)[2]
+        )
         for tp, fp in _pr_points(pos, a, b, hist, fp_above):
             recall, precision = tp / pos.size, tp / (tp + fp)
             ap += float(np.sum(np.diff(np.r_[recall_prev, recall]) * precision))

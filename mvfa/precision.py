@@ -61,6 +61,13 @@ class Precision:
             return torch.autocast(self.device_type, enabled=False)
         return contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def maps(self):
+        """The context of map maths on collected forward outputs, away from any forward: `forward()` with
+        `scoring()` inside, as they would run after the forward."""
+        with self.forward(), self.scoring():
+            yield
+
     def scored(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """The forward's outputs as the scoring takes them: float32 under bf16, else as they are."""
         return [t.float() for t in tensors] if self.fp32_scoring else tensors

@@ -8,6 +8,7 @@ import platform
 import tempfile
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -47,20 +48,28 @@ def check_folder(folder: Path, flag: str) -> None:
         ) from None
 
 
-def zip_flaw(path: Path) -> str | None:
+def zip_flaw(path: Path, *, members: bool = False) -> str | None:
     """What makes `path` no zip archive as torch.save writes, told by its size and zip structure alone
-    (unpickling random bytes may ask for any amount of memory); None if it could be one."""
+    (unpickling random bytes may ask for any amount of memory); with `members`, every member's CRC is checked
+    too (the whole file is read). None if it could be one."""
     if path.stat().st_size == 0:
         return "it is empty"
-    if zipfile.is_zipfile(path):
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+        return (
+            "it is cut off: a zip archive without its end"
+            if zipped
+            else "it is no zip archive as torch.save writes"
+        )
+    if not members:
         return None
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
-    return (
-        "it is cut off: a zip archive without its end"
-        if zipped
-        else "it is no zip archive as torch.save writes"
-    )
+    try:
+        with zipfile.ZipFile(path) as z:
+            damaged = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        return f"its members cannot be read ({type(e).__name__})"
+    return None if damaged is None else f"its member {damaged} is damaged"
 
 
 def check_readable(path: Path, what: str) -> None:

@@ -6,7 +6,6 @@ python -m tools.download --check              # present / missing / damaged; exi
 """
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from tqdm import tqdm
 from CLIP.loading import OPENAI_FILES, OPENAI_URLS
 from dataset import CLASS_NAMES, DATASETS, list_images
 from dataset.medical_few import SUPPORT_EXTENSIONS
+from mvfa.records import sha256, zip_flaw
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP_MODEL = "ViT-L-14-336"
@@ -167,11 +167,6 @@ def size_text(n: int | None) -> str:
     return f"{n} B"
 
 
-def sha256_of(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def need_space(folder: Path, size: int, what: str) -> None:
     """FetchError unless `folder`'s disk has `size` bytes free."""
     free = shutil.disk_usage(folder).free
@@ -204,7 +199,7 @@ def record(root: Path, entries: dict[Path, dict]) -> None:
 
 
 def file_entry(path: Path, source: str, **extra) -> dict:
-    return {"source": source, "size": path.stat().st_size, "sha256": sha256_of(path), **extra}
+    return {"source": source, "size": path.stat().st_size, "sha256": sha256(path), **extra}
 
 
 def tree_stats(folder: Path) -> dict:
@@ -513,7 +508,7 @@ def fetch_clip(opts: Options, session: requests.Session) -> None:
     else:
         source = rehost(src.url, opts.base_url)
         download(session, src, source, part, opts.base_url)
-    digest = sha256_of(part)
+    digest = sha256(part)
     if digest != src.sha256:
         if opts.from_file:
             part.unlink()
@@ -612,7 +607,7 @@ def fetch_archive(item: Item, opts: Options, session: requests.Session) -> None:
     origin = {
         "archive": archive.name,
         "archive_size": archive.stat().st_size,
-        "archive_sha256": sha256_of(archive),
+        "archive_sha256": sha256(archive),
     }
     if item.target == "data":
         install_folder(tmp, dest)
@@ -636,26 +631,17 @@ def fetch(item: Item, opts: Options, session: requests.Session) -> None:
 
 
 # ---------------------------------------------------------------- --check
-def complete_zip(path: Path) -> bool:
-    """A zip whose directory and member CRCs are intact (TorchScript archives, torch.save files are zips)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return z.testzip() is None
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error):
-        return False
-
-
 def check_clip(root: Path, manifest: dict) -> list[Report]:
     item, src = Item("clip"), SOURCES["clip"]
     path = dest_of(item, root)
     key, again = rel(path, root), f"fetch again: {command_for(item, root)} --force"
     if not path.is_file():
         return [Report("missing", key, f"fetch: {command_for(item, root)}")]
-    if sha256_of(path) == src.sha256:
+    if sha256(path) == src.sha256:
         return [Report("present", key, "SHA-256 matches OpenAI's")]
     if key in manifest:
         return [Report("damaged", key, f"SHA-256 differs from OpenAI's and from downloads.json; {again}")]
-    if not complete_zip(path):
+    if zip_flaw(path, members=True):
         return [Report("damaged", key, f"not a complete archive (an interrupted download?); {again}")]
     # a whole, readable file that is not OpenAI's (a stand-in, another release): the scripts load it as it is
     return [
@@ -670,14 +656,14 @@ def check_checkpoints(kind: str, root: Path, manifest: dict) -> list[Report]:
         key, entry = rel(path, root), manifest.get(rel(path, root))
         if not path.is_file():
             reports.append(Report("missing", key, f"fetch: {command_for(item, root)}"))
-        elif entry and (path.stat().st_size, sha256_of(path)) != (entry["size"], entry["sha256"]):
+        elif entry and (path.stat().st_size, sha256(path)) != (entry["size"], entry["sha256"]):
             again = f"fetch again: {command_for(item, root)} --force"
             reports.append(
                 Report("damaged", key, f"differs from downloads.json (changed or damaged); {again}")
             )
         elif entry:
             reports.append(Report("present", key, "as recorded in downloads.json"))
-        elif complete_zip(path):
+        elif not zip_flaw(path, members=True):
             reports.append(Report("present", key, "not verified: no entry in downloads.json"))
         else:
             detail = f"not a complete torch checkpoint file; fetch again: {command_for(item, root)} --force"
@@ -744,7 +730,7 @@ def check_lists(obj: str, root: Path, manifest: dict) -> Report:
             missing.append(path.name)
         elif not names:
             damaged.append(f"{path.name}: no n-0:/a-0: lines of image names")
-        elif entry and sha256_of(path) != entry["sha256"]:
+        elif entry and sha256(path) != entry["sha256"]:
             damaged.append(f"{path.name} differs from downloads.json")
         short += [f"{k}-shot {names}"] if names and names < k else []
         recorded += bool(entry)

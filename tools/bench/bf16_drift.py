@@ -114,12 +114,14 @@ def recompose(inputs: dict, low: set) -> tuple[np.ndarray, np.ndarray | None]:
     if not inputs["has_masks"]:
         if not few:
             return normalised(det_score, low).float().numpy(), None
-        few_image = layer_sum(distances(det, memory[1], low), low, size, False).float().mean(dim=(1, 2))
+        few_image = (
+            layer_sum(distances(det, memory[1], low), low, size, probability=False).float().mean(dim=(1, 2))
+        )
         image = 0.5 * normalised(det_score, low) + 0.5 * normalised(few_image, low)
         return image.float().numpy(), None
-    maps = [normalised(layer_sum(logits(seg, text, low), low, size, True), low)]
+    maps = [normalised(layer_sum(logits(seg, text, low), low, size, probability=True), low)]
     if few:
-        maps.append(normalised(layer_sum(distances(seg, memory[0], low), low, size, False), low))
+        maps.append(normalised(layer_sum(distances(seg, memory[0], low), low, size, probability=False), low))
     fused = (maps[0] if len(maps) == 1 else 0.5 * maps[0] + 0.5 * maps[1]).float()
     image = fused.amax(dim=(1, 2)) if few else normalised(det_score, low).float()
     return image.numpy(), fused.numpy()
