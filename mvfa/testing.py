@@ -9,6 +9,7 @@ import torch
 
 from dataset.augment import augment
 from dataset.medical_few import MedTestDataset
+from utils import InputError
 
 from .config import RunConfig
 from .evaluation import evaluate_set, result_lines, save_scores
@@ -45,7 +46,11 @@ def test_adapters(
     for several draws, the mean ± std) and writes the run record, which keeps `arguments`. Returns the
     metrics (several draws: each draw's and their summary)."""
     device = next(model.parameters()).device
-    model.load_adapters(run.checkpoint)
+    try:
+        model.load_adapters(run.checkpoint)
+    except InputError as e:  # the command line names the flag that gave the file
+        e.flag = e.flag or ("ckpt" if run.ckpt else "save_path")
+        raise
     iterates = run.iterate if isinstance(run.iterate, tuple) else (run.iterate,)
     results = []
     for i, dataset in enumerate(datasets):

@@ -628,7 +628,7 @@ def test_training_state_given_as_ckpt_is_named(synth, tmp_path, capsys):
     torch.save({"mvfa_training_state": 3, "args": {}, "epoch": 1}, state)
     error = expect_error(test_zero, script_args(synth.data, tmp_path, "Brain", "--ckpt", str(state)), capsys)
     assert error == (
-        f"error: {state} is a training state (what train_*.py --resume continues), not an adapter "
+        f"error: --ckpt: {state} is a training state (what train_*.py --resume continues), not an adapter "
         f"checkpoint: pass the checkpoint its run saves beside it, such as {tmp_path / 'ckpt' / 'Brain.pth'}"
     )
 
@@ -710,7 +710,9 @@ def test_missing_clip_weights_names_the_path(synth, tmp_path, capsys):
 
 def test_missing_adapter_checkpoint_names_the_path(synth, tmp_path, capsys):
     error = expect_error(test_zero, script_args(synth.data, tmp_path, "Brain"), capsys)
-    assert error.startswith(f"error: adapter checkpoint not found: {tmp_path / 'ckpt' / 'Brain.pth'} ")
+    assert error.startswith(
+        f"error: --save_path: adapter checkpoint not found: {tmp_path / 'ckpt' / 'Brain.pth'} "
+    )
 
 
 # --------------------------------------------------------------- records and checkpoint loading
