@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
         setup_seed(run.seed)
         draws = [test_set(run, iterate) for iterate in run.iterate]  # every support set read before the model
         model, texts = adapted_model(model_cfg, precision, device, [prompt(run)], run.text_cache_dir)
-        return test_adapters(model, run, precision, texts[prompt(run)], draws, model_cfg.clip_file, flags)
+        return test_adapters(model, run, precision, texts[prompt(run)], draws, model_cfg.clip_file)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
         setup_seed(run.seed)
         dataset = test_set(run)
         model, texts = adapted_model(model_cfg, precision, device, [prompt(run)], run.text_cache_dir)
-        return test_adapters(model, run, precision, texts[prompt(run)], [dataset], model_cfg.clip_file, flags)
+        return test_adapters(model, run, precision, texts[prompt(run)], [dataset], model_cfg.clip_file)
 
 
 if __name__ == "__main__":

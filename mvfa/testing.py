@@ -39,11 +39,10 @@ def test_adapters(
     text: torch.Tensor,
     datasets: list[MedTestDataset],
     clip_file: Path | None,
-    arguments: dict,
 ) -> dict:
     """The adapters of run.checkpoint, loaded into `model`, scored against `text` on each of `datasets` (the
     test set with one support draw each, few-shot; the test set, zero-shot); prints each pass's lines (and,
-    for several draws, the mean ± std) and writes the run record, which keeps `arguments`. Returns the
+    for several draws, the mean ± std) and writes the run record (with run.arguments). Returns the
     metrics (several draws: each draw's and their summary)."""
     device = next(model.parameters()).device
     try:
@@ -77,5 +76,5 @@ def test_adapters(
         for key, value in record["summary"].items():
             print(f"{run.obj} {key} : {value['mean']:.4f} ± {value['std']:.4f} over {len(results)} draws")
     files = {"clip": clip_file, "adapters": run.checkpoint}
-    write_record(run.out_dir, f"test_{run.protocol}", run.name, arguments, record, files, device)
+    write_record(run.out_dir, f"test_{run.protocol}", run.name, run.arguments, record, files, device)
     return record

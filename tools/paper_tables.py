@@ -8,7 +8,7 @@ the authors' implementation numbers, written as Markdown (tables.md) and CSV (ze
 
 import argparse
 import csv
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from dataset import dataset_root
@@ -139,9 +139,11 @@ def test_run(model, model_cfg: ModelConfig, run: RunConfig, precision: Precision
     dataset = test_set(run, run.iterate if run.fewshot else None)
     text = text_features(model, model_cfg, precision, [prompt(run)], run.text_cache_dir)[prompt(run)]
     device = next(model.parameters()).device
+    # the record keeps what the scripts' records keep: every value the run was made with
     config = {k: v for k, v in asdict(run).items() if k != "arguments"}
     arguments = {**asdict(model_cfg), **config, "device": device.type, "precision": precision.name}
-    return test_adapters(model, run, precision, text, [dataset], model_cfg.clip_file, arguments)
+    run = replace(run, arguments=arguments)
+    return test_adapters(model, run, precision, text, [dataset], model_cfg.clip_file)
 
 
 def run_all(args) -> tuple[dict[str, dict], list[str]]:
