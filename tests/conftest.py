@@ -40,6 +40,28 @@ TINY_MODEL = ModelConfig(model_name="demo-tiny", pretrain="none", img_size=SIZE,
 SUM_NORM_RTOL = 1e-12  # float64 sums of the same values in another order
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread in the modules that ask for it (`pytestmark = pytest.mark.usefixtures(...)`):
+    the tiny-model runs are faster so on two cores shared with another test worker."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    """All six synthetic datasets (3 images per folder: 3 normal + 3 abnormal test images, a held-out pair in
+    valid with --shot 2; SIZE px) and support lists for k = 1 and 2, 3 draws each."""
+    from tools.synth import make_synthetic_bmad
+
+    folder = str(tmp_path_factory.mktemp("synth"))
+    return make_synthetic_bmad(folder, n_per_split=3, seed=0, img_size=SIZE, shots=(1, 2))
+
+
 @pytest.fixture(scope="session")
 def goldens() -> dict:
     """The reference's intermediate values, large tensors as probes (tests/fixtures/reference/README.md)."""

@@ -160,7 +160,7 @@ def test_first_steps_of_a_recorded_training(checkout_for, tmp_path):
 TEST_RUNS = RECORDINGS["test_runs"] + legacy_test_runs()
 
 
-def test_run_id(recording: dict) -> str:
+def run_id(recording: dict) -> str:
     inputs = recording["inputs"]
     return f"{recording['command']} [seed {inputs['seed']}, {inputs['n_per_split']} per split]"
 
@@ -171,7 +171,7 @@ def replayed_test_runs(checkout_for, tmp_path_factory):
     done = {}
 
     def replay(recording: dict) -> tuple[list[str], dict]:
-        key = test_run_id(recording)
+        key = run_id(recording)
         if key not in done:
             env, _ = kernel_setting(recording["fingerprint"], recording["threads"])
             out = tmp_path_factory.mktemp("test_run")
@@ -189,9 +189,9 @@ def slow_or_quick(recordings: list[dict]) -> list:
     quick = "test_zero.py --obj Histopathology"
     params = []
     for r in recordings:
-        group = pytest.mark.xdist_group(test_run_id(r))  # its two tests share its run (each_training)
+        group = pytest.mark.xdist_group(run_id(r))  # its two tests share its run (each_training)
         marks = [group] if r["command"] == quick else [group, pytest.mark.slow]
-        params.append(pytest.param(r, id=test_run_id(r), marks=marks))
+        params.append(pytest.param(r, id=run_id(r), marks=marks))
     return params
 
 
