@@ -16,6 +16,7 @@ reference_outputs_seed0.txt keep their own files.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,13 @@ TRAININGS = RECORDINGS["trainings"]
 
 def training_id(recording: dict) -> str:
     inputs = recording["inputs"]
-    return f"{recording['command']} [seed {inputs['seed']}, {inputs['n_per_split']} per split]"
+    return f"{recording['command']} (seed {inputs['seed']}, {inputs['n_per_split']} per split)"
+
+
+def group(test_id: str) -> pytest.MarkDecorator:
+    """The tests of one recording share its run: under pytest-xdist (--dist loadgroup) one worker runs them
+    (a group name of letters, digits and dashes: xdist finds it after the last ']' of the test's id)."""
+    return pytest.mark.xdist_group(re.sub(r"[^A-Za-z0-9]+", "-", test_id).strip("-"))
 
 
 @pytest.fixture(scope="session")
@@ -164,8 +171,7 @@ TEST_RUNS = RECORDINGS["test_runs"] + legacy_test_runs()
 
 
 def run_id(recording: dict) -> str:
-    inputs = recording["inputs"]
-    return f"{recording['command']} [seed {inputs['seed']}, {inputs['n_per_split']} per split]"
+    return training_id(recording)
 
 
 @pytest.fixture(scope="session")
@@ -192,8 +198,7 @@ def slow_or_quick(recordings: list[dict]) -> list:
     quick = "test_zero.py --obj Histopathology"
     params = []
     for r in recordings:
-        group = pytest.mark.xdist_group(run_id(r))  # its two tests share its run (each_training)
-        marks = [group] if r["command"] == quick else [group, pytest.mark.slow]
+        marks = [group(run_id(r))] if r["command"] == quick else [group(run_id(r)), pytest.mark.slow]
         params.append(pytest.param(r, id=run_id(r), marks=marks))
     return params
 
