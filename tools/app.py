@@ -1,0 +1,144 @@
+"""A local web app for one's own scans (gradio: `pip install -r requirements-app.txt`): upload images, choose
+the dataset or prompt name, zero-shot or few-shot (upload normal support images) and a threshold; see each
+overlay, score and decision. Every request runs tools.predict on the uploads, so the numbers are its numbers.
+
+    python -m tools.app                                   # http://127.0.0.1:7860, checkpoints under ./ckpt/
+    python -m tools.app --ckpt_dir my_ckpts/ --port 8000 --precision bf16
+    python -m tools.app --host 0.0.0.0                    # open to every machine that can reach this one
+
+The page and the API bind 127.0.0.1 (this machine only) unless --host says otherwise; to share it, forward the
+port (ssh -L 7860:127.0.0.1:7860 host) rather than exposing it. The API endpoint `/predict` takes the same
+inputs as the page and returns the rows of tools.predict ({file, score, decision}); its call from Python is
+shown by the page's "Use via API" link. Model flags (--model_name, --img_size, --precision, --device,
+--cache_dir, ...) are passed on to tools.predict. Each request builds the model and reads its weights anew.
+"""
+
+import argparse
+import contextlib
+import io
+import shutil
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from dataset import DATASETS
+from mvfa.flags import new_parser
+from tools import predict
+
+PROTOCOLS = ("zero-shot", "few-shot")
+
+
+def stage(files: list[str], folder: Path) -> Path:
+    """The uploads copied into `folder` as {index:03d}_{name}: in upload order, names kept apart."""
+    folder.mkdir(parents=True)
+    for i, f in enumerate(files):
+        shutil.copy(f, folder / f"{i:03d}_{Path(f).name}")
+    return folder
+
+
+def checkpoint(ckpt_dir: str, protocol: str, name: str, given: str) -> str:
+    """The checkpoint field, else the released layout {ckpt_dir}/{protocol}/{name}.pth."""
+    path = Path(given) if given and given.strip() else Path(ckpt_dir) / protocol / f"{name}.pth"
+    if not path.is_file():
+        raise gr.Error(f"checkpoint {path}: no such file; type the path of an adapter checkpoint")
+    return str(path)
+
+
+def run_predict(argv: list[str]) -> list[dict]:
+    """tools.predict.main(argv); its one-line error (exit 2) shown on the page."""
+    err, out = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            return predict.main(argv)
+    except SystemExit:
+        raise gr.Error(err.getvalue().strip().splitlines()[-1]) from None
+
+
+def make_handler(ckpt_dir: str, model_flags: list[str]):
+    """The request handler: uploads, name, protocol, support uploads, threshold, checkpoint path ->
+    (overlays [(png, caption)], rows [{file, score, decision}])."""
+
+    def handle(images, name, protocol, support, threshold, ckpt):
+        if not images:
+            raise gr.Error("upload one or more images")
+        if protocol == "few-shot" and not support:
+            raise gr.Error("few-shot: upload normal support images, or choose zero-shot")
+        name = (name or "").strip()
+        if not name:
+            raise gr.Error("choose a dataset or type the object's name, e.g. 'knee MRI'")
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            argv = [*model_flags, "--input", str(stage(images, tmp / "input"))]
+            argv += ["--ckpt", checkpoint(ckpt_dir, protocol, name, ckpt), "--out", str(tmp / "out")]
+            argv += ["--obj", name] if name in DATASETS else ["--prompt_name", name]
+            if protocol == "few-shot":
+                argv += ["--support", str(stage(support, tmp / "support"))]
+            rows = run_predict(argv)
+            kept = Path(tempfile.mkdtemp(prefix="mvfa-app-"))  # gradio serves the pictures from here
+            gallery = []
+            for j, row in enumerate(rows):
+                path = Path(row["file"])
+                shown = shutil.copy(tmp / "out" / f"{j:05d}_{path.stem}.png", kept)
+                row["file"] = path.name.split("_", 1)[1]  # the uploaded name
+                if threshold is not None:
+                    row["decision"] = "abnormal" if row["score"] > threshold else "normal"
+                gallery.append((shown, f"{row['file']}: {row['score']:.4f} {row.get('decision', '')}"))
+        return gallery, rows
+
+    return handle
+
+
+def build(ckpt_dir: str, model_flags: list[str]) -> gr.Blocks:
+    with gr.Blocks(title="MVFA", analytics_enabled=False) as demo:
+        gr.Markdown("## MVFA: anomaly maps for one's own scans")
+        with gr.Row():
+            with gr.Column():
+                images = gr.File(
+                    label="images", file_count="multiple", file_types=["image"], elem_id="images"
+                )
+                name = gr.Dropdown(
+                    choices=sorted(DATASETS),
+                    value="Brain",
+                    allow_custom_value=True,
+                    label="dataset, or the object's name for the prompts (e.g. knee MRI)",
+                )
+                protocol = gr.Radio(list(PROTOCOLS), value="zero-shot", label="protocol")
+                support = gr.File(label="normal support images (few-shot)", file_count="multiple")
+                threshold = gr.Number(value=None, label="threshold (abnormal above it; empty: no decision)")
+                ckpt = gr.Textbox(
+                    label=f"checkpoint (default: {ckpt_dir}/<protocol>/<dataset>.pth)", elem_id="ckpt"
+                )
+                button = gr.Button("Score", variant="primary")
+            with gr.Column():
+                gallery = gr.Gallery(label="overlays", columns=1, elem_id="overlays")
+                table = gr.JSON(label="scores")
+        inputs = [images, name, protocol, support, threshold, ckpt]
+        button.click(make_handler(ckpt_dir, model_flags), inputs, [gallery, table], api_name="predict")
+    return demo
+
+
+def parser() -> argparse.ArgumentParser:
+    p = new_parser(__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on")
+    p.add_argument(
+        "--ckpt_dir", default="./ckpt/", help="checkpoints as released: {dir}/{protocol}/{obj}.pth"
+    )
+    return p
+
+
+def model_flags(rest: list[str]) -> list[str]:
+    """The flags passed on to tools.predict, checked now by its parser (an unknown flag exits here)."""
+    predict.parser().parse_args([*rest, "--input", ".", "--ckpt", ".", "--obj", "Brain"])
+    return rest
+
+
+def main(argv=None) -> None:
+    args, rest = parser().parse_known_args(argv)
+    demo = build(args.ckpt_dir, model_flags(rest))
+    demo.launch(server_name=args.host, server_port=args.port)
+
+
+if __name__ == "__main__":
+    main()
