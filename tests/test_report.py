@@ -101,6 +101,7 @@ def test_page_in_a_browser(runs):
         page.on("request", lambda r: requests.append(r.url))
         page.goto(page_file.as_uri())
         assert requests == [page_file.as_uri()]  # the page alone: every picture is inside it
+        page.screenshot(path=screenshot_path("report.png"))  # the top: metrics and curves
         tables = page.locator("div.images")
         assert tables.count() == 2
         for t, a in enumerate(arrays):
@@ -132,5 +133,4 @@ def test_page_in_a_browser(runs):
         assert len(widths) == 4 + 2 * 2 * N and all(w > 0 for w in widths)  # 4 curves, 12 overlays
         metrics = page.locator("#metrics").inner_text()
         assert "78.63" in metrics and "89.68" in metrics  # zero-shot Brain: paper AUC, implementation pAUC
-        page.screenshot(path=screenshot_path("report.png"), full_page=False)
     assert requests == [page_file.as_uri()]
