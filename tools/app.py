@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from dataset import DATASETS
 from mvfa.flags import new_parser
@@ -29,12 +30,17 @@ from tools import predict
 PROTOCOLS = ("zero-shot", "few-shot")
 
 
-def stage(files: list[str], folder: Path) -> Path:
-    """The uploads copied into `folder` as {index:03d}_{name}: in upload order, names kept apart."""
+def stage(files: list[str], folder: Path) -> dict[str, str]:
+    """The uploads copied into `folder` under their own names (a repeated name prefixed with its upload
+    index); returns staged name -> uploaded name."""
     folder.mkdir(parents=True)
+    names = {}
     for i, f in enumerate(files):
-        shutil.copy(f, folder / f"{i:03d}_{Path(f).name}")
-    return folder
+        name = Path(f).name
+        staged = name if name not in names else f"{i:03d}_{name}"
+        shutil.copy(f, folder / staged)
+        names[staged] = name
+    return names
 
 
 def checkpoint(ckpt_dir: str, protocol: str, name: str, given: str) -> str:
@@ -60,8 +66,8 @@ def make_handler(ckpt_dir: str, model_flags: list[str]):
     (overlays [(png, caption)], rows [{file, score, decision}])."""
 
     def handle(images, name, protocol, support, threshold, ckpt):
-        if not images:
-            raise gr.Error("upload one or more images")
+        if not images or threshold is None:
+            raise gr.Error("upload one or more images and give a threshold")
         if protocol == "few-shot" and not support:
             raise gr.Error("few-shot: upload normal support images, or choose zero-shot")
         name = (name or "").strip()
@@ -69,21 +75,22 @@ def make_handler(ckpt_dir: str, model_flags: list[str]):
             raise gr.Error("choose a dataset or type the object's name, e.g. 'knee MRI'")
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            argv = [*model_flags, "--input", str(stage(images, tmp / "input"))]
+            names = stage(images, tmp / "input")
+            argv = [*model_flags, "--input", str(tmp / "input")]
             argv += ["--ckpt", checkpoint(ckpt_dir, protocol, name, ckpt), "--out", str(tmp / "out")]
             argv += ["--obj", name] if name in DATASETS else ["--prompt_name", name]
             if protocol == "few-shot":
-                argv += ["--support", str(stage(support, tmp / "support"))]
+                stage(support, tmp / "support")
+                argv += ["--support", str(tmp / "support")]
             rows = run_predict(argv)
-            kept = Path(tempfile.mkdtemp(prefix="mvfa-app-"))  # gradio serves the pictures from here
             gallery = []
             for j, row in enumerate(rows):
                 path = Path(row["file"])
-                shown = shutil.copy(tmp / "out" / f"{j:05d}_{path.stem}.png", kept)
-                row["file"] = path.name.split("_", 1)[1]  # the uploaded name
-                if threshold is not None:
-                    row["decision"] = "abnormal" if row["score"] > threshold else "normal"
-                gallery.append((shown, f"{row['file']}: {row['score']:.4f} {row.get('decision', '')}"))
+                with Image.open(tmp / "out" / f"{j:05d}_{path.stem}.png") as picture:
+                    shown = picture.copy()  # read before the folder goes; gradio serves its own copy
+                row["file"] = names[path.name]
+                row["decision"] = "abnormal" if row["score"] > threshold else "normal"
+                gallery.append((shown, f"{row['file']}: {row['score']:.4f} {row['decision']}"))
         return gallery, rows
 
     return handle
@@ -105,13 +112,15 @@ def build(ckpt_dir: str, model_flags: list[str]) -> gr.Blocks:
                 )
                 protocol = gr.Radio(list(PROTOCOLS), value="zero-shot", label="protocol")
                 support = gr.File(label="normal support images (few-shot)", file_count="multiple")
-                threshold = gr.Number(value=None, label="threshold (abnormal above it; empty: no decision)")
+                threshold = gr.Number(value=0.5, label="threshold (abnormal above it)")
                 ckpt = gr.Textbox(
                     label=f"checkpoint (default: {ckpt_dir}/<protocol>/<dataset>.pth)", elem_id="ckpt"
                 )
                 button = gr.Button("Score", variant="primary")
             with gr.Column():
-                gallery = gr.Gallery(label="overlays", columns=1, elem_id="overlays")
+                gallery = gr.Gallery(
+                    label="overlays", columns=1, object_fit="contain", format="png", elem_id="overlays"
+                )
                 table = gr.JSON(label="scores")
         inputs = [images, name, protocol, support, threshold, ckpt]
         button.click(make_handler(ckpt_dir, model_flags), inputs, [gallery, table], api_name="predict")
