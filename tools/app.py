@@ -1,6 +1,6 @@
 """A local web app for one's own scans (gradio: `pip install -r requirements-app.txt`): upload images, choose
 the dataset or prompt name, zero-shot or few-shot (upload normal support images) and a threshold; see each
-overlay, score and decision. Every request runs tools.predict on the uploads, so the numbers are its numbers.
+overlay, score and decision. Every request runs `python -m tools.predict` on the uploads: its numbers.
 
     python -m tools.app                                   # http://127.0.0.1:7860, checkpoints under ./ckpt/
     python -m tools.app --ckpt_dir my_ckpts/ --port 8000 --precision bf16
@@ -10,13 +10,16 @@ The page and the API bind 127.0.0.1 (this machine only) unless --host says other
 port (ssh -L 7860:127.0.0.1:7860 host) rather than exposing it. The API endpoint `/predict` takes the same
 inputs as the page and returns the rows of tools.predict ({file, score, decision}); its call from Python is
 shown by the page's "Use via API" link. Model flags (--model_name, --img_size, --precision, --device,
---cache_dir, ...) are passed on to tools.predict. Each request builds the model and reads its weights anew.
+--cache_dir, ...) are passed on to tools.predict (a wrong one is its error on the page). Each request starts
+tools.predict, which builds the model and reads its weights anew.
 """
 
 import argparse
-import contextlib
-import io
+import csv
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,9 +28,9 @@ from PIL import Image
 
 from dataset import DATASETS
 from mvfa.flags import new_parser
-from tools import predict
 
 PROTOCOLS = ("zero-shot", "few-shot")
+REPO = Path(__file__).resolve().parents[1]  # where `python -m tools.predict` is found
 
 
 def stage(files: list[str], folder: Path) -> dict[str, str]:
@@ -51,14 +54,21 @@ def checkpoint(ckpt_dir: str, protocol: str, name: str, given: str) -> str:
     return str(path)
 
 
-def run_predict(argv: list[str]) -> list[dict]:
-    """tools.predict.main(argv); its one-line error (exit 2) shown on the page."""
-    err, out = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            return predict.main(argv)
-    except SystemExit:
-        raise gr.Error(err.getvalue().strip().splitlines()[-1]) from None
+def run_predict(argv: list[str], out: Path) -> list[dict]:
+    """`python -m tools.predict ARGV --out OUT` as a subprocess (a command line never imports another): the
+    rows of its scores.csv ({file, score}, the floats it wrote); its one-line error shown on the page."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.predict", *argv, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    if done.returncode:
+        lines = done.stderr.strip().splitlines()
+        raise gr.Error(lines[-1] if lines else f"tools.predict stopped with exit code {done.returncode}")
+    with open(out / "scores.csv", newline="", encoding="utf-8") as f:
+        return [{"file": row["file"], "score": float(row["score"])} for row in csv.DictReader(f)]
 
 
 def make_handler(ckpt_dir: str, model_flags: list[str]):
@@ -77,12 +87,12 @@ def make_handler(ckpt_dir: str, model_flags: list[str]):
             tmp = Path(tmp)
             names = stage(images, tmp / "input")
             argv = [*model_flags, "--input", str(tmp / "input")]
-            argv += ["--ckpt", checkpoint(ckpt_dir, protocol, name, ckpt), "--out", str(tmp / "out")]
+            argv += ["--ckpt", checkpoint(ckpt_dir, protocol, name, ckpt)]
             argv += ["--obj", name] if name in DATASETS else ["--prompt_name", name]
             if protocol == "few-shot":
                 stage(support, tmp / "support")
                 argv += ["--support", str(tmp / "support")]
-            rows = run_predict(argv)
+            rows = run_predict(argv, tmp / "out")
             gallery = []
             for j, row in enumerate(rows):
                 path = Path(row["file"])
@@ -137,15 +147,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def model_flags(rest: list[str]) -> list[str]:
-    """The flags passed on to tools.predict, checked now by its parser (an unknown flag exits here)."""
-    predict.parser().parse_args([*rest, "--input", ".", "--ckpt", ".", "--obj", "Brain"])
-    return rest
-
-
 def main(argv=None) -> None:
     args, rest = parser().parse_known_args(argv)
-    demo = build(args.ckpt_dir, model_flags(rest))
+    demo = build(args.ckpt_dir, rest)
     demo.launch(server_name=args.host, server_port=args.port)
 
 
