@@ -150,8 +150,8 @@ class PixelMaps:
     pass.
     """
 
-    def __init__(self, c: Collected, device: torch.device, precision: Precision):
-        self.c, self.device, self.precision = c, device, precision
+    def __init__(self, c: Collected, device: torch.device, precision: Precision, chunk: int = CHUNK):
+        self.c, self.device, self.precision, self.size = c, device, precision, chunk
         self.extremes = self._extremes()
 
     def _raw(self, start: int, stop: int) -> list[torch.Tensor]:
@@ -159,8 +159,8 @@ class PixelMaps:
 
     def _extremes(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         lo_hi = None
-        for start in range(0, len(self.c.labels), CHUNK):
-            now = [(m.min(), m.max()) for m in self._raw(start, start + CHUNK)]
+        for start in range(0, len(self.c.labels), self.size):
+            now = [(m.min(), m.max()) for m in self._raw(start, start + self.size)]
             if lo_hi is None:
                 lo_hi = now
             else:
@@ -180,39 +180,44 @@ class PixelMaps:
         )
 
     def chunks(self):
-        for start in range(0, len(self.c.labels), CHUNK):
-            yield self.chunk(start, start + CHUNK).numpy(), self.masks(start, start + CHUNK)
+        for start in range(0, len(self.c.labels), self.size):
+            yield self.chunk(start, start + self.size).numpy(), self.masks(start, start + self.size)
 
     def image_max(self) -> np.ndarray:
         """Each image's highest normalised score [N]."""
-        starts = range(0, len(self.c.labels), CHUNK)
-        return np.concatenate([self.chunk(s, s + CHUNK).amax(dim=(1, 2)).numpy() for s in starts])
+        starts = range(0, len(self.c.labels), self.size)
+        return np.concatenate([self.chunk(s, s + self.size).amax(dim=(1, 2)).numpy() for s in starts])
 
 
-def few_shot_image_means(c: Collected, device: torch.device, precision: Precision) -> np.ndarray:
+def few_shot_image_means(
+    c: Collected, device: torch.device, precision: Precision, chunk: int = CHUNK
+) -> np.ndarray:
     """Each image's mean few-shot map [N] (before normalisation), in numpy float32 as the reference takes
     it."""
     means = []
-    for start in range(0, len(c.labels), CHUNK):
-        few = few_shot_maps(c, start, start + CHUNK, device, precision).cpu().numpy()  # [n, H, W]
+    for start in range(0, len(c.labels), chunk):
+        few = few_shot_maps(c, start, start + chunk, device, precision).cpu().numpy()  # [n, H, W]
         means += [float(m.mean()) for m in few]
     return np.array(means)
 
 
-def evaluate(c: Collected, device: torch.device, precision: Precision, pixel_extras: bool = True) -> dict:
+def evaluate(
+    c: Collected, device: torch.device, precision: Precision, pixel_extras: bool = True, chunk: int = CHUNK
+) -> dict:
     """The reference's metrics (`image_auroc`, and `pixel_auroc` for datasets with masks) plus AP, F1-max and
     AUPRO (`pixel_extras`), and the image scores.
 
     Few-shot with masks: image score = max of the fused map; few-shot, image-only: 0.5/0.5 of the normalised
     zero-shot and few-shot image scores; zero-shot: the det head's score, for datasets with masks too (as the
-    reference, whose seg-head image score goes unused).
+    reference, whose seg-head image score goes unused). `chunk`: images per block of full-size maps (memory
+    only: the results do not depend on it).
     """
     zero = torch.tensor(c.zero_image, dtype=torch.float32)
-    maps = PixelMaps(c, device, precision) if c.has_masks else None
+    maps = PixelMaps(c, device, precision, chunk) if c.has_masks else None
     if c.fewshot and c.has_masks:
         image_scores = maps.image_max()
     elif c.fewshot:
-        few = torch.tensor(few_shot_image_means(c, device, precision), dtype=torch.float32)
+        few = torch.tensor(few_shot_image_means(c, device, precision, chunk), dtype=torch.float32)
         image_scores = 0.5 * minmax(zero, zero.min(), zero.max()) + 0.5 * minmax(few, few.min(), few.max())
         image_scores = image_scores.numpy()
     else:
@@ -226,7 +231,13 @@ def evaluate(c: Collected, device: torch.device, precision: Precision, pixel_ext
 
 
 def save_scores(
-    path: str | Path, c: Collected, result: dict, files: list[str], device: torch.device, precision: Precision
+    path: str | Path,
+    c: Collected,
+    result: dict,
+    files: list[str],
+    device: torch.device,
+    precision: Precision,
+    chunk: int = CHUNK,
 ) -> Path:
     """What the metrics were computed from, in test-set order, as an .npz: `files` (image paths), `labels`
     [N] and `image_scores` [N] float32; for datasets with masks also `maps` [N, H, W] float32 (the normalised
@@ -237,7 +248,7 @@ def save_scores(
         "image_scores": np.asarray(result["image_scores"], dtype=np.float32),
     }
     if c.has_masks:
-        chunks = list(PixelMaps(c, device, precision).chunks())  # [(maps [n, H, W], masks [n, H, W])]
+        chunks = list(PixelMaps(c, device, precision, chunk).chunks())  # [(maps [n, H, W], masks [n, H, W])]
         arrays["maps"] = np.concatenate([maps for maps, _ in chunks])
         arrays["masks"] = np.concatenate([masks for _, masks in chunks]).astype(np.uint8)
     path = Path(path)

@@ -19,8 +19,8 @@ import pytest
 import torch
 from conftest import assert_matches_probe, reference_model
 from PIL import Image
+from recordings import recorded_runs, reference_scores
 from sklearn.metrics import roc_auc_score
-from test_reference_runs import recorded_runs, reference_scores, user_checkout  # noqa: F401 (a fixture)
 from torch.utils.data import DataLoader
 
 from CLIP import CLIP_Inplanted, create_model
@@ -302,7 +302,7 @@ def auroc_bounds(labels: np.ndarray, scores: np.ndarray, tol: float) -> tuple[fl
 
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
 @pytest.mark.parametrize("command,expected", recorded_runs())
-def test_recorded_run_on_cuda(user_checkout, tmp_path, command, expected, precision):  # noqa: F811
+def test_recorded_run_on_cuda(checkout_for, tmp_path, command, expected, precision):
     """The reference's recorded commands on CUDA, in fp32 and with --precision auto (its fp16 autocast).
 
     Both: the labels and masks are the recorded ones, and the printed lines are the AUROCs sklearn gives on
@@ -326,7 +326,7 @@ def test_recorded_run_on_cuda(user_checkout, tmp_path, command, expected, precis
             "--save_scores",
             str(scores_file),
         ],
-        cwd=user_checkout,
+        cwd=checkout_for(0, 6),
         capture_output=True,
         text=True,
         timeout=900,

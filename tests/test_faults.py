@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from test_resume import arguments
-from test_scripts import expect_error, one_thread, synth  # noqa: F401
+from test_scripts import expect_error
 
 import train_few
 import train_zero
 from mvfa import resume, training
 from mvfa.config import ModelConfig
 from tools.convert import main as convert_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCRIPTS = {"few": train_few, "zero": train_zero}
 AFRESH = "or run without --resume, which moves it aside and starts afresh"

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from test_scripts import TINY, one_thread, script_args, synth  # noqa: F401
+from test_scripts import TINY, script_args
 
 import dataset.files
 import loss
@@ -21,6 +21,8 @@ from dataset.medical_zero import MedTrainDataset
 from mvfa import protocol, training
 from mvfa.config import configs
 from mvfa.seeding import setup_seed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 D = 8  # token width of the hand-made detection tokens
 

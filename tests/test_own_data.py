@@ -11,17 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
-from test_scripts import (  # noqa: F401
-    SIZE,
-    TINY,
-    call,
-    expect_error,
-    one_thread,
-    only_record,
-    result_lines,
-    run,
-    synth,
-)
+from test_scripts import SIZE, TINY, call, expect_error, only_record, result_lines, run
 
 import test_few
 import test_zero
@@ -32,6 +22,8 @@ from dataset.medical_few import MedTestDataset
 from tools import predict
 from tools.convert import convert
 from tools.convert import main as convert_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

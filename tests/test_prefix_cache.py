@@ -5,7 +5,7 @@ metrics as one without."""
 import pytest
 import torch
 from conftest import SIZE, TINY_MODEL
-from test_scripts import load_ckpt, only_record, run, script_args, synth  # noqa: F401
+from test_scripts import load_ckpt, only_record, run, script_args
 
 import train_few
 import train_zero

@@ -5,27 +5,27 @@ Helpers and fixtures come from test_scripts.py."""
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
-from test_scripts import (  # noqa: F401
+from test_scripts import (
     adapter_state,
     call,
     ckpt_state,
     expected_lines,
     load_ckpt,
-    one_thread,
     only_record,
-    reads,
     result_lines,
     same_weights,
     script_args,
     split_files,
     split_of,
-    synth,
 )
 
 import train_few
 import train_zero
 from mvfa import training
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def valid_files(data, obj: str) -> list[str]:

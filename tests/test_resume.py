@@ -12,11 +12,13 @@ import threading
 
 import pytest
 import torch
-from test_scripts import REPO, TINY, load_ckpt, one_thread, result_lines, synth  # noqa: F401
+from test_scripts import REPO, TINY, load_ckpt, result_lines
 
 import train_few
 import train_zero
 from mvfa import records, training
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = {
     "few": (train_few, "Brain", ["--shot", "1", "--epoch", "2"]),  # 22 steps an epoch

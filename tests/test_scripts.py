@@ -33,7 +33,6 @@ import train_few
 import train_zero
 from CLIP import CLIP_Inplanted
 from dataset import CLASS_NAMES, DATASETS
-from dataset.synthetic import make_synthetic_bmad
 from mvfa import records
 from mvfa.evaluation import collect, evaluate, selection_score
 from mvfa.precision import Precision
@@ -46,22 +45,7 @@ N = 3
 ADAPTER_KEYS = {f"{i}.fc{j}.0.weight" for i in range(4) for j in (1, 2)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two CPU cores are shared with other jobs: one intra-op thread is several times faster than two here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def synth(tmp_path_factory):
-    """All six synthetic datasets (N images per folder, SIZE px) and support lists for k = 1 and 2,
-    3 draws each."""
-    return make_synthetic_bmad(
-        str(tmp_path_factory.mktemp("synth")), n_per_split=N, seed=0, img_size=SIZE, shots=(1, 2)
-    )
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def script_args(data, tmp: Path, obj: str, *extra: str, seed_dir: str | None = None) -> list[str]:

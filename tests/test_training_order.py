@@ -17,12 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_scripts import TINY, one_thread  # noqa: F401
+from test_scripts import TINY
 from torch.utils.data import DataLoader
 
 import train_few
 from dataset.synthetic import make_synthetic_bmad
 from mvfa import training
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIZE = 56
 
