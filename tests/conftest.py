@@ -62,6 +62,25 @@ def synth(tmp_path_factory):
     return make_synthetic_bmad(folder, n_per_split=3, seed=0, img_size=SIZE, shots=(1, 2))
 
 
+@pytest.fixture
+def reads(monkeypatch):
+    """Records (module, path) for every image and mask the dataset modules read, in order."""
+    import dataset.medical_few as few
+    import dataset.medical_zero as zero
+
+    log = []
+    for module in (few, zero):
+        for name in ("load_input", "load_mask"):
+            load = getattr(module, name)
+
+            def spy(path, *a, _load=load, _tag=module.__name__, **k):
+                log.append((_tag, os.path.normpath(path)))
+                return _load(path, *a, **k)
+
+            monkeypatch.setattr(module, name, spy)
+    return log
+
+
 @pytest.fixture(scope="session")
 def goldens() -> dict:
     """The reference's intermediate values, large tensors as probes (tests/fixtures/reference/README.md)."""

@@ -20,7 +20,7 @@ import test_zero
 from dataset import load_image
 from dataset.augment import augment
 from dataset.synthetic import make_synthetic_bmad
-from mvfa import maps
+from mvfa import maps, text_cache
 from mvfa.config import ModelConfig, configs, pick
 from mvfa.precision import Precision
 from tools import predict
@@ -33,7 +33,7 @@ NAME = re.compile(r"^(\d{5})_(normal|abnormal)_(\d{5})\.png$")
 def fast():
     """The tiny CLIP is the same seed-0 model in every run, so are its text features: encode each name once.
     One thread: on a shared 2-core machine, torch's thread pool makes these tiny forwards ~30x slower."""
-    real, cache, threads = prompt.text_features_for, {}, torch.get_num_threads()
+    real, cache, threads = text_cache.text_features_for, {}, torch.get_num_threads()
     torch.set_num_threads(1)
 
     def cached(clip_model, objs, device, precision, store=None):
@@ -42,8 +42,7 @@ def fast():
         return cache[tuple(objs)]
 
     with pytest.MonkeyPatch.context() as mp:
-        for module in (test_few, test_zero, predict):
-            mp.setattr(module, "text_features_for", cached)
+        mp.setattr(text_cache, "text_features_for", cached)  # the scripts' and predict's one path to them
         yield
     torch.set_num_threads(threads)
 
@@ -385,7 +384,7 @@ def test_predict_few_shot_single_image_uses_raw_maps(setup, inputs, tmp_path):
     precision = Precision.of(flags["precision"], cpu)
     model = pick(ModelConfig, flags).build(cpu, precision)
     model.load_adapters(ckpt)
-    text = predict.text_features_for(model.clipmodel, ["Chest"], cpu, precision)["Chest"]
+    text = prompt.text_features_for(model.clipmodel, ["Chest"], cpu, precision)["Chest"]
     support = torch.stack([load_image(str(p), SIZE) for p in sorted(support_dir.iterdir())])
     bank_rows = []  # per view, per layer [1 + HW, D]; views by dataset.augment (test_goldens.py checks it)
     with torch.no_grad():

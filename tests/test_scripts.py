@@ -148,25 +148,6 @@ def empty_test_split(data: Path, obj: str, states=("good", "Ungood")) -> None:
                 f.unlink()
 
 
-@pytest.fixture
-def reads(monkeypatch):
-    """Records (module, path) for every image and mask the dataset modules read, in order."""
-    import dataset.medical_few as few
-    import dataset.medical_zero as zero
-
-    log = []
-    for module in (few, zero):
-        for name in ("load_input", "load_mask"):
-            load = getattr(module, name)
-
-            def spy(path, *a, _load=load, _tag=module.__name__, **k):
-                log.append((_tag, os.path.normpath(path)))
-                return _load(path, *a, **k)
-
-            monkeypatch.setattr(module, name, spy)
-    return log
-
-
 def split_of(path: str) -> tuple[str, str]:
     """(dataset folder, split) of `.../{obj}_AD/{split}/{state}/{img|anomaly_mask}/{name}`."""
     parts = Path(path).parts
