@@ -83,7 +83,7 @@ def run(command: str, checkout: Path, env: dict, *extra: str) -> list[str]:
 TRAININGS = RECORDINGS["trainings"]
 
 
-def training_id(recording: dict) -> str:
+def recording_id(recording: dict) -> str:
     inputs = recording["inputs"]
     return f"{recording['command']} (seed {inputs['seed']}, {inputs['n_per_split']} per split)"
 
@@ -95,19 +95,25 @@ def group(test_id: str) -> pytest.MarkDecorator:
 
 
 @pytest.fixture(scope="session")
-def replayed_trainings(checkout_for, tmp_path_factory):
-    """replay(recording) -> (printed lines, run record) of our run of a recorded training, made once."""
+def replayed(checkout_for, tmp_path_factory):
+    """replay(recording) -> (printed lines, outputs) of our run of a recorded command, made once per session:
+    a training's run record, a test run's --save_scores arrays."""
     done = {}
 
     def replay(recording: dict) -> tuple[list[str], dict]:
-        key = training_id(recording)
+        key = recording_id(recording)
         if key not in done:
             env, _ = kernel_setting(recording["fingerprint"], recording["threads"])
-            out = tmp_path_factory.mktemp("training")
+            out = tmp_path_factory.mktemp("replay")
             checkout = checkout_for(**recording["inputs"])
-            flags = ("--save_path", str(out / "ckpt"), "--out_dir", str(out / "results"))
-            printed = run(recording["command"], checkout, env, *flags)
-            done[key] = printed, json.loads(next((out / "results").glob("*.json")).read_text())
+            if recording["command"].startswith("train"):
+                flags = ("--save_path", str(out / "ckpt"), "--out_dir", str(out / "results"))
+                printed = run(recording["command"], checkout, env, *flags)
+                done[key] = printed, json.loads(next((out / "results").glob("*.json")).read_text())
+            else:
+                flags = ("--out_dir", str(out / "results"), "--save_scores", str(out / "scores.npz"))
+                printed = run(recording["command"], checkout, env, *flags)
+                done[key] = printed, dict(np.load(out / "scores.npz"))
         return done[key]
 
     return replay
@@ -117,15 +123,15 @@ def each_training() -> list:
     """The recorded trainings as parameters; the tests of one training share its run, so under pytest-xdist
     (--dist loadgroup) they run in one worker."""
     return [
-        pytest.param(r, id=training_id(r), marks=pytest.mark.xdist_group(training_id(r))) for r in TRAININGS
+        pytest.param(r, id=recording_id(r), marks=pytest.mark.xdist_group(recording_id(r))) for r in TRAININGS
     ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recording", each_training())
-def test_training_first_steps_on_any_cpu(recording, replayed_trainings):
+def test_training_first_steps_on_any_cpu(recording, replayed):
     """The first steps' losses, within the drift between kernel families."""
-    _, record = replayed_trainings(recording)
+    _, record = replayed(recording)
     ours = np.array(record["training"]["step_losses"][0][:STEPS_CHECKED])
     recorded = np.array(recording["step_losses"][:STEPS_CHECKED])
     assert len(ours) == STEPS_CHECKED
@@ -135,12 +141,12 @@ def test_training_first_steps_on_any_cpu(recording, replayed_trainings):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recording", each_training())
-def test_training_exact_on_its_kernel_family(recording, replayed_trainings):
+def test_training_exact_on_its_kernel_family(recording, replayed):
     """Every printed result line, every step's loss, the epoch's mean loss and the final adapters' digest,
     exactly."""
     if matching_setting(recording["fingerprint"], recording["threads"]) is None:
         pytest.skip(another_family(recording["fingerprint"], recording["threads"]))
-    printed, record = replayed_trainings(recording)
+    printed, record = replayed(recording)
     assert result_lines(printed) == result_lines(recording["printed"])
     training = record["training"]
     assert training["step_losses"] == [recording["step_losses"]]
@@ -170,36 +176,13 @@ def test_first_steps_of_a_recorded_training(checkout_for, tmp_path):
 TEST_RUNS = RECORDINGS["test_runs"] + legacy_test_runs()
 
 
-def run_id(recording: dict) -> str:
-    return training_id(recording)
-
-
-@pytest.fixture(scope="session")
-def replayed_test_runs(checkout_for, tmp_path_factory):
-    """replay(recording) -> (printed lines, the --save_scores arrays) of our run of a recorded test run."""
-    done = {}
-
-    def replay(recording: dict) -> tuple[list[str], dict]:
-        key = run_id(recording)
-        if key not in done:
-            env, _ = kernel_setting(recording["fingerprint"], recording["threads"])
-            out = tmp_path_factory.mktemp("test_run")
-            checkout = checkout_for(**recording["inputs"])
-            flags = ("--out_dir", str(out / "results"), "--save_scores", str(out / "scores.npz"))
-            printed = run(recording["command"], checkout, env, *flags)
-            done[key] = printed, dict(np.load(out / "scores.npz"))
-        return done[key]
-
-    return replay
-
-
 def slow_or_quick(recordings: list[dict]) -> list:
     """The legacy zero-shot Histopathology run (12 images, no maps: ~1 minute) also runs in the quick tier."""
     quick = "test_zero.py --obj Histopathology"
     params = []
     for r in recordings:
-        marks = [group(run_id(r))] if r["command"] == quick else [group(run_id(r)), pytest.mark.slow]
-        params.append(pytest.param(r, id=run_id(r), marks=marks))
+        marks = [group(recording_id(r))] + ([] if r["command"] == quick else [pytest.mark.slow])
+        params.append(pytest.param(r, id=recording_id(r), marks=marks))
     return params
 
 
@@ -210,10 +193,10 @@ def recorded_arrays(recording: dict) -> dict:
 
 
 @pytest.mark.parametrize("recording", slow_or_quick(TEST_RUNS))
-def test_run_scores_on_any_cpu(recording, replayed_test_runs):
+def test_run_scores_on_any_cpu(recording, replayed):
     """Every image score within IMAGE_TOL and map pixel within MAP_TOL of the reference's, the labels and
     masks equal."""
-    _, ours = replayed_test_runs(recording)
+    _, ours = replayed(recording)
     recorded = recorded_arrays(recording)
     assert np.array_equal(ours["labels"], recorded["labels"])
     difference = np.abs(ours["image_scores"].astype(np.float64) - recorded["image_scores"]).max()
@@ -240,11 +223,11 @@ def test_run_scores_on_any_cpu(recording, replayed_test_runs):
 
 
 @pytest.mark.parametrize("recording", slow_or_quick(TEST_RUNS))
-def test_run_exact_on_its_kernel_family(recording, replayed_test_runs):
+def test_run_exact_on_its_kernel_family(recording, replayed):
     """The printed lines, every image score and every map pixel, exactly."""
     if matching_setting(recording["fingerprint"], recording["threads"]) is None:
         pytest.skip(another_family(recording["fingerprint"], recording["threads"]))
-    printed, ours = replayed_test_runs(recording)
+    printed, ours = replayed(recording)
     assert result_lines(printed) == recording["printed"]
     recorded = recorded_arrays(recording)
     assert np.array_equal(ours["image_scores"], recorded["image_scores"].astype(np.float32))
