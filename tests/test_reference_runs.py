@@ -122,9 +122,7 @@ def replayed(checkout_for, tmp_path_factory):
 def each_training() -> list:
     """The recorded trainings as parameters; the tests of one training share its run, so under pytest-xdist
     (--dist loadgroup) they run in one worker."""
-    return [
-        pytest.param(r, id=recording_id(r), marks=pytest.mark.xdist_group(recording_id(r))) for r in TRAININGS
-    ]
+    return [pytest.param(r, id=recording_id(r), marks=group(recording_id(r))) for r in TRAININGS]
 
 
 def assert_within_drift(ours: list[float], recording: dict) -> None:
