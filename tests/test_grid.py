@@ -57,25 +57,43 @@ def test_dry_run_lists_the_paper_grid_without_data(tmp_path, capsys):
     assert any(line.startswith("4-Liver-draw0-test-") for line in jobs)
 
 
-# the local pool runs the whole small grid; submitit's executor (the SLURM path) its two few-shot jobs
-@pytest.mark.parametrize(
-    "executor,settings,n_jobs", [("local", ["1", "zero"], 4), ("submitit-local", ["1"], 2)]
-)
-def test_grid_runs_jobs_records_and_tables(executor, settings, n_jobs, synth, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(REPO)  # submitit's workers import the job function from here
-    args = grid_args(synth, tmp_path, "--executor", executor, "--workers", "2", "--settings", *settings)
-    assert reproduce.main(args) == 0
-    done = records(tmp_path)
+@pytest.fixture(scope="module")
+def two_draws(synth, tmp_path_factory):
+    """Brain's 1-shot setting with two support draws through submitit's local executor (the SLURM path):
+    its output folder."""
+    out = tmp_path_factory.mktemp("two_draws")
+    args = grid_args(synth, out, "--executor", "submitit-local", "--workers", "2")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)  # submitit's workers import the job function from here
+        assert reproduce.main([*args, "--settings", "1", "--objs", "Brain", "--draws", "2"]) == 0
+    return out
+
+
+def assert_records_and_tables(out: Path, settings: list[str], n_jobs: int) -> dict[str, dict]:
+    """Each job's record names its script, dataset and commands; the tables are written. The records."""
+    done = records(out)
     assert len(done) == n_jobs
     for record in done.values():
         job = jobs.Job(**{**record["job"], "extra": tuple(record["job"]["extra"])})
         assert record["test"]["script"] == ("test_zero" if job.setting == "zero" else "test_few")
         assert record["test"]["args"]["obj"] == job.obj
-        assert record["commands"] == job.commands(tmp_path / "jobs" / job.key)
-    assert (tmp_path / "tables.md").is_file()
-    assert all((tmp_path / f"table_{setting}.csv").is_file() for setting in settings)
-    if executor == "local":  # once, for one job (a training and a test: ~20 s on 2 idle cores)
-        assert_job_equals_its_commands_run_alone(done, tmp_path)
+        assert record["commands"] == job.commands(out / "jobs" / job.key)
+    assert (out / "tables.md").is_file()
+    assert all((out / f"table_{setting}.csv").is_file() for setting in settings)
+    return done
+
+
+def test_local_pool_runs_jobs_records_and_tables(synth, tmp_path):
+    """The whole small grid in a local pool of processes; one job against its commands run alone."""
+    args = grid_args(synth, tmp_path, "--executor", "local", "--workers", "2", "--settings", "1", "zero")
+    assert reproduce.main(args) == 0
+    done = assert_records_and_tables(tmp_path, ["1", "zero"], 4)
+    assert_job_equals_its_commands_run_alone(done, tmp_path)  # one job: ~20 s on 2 idle cores
+
+
+@pytest.mark.xdist_group("two_draws")  # one worker makes the module's two_draws run
+def test_submitit_runs_jobs_records_and_tables(two_draws):
+    assert_records_and_tables(two_draws, ["1"], 2)
 
 
 def assert_job_equals_its_commands_run_alone(done: dict[str, dict], out: Path) -> None:
@@ -100,34 +118,28 @@ def assert_job_equals_its_commands_run_alone(done: dict[str, dict], out: Path) -
     assert record["test"]["metrics"] == metrics, key
 
 
-def test_tables_are_mean_and_std_of_the_records(synth, tmp_path, capsys):
+@pytest.mark.xdist_group("two_draws")
+def test_tables_are_mean_and_std_of_the_records(two_draws):
     """Two support draws of a few-shot setting: each cell is the mean ± std (ddof 0) of the two records."""
-    args = [*grid_args(synth, tmp_path, "--draws", "2"), "--settings", "1", "--objs", "Brain"]
-    assert reproduce.main(args) == 0
-    values = {m: [] for m in ("image_auroc", "pixel_auroc")}
-    for record in records(tmp_path).values():
-        metrics = record["test"]["metrics"]
-        for m in values:
-            values[m].append(100 * metrics[m])
-    table = jobs.setting_table(
-        jobs.results(
-            [jobs.Job(**{**r["job"], "extra": tuple(r["job"]["extra"])}) for r in records(tmp_path).values()],
-            str(tmp_path),
-        ),
-        "1",
-    )
+    done = records(two_draws)
+    values = {
+        m: [100 * r["test"]["metrics"][m] for r in done.values()] for m in ("image_auroc", "pixel_auroc")
+    }
+    assert all(len(v) == 2 for v in values.values())
+    runs = [jobs.Job(**{**r["job"], "extra": tuple(r["job"]["extra"])}) for r in done.values()]
+    table = jobs.setting_table(jobs.results(runs, str(two_draws)), "1")
     for metric, name in (("image_auroc", "AUC"), ("pixel_auroc", "pAUC")):
         assert (
             table.loc["BrainMRI", f"{name} test"]
             == f"{np.mean(values[metric]):.2f} ± {np.std(values[metric]):.2f}"
         )
-    csv = (tmp_path / "table_1.csv").read_text()
+    csv = (two_draws / "table_1.csv").read_text()
     assert f"{np.mean(values['image_auroc']):.2f} ± {np.std(values['image_auroc']):.2f}" in csv
 
 
 def test_killed_run_reruns_only_what_is_missing(synth, tmp_path):
-    """Killed after its first job of three: the rerun runs only the other two."""
-    args = grid_args(synth, tmp_path, "--workers", "1", "--settings", "1", "--draws", "3", "--objs", "Brain")
+    """Killed after its first job of two: the rerun runs only the other."""
+    args = grid_args(synth, tmp_path, "--workers", "1", "--settings", "1", "--draws", "2", "--objs", "Brain")
     command = [sys.executable, "-m", "tools.reproduce", *args]
     proc = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -137,11 +149,11 @@ def test_killed_run_reruns_only_what_is_missing(synth, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the run and the job it was in the middle of
     proc.wait()
     first = {key: (tmp_path / "jobs" / key / "done.json").stat().st_mtime_ns for key in records(tmp_path)}
-    assert 1 <= len(first) < 3
+    assert len(first) == 1
     out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f"{len(first)} of 3 jobs done already; running {3 - len(first)}" in out.stdout
-    assert len(records(tmp_path)) == 3
+    assert "1 of 2 jobs done already; running 1" in out.stdout
+    assert len(records(tmp_path)) == 2
     assert all((tmp_path / "jobs" / key / "done.json").stat().st_mtime_ns == t for key, t in first.items())
 
 
@@ -162,14 +174,14 @@ def test_a_failing_job_never_stops_the_others_and_status_names_it(synth, tmp_pat
         "--settings",
         "1",
         "--draws",
-        "2",
+        "1",
     ]
     assert reproduce.main(args) == 1
-    assert len(records(tmp_path / "out")) == 2  # Brain's two jobs
+    assert len(records(tmp_path / "out")) == 1  # Brain's job
     capsys.readouterr()
     assert reproduce.main(["--status", *args]) == 0
     out = capsys.readouterr().out
-    assert out.count(" done ") == 2 and out.count(" failed ") == 2
+    assert out.count(" done ") == 1 and out.count(" failed ") == 1
     assert f"image folder not found: {data / 'Chest_AD' / 'test' / 'good' / 'img'}" in out
 
 
