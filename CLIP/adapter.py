@@ -38,7 +38,10 @@ class CLIP_Inplanted(nn.Module):
         self.image_encoder = clip_model.visual
         depth = len(self.image_encoder.transformer.resblocks)
         if not features or any(not 1 <= f <= depth for f in features) or len(set(features)) < len(features):
-            raise BadValue(f"--features_list {list(features)}: distinct block numbers in 1..{depth} expected")
+            raise BadValue(
+                f"feature blocks {list(features)}: distinct block numbers in 1..{depth} expected",
+                flag="features_list",
+            )
         self.features = list(features)
         width = self.image_encoder.conv1.out_channels
         # tokens are compared with text features, so the bottleneck is CLIP's embedding width
@@ -105,7 +108,7 @@ class CLIP_Inplanted(nn.Module):
         if is_training_state(path):
             checkpoint = path.with_name(path.name.removesuffix(".state"))
             raise BadValue(
-                f"{path} is a training state (what train_*.py --resume continues), not an adapter "
+                f"{path} is a training state (what a stopped training resumes from), not an adapter "
                 f"checkpoint: pass the checkpoint its run saves beside it, such as {checkpoint}"
             )
         try:
@@ -124,7 +127,7 @@ class CLIP_Inplanted(nn.Module):
                 {f"{name}.{k}": v for k, v in modules.state_dict().items()},
                 {f"{name}.{k}": v for k, v in ckpt[name].items()},
                 str(path),
-                "was it trained with another --features_list?",
+                "was it trained with another features_list?",
             )
             modules.load_state_dict(ckpt[name], strict=True)
         return ckpt

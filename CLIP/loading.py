@@ -39,7 +39,8 @@ def read_state_dict(path: str | Path, model_name: str = "ViT-L-14-336") -> dict:
         url = OPENAI_URLS.get(model_name, "the OpenAI CLIP release")
         raise MissingFile(
             f"CLIP weights not found at {path}: download {url} and put it there, or run "
-            f"`python -m tools.download clip` (or pass --clip_ckpt PATH)"
+            f"`python -m tools.download clip`, or give the path of a copy you have",
+            flag="clip_ckpt",
         )
     try:
         if path.suffix == ".safetensors":
@@ -177,23 +178,31 @@ def load_config(model_name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def check_keys(expected: dict, sd: dict, source: str, hint: str) -> None:
-    """Raise a one-line ValueError naming the first key that is missing, unexpected or of another shape."""
+def check_keys(expected: dict, sd: dict, source: str, hint: str, flag: str | None = None) -> None:
+    """Raise a one-line BadValue naming the first key that is missing, unexpected or of another shape; `flag`:
+    the setting the hint points to, which the command line names."""
     for key, value in expected.items():
         if key not in sd:
-            raise BadValue(f"{source}: missing key '{key}' ({hint})")
+            raise BadValue(f"{source}: missing key '{key}' ({hint})", flag=flag)
         if sd[key].shape != value.shape:
             raise BadValue(
                 f"{source}: '{key}' has shape {tuple(sd[key].shape)}, the model expects "
-                f"{tuple(value.shape)} ({hint})"
+                f"{tuple(value.shape)} ({hint})",
+                flag=flag,
             )
     extra = [k for k in sd if k not in expected]
     if extra:
-        raise BadValue(f"{source}: unexpected key '{extra[0]}' ({hint})")
+        raise BadValue(f"{source}: unexpected key '{extra[0]}' ({hint})", flag=flag)
 
 
 def load_strict(model: torch.nn.Module, sd: dict, source: str) -> None:
-    check_keys(model.state_dict(), sd, source, "not weights of this architecture: check --model_name")
+    check_keys(
+        model.state_dict(),
+        sd,
+        source,
+        "not weights of this architecture: check the model name",
+        flag="model_name",
+    )
     model.load_state_dict(sd, strict=True)
 
 
@@ -216,7 +225,9 @@ def create_model(
     """
     if pretrained not in ("openai", "none"):
         raise BadValue(
-            f"--pretrain {pretrained!r} is not supported: use 'openai' (with --clip_ckpt for a file)"
+            f"pretrained weights {pretrained!r} are not supported: use 'openai' (OpenAI's weights file) or "
+            f"'none' (random weights)",
+            flag="pretrain",
         )
     sd = None
     if pretrained == "openai":
@@ -230,7 +241,8 @@ def create_model(
             raise BadValue(f"{path}: no {e} tensor - not CLIP weights") from None
     if config is None:
         raise BadValue(
-            f"unknown --model_name {model_name!r}: no CLIP/model_configs/{model_name}.json and no weights"
+            f"unknown model {model_name!r}: no CLIP/model_configs/{model_name}.json and no weights",
+            flag="model_name",
         )
     # The reference builds a throw-away CLIP at the checkpoint's resolution, then its own at img_size, both
     # with torch's default initialisation, before it builds the adapters: draw what they draw, so that the

@@ -24,12 +24,12 @@ class Dataset(NamedTuple):
 # replaces the reference's sign-encoded CLASS_INDEX. Retina_RESC and Retina_OCT2017 share a prompt name, hence
 # the same text features: the reference names both "retinal OCT", kept for its numbers
 DATASETS: dict[str, Dataset] = {
-    "Brain": Dataset("Brain_AD", True, "Brain"),
-    "Liver": Dataset("Liver_AD", True, "Liver"),
-    "Retina_RESC": Dataset("Retina_RESC_AD", True, "retinal OCT"),
-    "Retina_OCT2017": Dataset("Retina_OCT2017_AD", False, "retinal OCT"),
-    "Chest": Dataset("Chest_AD", False, "Chest X-ray film"),
-    "Histopathology": Dataset("Histopathology_AD", False, "histopathological image"),
+    "Brain": Dataset("Brain_AD", has_masks=True, prompt_name="Brain"),
+    "Liver": Dataset("Liver_AD", has_masks=True, prompt_name="Liver"),
+    "Retina_RESC": Dataset("Retina_RESC_AD", has_masks=True, prompt_name="retinal OCT"),
+    "Retina_OCT2017": Dataset("Retina_OCT2017_AD", has_masks=False, prompt_name="retinal OCT"),
+    "Chest": Dataset("Chest_AD", has_masks=False, prompt_name="Chest X-ray film"),
+    "Histopathology": Dataset("Histopathology_AD", has_masks=False, prompt_name="histopathological image"),
 }
 CLASS_NAMES: tuple[str, ...] = ("Brain", "Liver", "Retina_RESC", "Retina_OCT2017", "Chest", "Histopathology")
 
@@ -56,7 +56,7 @@ __all__ = [
 def check_obj(name: str) -> str:
     """Return `name` if it is one of CLASS_NAMES, else raise a ValueError listing the valid names."""
     if name not in DATASETS:
-        raise BadValue(f"unknown --obj {name!r}: choose one of {', '.join(CLASS_NAMES)}")
+        raise BadValue(f"unknown dataset {name!r}: choose one of {', '.join(CLASS_NAMES)}", flag="obj")
     return name
 
 
@@ -70,8 +70,9 @@ def dataset_root(data_path: str, obj: str) -> str:
         if os.sep not in obj and "/" not in obj:
             check_obj(obj)  # a bare name that is no folder: most likely a misspelt BMAD name
         raise MissingFile(
-            f"--obj {obj}: no dataset in BMAD's layout there (no {os.path.join(obj, 'test')} "
-            f"folder); see README 'Your own data'"
+            f"{obj}: no dataset in BMAD's layout there (no {os.path.join(obj, 'test')} "
+            f"folder); see README 'Your own data'",
+            flag="obj",
         )
     folder = DATASETS[obj].folder
     root = os.path.join(data_path, folder)
@@ -79,7 +80,8 @@ def dataset_root(data_path: str, obj: str) -> str:
         raise MissingFile(
             f"dataset folder not found: {root}; the BMAD data must be placed as data/{folder}/{{valid,test}}/"
             f"{{good,Ungood}}/img/ (masks in Ungood/anomaly_mask/): "
-            f"run `python -m tools.download data {obj}`, or pass --data_path to the folder holding it"
+            f"run `python -m tools.download data {obj}`, or point the data path at the folder holding it",
+            flag="data_path",
         )
     return root
 
@@ -111,7 +113,8 @@ def prompt_of(obj: str, prompt_name: str | None = None) -> str:
         return prompt_name
     if obj not in DATASETS:
         raise BadValue(
-            f"--prompt_name is needed for --obj {obj}, which is not one of BMAD's six: the object named "
-            f"in the text prompts, e.g. --prompt_name 'knee MRI'"
+            f"a prompt name is needed for {obj}, which is not one of BMAD's six datasets: the object "
+            f"named in the text prompts, e.g. 'knee MRI'",
+            flag="prompt_name",
         )
     return DATASETS[obj].prompt_name

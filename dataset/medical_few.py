@@ -19,8 +19,8 @@ DEFAULT_SEED_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fe
 SUPPORT_EXTENSIONS = (".png", ".jpeg")  # the reference's filter on listed names (case-sensitive)
 LISTS_HINT = (
     "the paper's lists are published in the authors' repository (MediaBrain-SJTU/MVFA-AD, folder "
-    "dataset/fewshot_seed/): run `python -m tools.download support_lists`; `--iterate -1 --seed N` draws "
-    "a support set instead"
+    "dataset/fewshot_seed/): run `python -m tools.download support_lists`, or draw a support set at random "
+    "instead (iterate -1, with a seed)"
 )
 
 
@@ -90,12 +90,13 @@ def _tagged_names(lines: list[str], tag: str, shot: int, path: str) -> list[str]
     """First `shot` .png/.jpeg names of the first line starting with `tag` (e.g. 'n-0:')."""
     tokens = next((t for t in map(str.split, lines) if t[:1] == [tag]), None)
     if tokens is None:
-        raise BadValue(f"support list {path} has no line {tag!r}; {LISTS_HINT}")
+        raise BadValue(f"support list {path} has no line {tag!r}; {LISTS_HINT}", flag="iterate")
     names = [t for t in tokens[1:] if t.endswith(SUPPORT_EXTENSIONS)]
     if len(names) < shot:
         raise BadValue(
-            f"support list {path} has {len(names)} image names after {tag!r}, fewer than --shot "
-            f"{shot}; {LISTS_HINT}"
+            f"support list {path} has {len(names)} image names after {tag!r}, fewer than a {shot}-shot "
+            f"support set needs; {LISTS_HINT}",
+            flag="shot",
         )
     return names[:shot]
 
@@ -111,7 +112,7 @@ def read_support_list(
         else os.path.join(seed_root or DEFAULT_SEED_ROOT, dataset_name(obj), f"{shot}-shot.txt")
     )
     if not os.path.isfile(path):
-        raise MissingFile(f"support list not found: {path}; {LISTS_HINT}")
+        raise MissingFile(f"support list not found: {path}; {LISTS_HINT}", flag="seed_dir")
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     return _tagged_names(lines, f"n-{iterate}:", shot, path), _tagged_names(
@@ -128,7 +129,9 @@ def draw_names(
     # opt-in --sort_listing: sorted first, independent of the file system
     paths = list_images(pool_dir, sort=sort_listing)
     if len(paths) < shot:
-        raise BadValue(f"{pool_dir} holds {len(paths)} images, fewer than --shot {shot}")
+        raise BadValue(
+            f"{pool_dir} holds {len(paths)} images, fewer than a {shot}-shot support set needs", flag="shot"
+        )
     return [os.path.basename(p) for p in rng.sample(paths, shot)]
 
 
@@ -146,7 +149,7 @@ def load_support(
     """Support set from the valid split: listed (iterate >= 0) or drawn (iterate < 0; Random(seed), else
     global)."""
     if shot < 1:
-        raise BadValue(f"--shot must be at least 1, got {shot}")
+        raise BadValue(f"shot must be at least 1, got {shot}", flag="shot")
     root = dataset_root(data_path, obj)
     good, bad = os.path.join(root, "valid", "good", "img"), os.path.join(root, "valid", "Ungood", "img")
     if iterate >= 0:

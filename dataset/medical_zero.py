@@ -32,7 +32,7 @@ class MedTrainDataset(Dataset):
         normalize: bool = False,
     ):
         if batch_size < 1:
-            raise BadValue(f"--batch_size must be at least 1, got {batch_size}")
+            raise BadValue(f"batch size must be at least 1, got {batch_size}", flag="batch_size")
         self.obj = obj  # a BMAD name (left out of training) or one's own dataset (all six train)
         if obj not in DATASETS:
             # one's own dataset must exist; an unknown bare name is a misspelt one

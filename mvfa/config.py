@@ -192,5 +192,5 @@ def resolve_device(name: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadValue(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        raise BadValue(f"{name}: CUDA is not available on this machine (use cpu)", flag="device")
     return device

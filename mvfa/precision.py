@@ -26,7 +26,9 @@ class Precision:
 
     def __post_init__(self):
         if self.name not in PRECISIONS:
-            raise BadValue(f"--precision {self.name}: choose one of {', '.join(PRECISIONS)}")
+            raise BadValue(
+                f"unknown precision {self.name!r}: choose one of {', '.join(PRECISIONS)}", flag="precision"
+            )
 
     @classmethod
     def of(cls, name: str, device: torch.device) -> "Precision":

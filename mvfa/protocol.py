@@ -58,8 +58,9 @@ def selection_set(run: RunConfig, test: MedTestDataset) -> MedTestDataset:
     held_out.items = [item for item in held_out.items if item[0] not in used]
     if len({label for _, label, _ in held_out.items}) < 2:
         raise BadValue(
-            f"--select val: the valid split of {run.obj} has no normal or no abnormal image left besides the "
-            f"support set; use --select test or last"
+            f"'val': the valid split of {run.obj} has no normal or no abnormal image left besides the "
+            f"support set; select on 'test' or 'last' instead",
+            flag="select",
         )
     return held_out
 
@@ -114,7 +115,8 @@ def zeroshot_training_set(run: RunConfig) -> TrainingSet:
     if len(data) == 0:
         raise BadValue(
             f"no zero-shot training images: the test splits of the other datasets under {run.data_path} are "
-            f"empty (training uses the BMAD datasets other than --obj {run.obj})"
+            f"empty (training uses the BMAD datasets other than {run.obj})",
+            flag="data_path",
         )
 
     def epoch(number: int) -> Iterable[Batch]:

@@ -22,20 +22,22 @@ def check_writable(path: Path, overwrite: bool) -> None:
     """Refuse, before any work, to replace a checkpoint that exists already (a downloaded one, say)."""
     if path.exists() and not overwrite:
         raise FileInTheWay(
-            f"{path} exists already: pass --overwrite to replace it, or choose another --save_path"
+            f"{path} exists already: pass --overwrite to replace it, or choose another folder",
+            flag="save_path",
         )
 
 
 def check_folder(folder: Path, flag: str) -> None:
     """Refuse, before any work, a folder the run could not write into: a file in its place (or in place of a
     folder above it), or no permission. Creates nothing that stays: a test file is made and removed in the
-    folder, or in the nearest folder above that exists."""
+    folder, or in the nearest folder above that exists. `flag`: the setting that gave the folder
+    ('save_path'), which the command line names."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         what = "is a file" if existing == folder else f"cannot be made: {existing} is a file"
-        raise BadValue(f"{flag} {folder} {what}, not a folder; choose another {flag}")
+        raise BadValue(f"{folder} {what}, not a folder; choose another folder", flag=flag)
     # trying is what counts: os.access asks for the real user, not the effective one, and network file systems
     # may decide otherwise
     try:
@@ -43,8 +45,9 @@ def check_folder(folder: Path, flag: str) -> None:
             pass
     except OSError as e:
         raise BadValue(
-            f"{flag} {folder} cannot be written ({e.strerror} in {existing}); choose another "
-            f"{flag} or make it writable"
+            f"{folder} cannot be written ({e.strerror} in {existing}); choose another folder or make it "
+            f"writable",
+            flag=flag,
         ) from None
 
 

@@ -92,8 +92,8 @@ def preflight(model: ModelConfig, run: RunConfig, precision: Precision, device: 
     seconds: the folders it writes, the checkpoint it would replace, the weights files it reads and, with
     --resume, the state it continues."""
     target = run.checkpoint
-    check_folder(target.parent, "--save_path")  # the state is written there even with --save_model 0
-    check_folder(Path(run.out_dir), "--out_dir")  # the run record, written at the very end
+    check_folder(target.parent, "save_path")  # the state is written there even with --save_model 0
+    check_folder(Path(run.out_dir), "out_dir")  # the run record, written at the very end
     state, continued = state_file(target), False
     if run.resume and state.exists():
         read_state(target, run_identity(model, run, precision, device))
@@ -105,7 +105,8 @@ def preflight(model: ModelConfig, run: RunConfig, precision: Precision, device: 
             raise FileInTheWay(
                 f"{target} exists already, beside the training state {state} of an unfinished run: "
                 f"add --resume to continue that run, "
-                f"or --overwrite to start afresh (the state is then moved aside)"
+                f"or --overwrite to start afresh (the state is then moved aside)",
+                flag="save_path",
             )
         check_writable(target, run.overwrite)
     clip = model.clip_file
@@ -115,7 +116,7 @@ def preflight(model: ModelConfig, run: RunConfig, precision: Precision, device: 
         check_readable(clip, "CLIP weights")
     if run.init_ckpt:
         if not Path(run.init_ckpt).is_file():
-            raise MissingFile(f"--init_ckpt {run.init_ckpt}: no such file")
+            raise MissingFile(f"adapter checkpoint {run.init_ckpt}: no such file", flag="init_ckpt")
         check_readable(Path(run.init_ckpt), "adapter checkpoint")
 
 

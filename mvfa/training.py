@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from loss import detection_loss, segmentation_loss
+from utils import InputError
 
 from .config import ModelConfig, RunConfig
 from .evaluation import Collected, evaluate, result_lines, selection_score
@@ -84,7 +85,11 @@ class Training:
         resumed = run.resume and state_file(self.target).exists()
         self.saved = read_state(self.target, self.identity) if resumed else None
         if run.init_ckpt:
-            model.load_adapters(run.init_ckpt)
+            try:
+                model.load_adapters(run.init_ckpt)
+            except InputError as e:  # the command line names the flag that gave the file
+                e.flag = e.flag or "init_ckpt"
+                raise
         self.optimizers = optimizers(model, run.learning_rate)
         self.extras = {"args": run.arguments, "versions": versions(self.device)}
         self.best, self.result, self.best_adapters = 0.0, {}, None

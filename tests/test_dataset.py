@@ -53,7 +53,7 @@ def test_table_and_check_obj():
     assert check_obj("Chest") == "Chest"
     with pytest.raises(
         ValueError,
-        match="unknown --obj 'brain': choose one of Brain, Liver, Retina_RESC, "
+        match="unknown dataset 'brain': choose one of Brain, Liver, Retina_RESC, "
         "Retina_OCT2017, Chest, Histopathology",
     ):
         check_obj("brain")
@@ -162,7 +162,9 @@ def test_support_list_parsing_and_errors(tmp_path):
     (tmp_path / "Chest" / "3-shot.txt").write_text(
         "a-0: x.png y.png\nn-0: a.png b.jpg c.jpeg d.PNG e.png f.png\nn-0: z.png z.png z.png"
     )
-    with pytest.raises(ValueError, match=r"3-shot.txt has 2 image names after 'a-0:', fewer than --shot 3"):
+    with pytest.raises(
+        ValueError, match=r"3-shot.txt has 2 image names after 'a-0:', fewer than a 3-shot support set needs"
+    ):
         read_support_list("Chest", 3, 0, str(tmp_path))
     (tmp_path / "Chest" / "3-shot.txt").write_text(
         "a-0: x.png y.jpeg w.png v.png\nn-0: a.png b.jpg c.jpeg d.PNG e.png f.png\nn-0: z.png z.png z.png\n"
@@ -170,11 +172,11 @@ def test_support_list_parsing_and_errors(tmp_path):
     normal, abnormal = read_support_list("Chest", 3, 0, str(tmp_path))
     assert normal == ["a.png", "c.jpeg", "e.png"] and abnormal == ["x.png", "y.jpeg", "w.png"]
     with pytest.raises(
-        ValueError, match=r"has no line 'n-1:'.*MediaBrain-SJTU/MVFA-AD.*--iterate -1 --seed N"
+        ValueError, match=r"has no line 'n-1:'.*MediaBrain-SJTU/MVFA-AD.*iterate -1, with a seed"
     ):
         read_support_list("Chest", 3, 1, str(tmp_path))
     with pytest.raises(
-        FileNotFoundError, match=r"Chest/2-shot.txt.*dataset/fewshot_seed/.*--iterate -1 --seed N"
+        FileNotFoundError, match=r"Chest/2-shot.txt.*dataset/fewshot_seed/.*iterate -1, with a seed"
     ):
         read_support_list("Chest", 2, 0, str(tmp_path))
 
@@ -207,7 +209,9 @@ def test_drawn_support(synth):
     random.seed(11)
     assert sup.normal_files == random.sample(os.listdir(good), 3)
     assert sup.abnormal_files == random.sample(os.listdir(bad), 3)
-    with pytest.raises(ValueError, match=r"valid/good/img holds 6 images, fewer than --shot 7"):
+    with pytest.raises(
+        ValueError, match=r"valid/good/img holds 6 images, fewer than a 7-shot support set needs"
+    ):
         load_support(synth.data, "Liver", img_size=SMALL, shot=7, iterate=-1, seed=0)
 
 
@@ -258,7 +262,9 @@ def test_unknown_obj_and_missing_folders(tmp_path, brain):
         lambda: MedTrainDataset(brain.data, "Lung"),
         lambda: make_synthetic_bmad(str(tmp_path), objs=("Lung",)),
     ):
-        with pytest.raises(ValueError, match="unknown --obj 'Lung': choose one of Brain, Liver, Retina_RESC"):
+        with pytest.raises(
+            ValueError, match="unknown dataset 'Lung': choose one of Brain, Liver, Retina_RESC"
+        ):
             make()
     with pytest.raises(
         FileNotFoundError, match=r"nodata/Liver_AD; the BMAD data must be placed as data/Liver_AD/"

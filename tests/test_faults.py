@@ -177,7 +177,7 @@ def test_fresh_run_moves_the_state_aside(synthetic, tmp_path, copy, monkeypatch,
     args[args.index("--shot") + 1] = "2"
     error = expect_error(train_few, args, capsys)  # the stopped run's checkpoint is there
     assert error == (
-        f"error: {copy.parent / 'Brain.pth'} exists already, beside the training state {copy} "
+        f"error: --save_path: {copy.parent / 'Brain.pth'} exists already, beside the training state {copy} "
         f"of an unfinished run: add --resume to continue that run, or --overwrite to start "
         f"afresh (the state is then moved aside)"
     )
@@ -223,13 +223,13 @@ def test_unwritable_folder_is_refused_in_seconds(case, where, synthetic, tmp_pat
     error = expect_error(SCRIPTS[case], args, capsys)
     assert time.perf_counter() - start < 20
     expected = {
-        "file": f"is a file, not a folder; choose another {flag}",
-        "below a file": f"cannot be made: {blocker} is a file, not a folder; choose another {flag}",
-        "read-only": f"cannot be written (Permission denied in {folder}); choose another {flag} or "
+        "file": "is a file, not a folder; choose another folder",
+        "below a file": f"cannot be made: {blocker} is a file, not a folder; choose another folder",
+        "read-only": f"cannot be written (Permission denied in {folder}); choose another folder or "
         f"make it writable",
-        "out_dir a file": f"is a file, not a folder; choose another {flag}",
+        "out_dir a file": "is a file, not a folder; choose another folder",
     }[where]
-    assert error == f"error: {flag} {folder} {expected}"
+    assert error == f"error: {flag}: {folder} {expected}"
     assert not list(tmp_path.rglob("*.state"))
 
 

@@ -104,6 +104,6 @@ def test_fused_path_matches_the_reference_path():
     )
     with torch.no_grad():
         exact = model.encode_image(images), model.encode_text(ids)
-        fused = model.set_fused(True).encode_image(images), model.encode_text(ids)
+        fused = model.set_fused(fused=True).encode_image(images), model.encode_text(ids)
     for a, b in zip(exact, fused):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -86,12 +86,12 @@ def test_fewshot_train_then_test_on_a_dataset_with_masks(own, tmp_path):
     trained = call(train_few, args + ["--epoch", "1"])
     record = only_record(tmp_path / "results")
     # one epoch, one evaluation: pAUC and AUC (the seg path), those of the record (the selected weights)
-    assert result_lines(trained, "knee") == expected_lines_for("knee", record["metrics"], True)
+    assert result_lines(trained, "knee") == expected_lines_for("knee", record["metrics"], fewshot=True)
     assert (tmp_path / "ckpt" / "knee.pth").is_file() and record["args"]["prompt_name"] == "knee MRI"
     scores = tmp_path / "tested.npz"
     tested = call(test_few, args + ["--out_dir", str(tmp_path / "tested"), "--save_scores", str(scores)])
     metrics = only_record(tmp_path / "tested")["metrics"]
-    assert result_lines(tested, "knee") == sklearn_lines("knee", scores, metrics, True)
+    assert result_lines(tested, "knee") == sklearn_lines("knee", scores, metrics, fewshot=True)
     valid = own / "data" / "knee" / "valid"
     names = {
         state: sorted(p.name for p in (valid / state / "img").iterdir())[-1] for state in ("good", "Ungood")
@@ -115,7 +115,7 @@ def test_fewshot_train_then_test_on_a_dataset_with_masks(own, tmp_path):
     record = only_record(tmp_path / "listed")
     assert record["args"]["seed_dir"] == str(tmp_path / "mine.txt")
     assert result_lines(listed, "knee") == sklearn_lines(
-        "knee", tmp_path / "listed.npz", record["metrics"], True
+        "knee", tmp_path / "listed.npz", record["metrics"], fewshot=True
     )
 
 
@@ -145,7 +145,7 @@ def test_zeroshot_train_then_test_on_an_image_only_dataset_given_by_path(own, sy
     scores = tmp_path / "tested.npz"
     tested = call(test_zero, args + ["--out_dir", str(tmp_path / "tested"), "--save_scores", str(scores)])
     metrics = only_record(tmp_path / "tested")["metrics"]
-    assert result_lines(tested, "wrist") == sklearn_lines("wrist", scores, metrics, False)
+    assert result_lines(tested, "wrist") == sklearn_lines("wrist", scores, metrics, fewshot=False)
     assert "pixel_auroc" not in metrics and "maps" not in np.load(scores).files  # no masks: image level only
 
 
@@ -248,19 +248,19 @@ def test_predict_on_own_images(own, tmp_path):
 
 def test_missing_prompt_name(own, tmp_path, capsys):
     err = expect_error(test_zero, [*TINY, "--obj", "knee", "--data_path", str(own / "data")], capsys)
-    assert "--prompt_name is needed for --obj knee" in err
+    assert err.startswith("error: --prompt_name: a prompt name is needed for knee, which is not one of")
 
 
 def test_unknown_dataset_folder(own, capsys):
     ankle = own / "data" / "ankle"
     err = expect_error(test_zero, [*TINY, "--obj", str(ankle), "--prompt_name", "x"], capsys)
     assert err == (
-        f"error: --obj {ankle}: no dataset in BMAD's layout there (no {ankle / 'test'} folder); "
+        f"error: --obj: {ankle}: no dataset in BMAD's layout there (no {ankle / 'test'} folder); "
         f"see README 'Your own data'"
     )
     err = expect_error(test_zero, [*TINY, "--obj", "ankle", "--data_path", str(own / "data")], capsys)
     # a bare name: a BMAD typo?
-    assert err.startswith("error: unknown --obj 'ankle': choose one of Brain, Liver,")
+    assert err.startswith("error: --obj: unknown dataset 'ankle': choose one of Brain, Liver,")
 
 
 def test_missing_split_or_class_folder(own, tmp_path, capsys):
@@ -307,7 +307,9 @@ def test_fewer_valid_images_than_shot(own, capsys):
         ],
         capsys,
     )
-    assert "holds 2 images, fewer than --shot 3" in err
+    assert (
+        err.startswith("error: --shot: ") and "holds 2 images, fewer than a 3-shot support set needs" in err
+    )
 
 
 def test_converter_errors(own, tmp_path, capsys):

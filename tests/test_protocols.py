@@ -174,7 +174,9 @@ def test_fewshot_test_selection_saves_on_strict_improvement(synth, tmp_path, mon
     ckpt = load_ckpt(tmp_path / "ckpt" / "Brain.pth")
     assert ckpt["epoch"] == 2 and same_weights(ckpt_state(ckpt), spies.evals[2][1])
     assert not same_weights(ckpt_state(ckpt), spies.evals[3][1])
-    assert result_lines(out, "Brain") == [line for r in scripted for line in expected_lines("Brain", r, True)]
+    assert result_lines(out, "Brain") == [
+        line for r in scripted for line in expected_lines("Brain", r, fewshot=True)
+    ]
     assert only_record(tmp_path / "results")["metrics"] == scripted[2]
 
 

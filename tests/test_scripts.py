@@ -496,17 +496,52 @@ def test_missing_data_folder_names_the_expected_path(name, synth, tmp_path, caps
     missing = tmp_path / "nowhere"
     error = expect_error(SCRIPTS[name], any_args(name, synth, tmp_path, "Liver", data=missing), capsys)
     first = "Brain_AD" if name == "train_zero" else "Liver_AD"  # train_zero reads the other datasets first
-    assert error.startswith(f"error: dataset folder not found: {missing / first};")
-    assert "--data_path" in error
+    assert error.startswith(f"error: --data_path: dataset folder not found: {missing / first};")
+    assert error.count("--data_path") == 1
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_unknown_obj(name, synth, tmp_path, capsys):
     error = expect_error(SCRIPTS[name], any_args(name, synth, tmp_path, "Lung"), capsys)
     assert error == (
-        "error: unknown --obj 'Lung': choose one of Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, "
-        "Histopathology"
+        "error: --obj: unknown dataset 'Lung': choose one of Brain, Liver, Retina_RESC, Retina_OCT2017, "
+        "Chest, Histopathology"
     )
+
+
+@pytest.mark.parametrize(
+    "name, extra, expected",
+    [
+        (
+            "test_zero",
+            ["--model_name", "ViT-none"],
+            "--model_name: unknown model 'ViT-none': no CLIP/model_configs/ViT-none.json and no weights",
+        ),
+        (
+            "train_few",
+            ["--init_ckpt", "{tmp}/none.pth"],
+            "--init_ckpt: adapter checkpoint {tmp}/none.pth: no such file",
+        ),
+        (
+            "train_few",
+            ["--select", "val", "--shot", "3", "--iterate", "-1"],
+            "--select: 'val': the valid split of Brain has no normal or no abnormal image left besides the "
+            "support set; select on 'test' or 'last' instead",
+        ),
+        (
+            "test_zero",
+            ["--device", "cuda"],
+            "--device: cuda: CUDA is not available on this machine (use cpu)",
+        ),
+    ],
+)
+def test_library_checks_are_printed_with_their_flag(name, extra, expected, synth, tmp_path, capsys):
+    """A library check names the value and the fix in its own terms; the command line adds the flag's name."""
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    extra = [word.format(tmp=tmp_path) for word in extra]
+    error = expect_error(SCRIPTS[name], any_args(name, synth, tmp_path, "Brain", *extra), capsys)
+    assert error == "error: " + expected.format(tmp=tmp_path)
 
 
 @pytest.mark.parametrize("split", ["test", "valid"])
@@ -528,29 +563,30 @@ def test_missing_support_list(synth, tmp_path, capsys):
     args = script_args(synth.data, tmp_path, "Brain", "--shot", "3", seed_dir=synth.seed_root)
     error = expect_error(test_few, args, capsys)
     assert error.startswith(
-        f"error: support list not found: {Path(synth.seed_root) / 'Brain' / '3-shot.txt'}; "
+        f"error: --seed_dir: support list not found: {Path(synth.seed_root) / 'Brain' / '3-shot.txt'}; "
     )
-    assert "--iterate -1" in error
+    assert "draw a support set at random instead (iterate -1, with a seed)" in error
 
 
 @pytest.mark.parametrize(
-    "content, iterate, message",
+    "content, iterate, flag, message",
     [
         (
             "n-0: 00000.png\na-0: 00000.png 00001.png",
             "0",
-            "has 1 image names after 'n-0:', fewer than --shot 2",
+            "--shot",
+            "has 1 image names after 'n-0:', fewer than a 2-shot support set needs",
         ),
-        ("n-0: 00000.png 00001.png\na-0: 00000.png 00001.png", "1", "has no line 'n-1:'"),
+        ("n-0: 00000.png 00001.png\na-0: 00000.png 00001.png", "1", "--iterate", "has no line 'n-1:'"),
     ],
 )
-def test_short_support_list(content, iterate, message, synth, tmp_path, capsys):
+def test_short_support_list(content, iterate, flag, message, synth, tmp_path, capsys):
     seeds = tmp_path / "seeds"
     (seeds / "Brain").mkdir(parents=True)
     (seeds / "Brain" / "2-shot.txt").write_text(content)
     args = script_args(synth.data, tmp_path, "Brain", "--shot", "2", "--iterate", iterate, seed_dir=seeds)
     error = expect_error(train_few, args, capsys)
-    assert error.startswith(f"error: support list {seeds / 'Brain' / '2-shot.txt'} {message}; ")
+    assert error.startswith(f"error: {flag}: support list {seeds / 'Brain' / '2-shot.txt'} {message}; ")
 
 
 @pytest.mark.parametrize("name, workers", [("test_zero", "0"), ("test_zero", "1"), ("train_zero", "0")])
@@ -587,14 +623,19 @@ def test_image_with_nan_pixels_is_refused_when_read(synth, tmp_path, capsys):
     )
 
 
-def test_training_state_given_as_ckpt_is_named(synth, tmp_path, capsys):
-    state = tmp_path / "ckpt" / "Brain.pth.state"
+@pytest.mark.parametrize("name, flag", [("test_zero", "ckpt"), ("train_few", "init_ckpt")])
+def test_training_state_given_as_ckpt_is_named(name, flag, synth, tmp_path, capsys):
+    """load_adapters names the file; the script that read it adds the flag that gave it."""
+    state = tmp_path / "states" / "Brain.pth.state"
     state.parent.mkdir()
     torch.save({"mvfa_training_state": 3, "args": {}, "epoch": 1}, state)
-    error = expect_error(test_zero, script_args(synth.data, tmp_path, "Brain", "--ckpt", str(state)), capsys)
+    error = expect_error(
+        SCRIPTS[name], any_args(name, synth, tmp_path, "Brain", f"--{flag}", str(state)), capsys
+    )
     assert error == (
-        f"error: --ckpt: {state} is a training state (what train_*.py --resume continues), not an adapter "
-        f"checkpoint: pass the checkpoint its run saves beside it, such as {tmp_path / 'ckpt' / 'Brain.pth'}"
+        f"error: --{flag}: {state} is a training state (what a stopped training resumes from), not an "
+        f"adapter checkpoint: pass the checkpoint its run saves beside it, such as "
+        f"{tmp_path / 'states' / 'Brain.pth'}"
     )
 
 
@@ -623,7 +664,8 @@ def test_existing_checkpoint_is_not_replaced_without_overwrite(name, synth, tmp_
     error = expect_error(SCRIPTS[name], any_args(name, synth, tmp_path, "Brain"), capsys)
     assert (
         error
-        == f"error: {target} exists already: pass --overwrite to replace it, or choose another --save_path"
+        == f"error: --save_path: {target} exists already: pass --overwrite to replace it, or choose another "
+        f"folder"
     )
     assert target.read_bytes() == b"someone's downloaded checkpoint"
     assert not list(tmp_path.glob("results/*"))  # refused before any work
@@ -648,7 +690,7 @@ def test_zero_shot_without_training_images(synth, tmp_path, capsys):
     for other in CLASS_NAMES[1:]:
         empty_test_split(data, other)
     error = expect_error(train_zero, script_args(data, tmp_path, "Brain", "--epoch", "1"), capsys)
-    assert error.startswith("error: no zero-shot training images: ") and str(data) in error
+    assert error.startswith("error: --data_path: no zero-shot training images: ") and str(data) in error
 
 
 @pytest.mark.parametrize("name", ["test_few", "test_zero"])
@@ -670,7 +712,7 @@ def test_missing_clip_weights_names_the_path(synth, tmp_path, capsys):
     args = script_args(synth.data, tmp_path, "Brain", "--clip_ckpt", str(missing))
     args[args.index("--pretrain") + 1] = "openai"
     error = expect_error(test_zero, args, capsys)
-    assert error.startswith(f"error: CLIP weights not found at {missing}: download ")
+    assert error.startswith(f"error: --clip_ckpt: CLIP weights not found at {missing}: download ")
 
 
 def test_missing_adapter_checkpoint_names_the_path(synth, tmp_path, capsys):

@@ -7,6 +7,7 @@ Depth counts the nodes of the longest chain, the ground floor included.
 """
 
 import ast
+import re
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -140,6 +141,72 @@ def test_one_line_errors_turns_only_the_project_error_into_one_line(capsys):
         with pytest.raises(type(bug)), one_line_errors():
             raise bug
     assert capsys.readouterr().err == ""
+
+
+# (file, token) -> why a library message may say `--token`: the fix can only be a training script's switch
+FLAGS_IN_MESSAGES = {
+    ("mvfa/resume.py", "--resume"): "a training state is read only for train_*.py --resume: the ways out of "
+    "a state that cannot be continued are to continue it or to run without that switch",
+    ("mvfa/resume.py", "--overwrite"): "a checkpoint beside an unfinished run's state is replaced only when "
+    "train_*.py is told --overwrite",
+    (
+        "mvfa/resume.py",
+        "--{}",
+    ): "a state of another run is told by the flags that differ, to rerun its command",
+    ("mvfa/records.py", "--overwrite"): "check_writable serves train_*.py alone, whose switch to replace a "
+    "checkpoint is --overwrite",
+    ("mvfa/training.py", "--resume"): "a training stopped by a signal goes on when its command is rerun with "
+    "--resume",
+}
+
+
+def message_texts(call: ast.Call, assigned: dict[str, list[ast.AST]]) -> list[str]:
+    """The strings in a raise's message (an f-string's fields as `{}`), and in the values assigned to the
+    names the message uses (a hint kept in a constant or a local variable)."""
+    texts, seen, parts, todo = [], set(), set(), list(call.args)
+    while todo:
+        for node in ast.walk(todo.pop()):
+            if isinstance(node, ast.JoinedStr):
+                texts.append("".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values))
+                parts |= {id(v) for v in node.values}
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in parts:
+                texts.append(node.value)
+            elif isinstance(node, ast.Name) and node.id not in seen:
+                seen.add(node.id)
+                todo += assigned.get(node.id, [])
+    return texts
+
+
+def test_library_messages_name_no_command_line_flag():
+    """A check in the library names the value at fault and the fix in its own terms and passes `flag=`: the
+    command line adds `--flag` (one_line_errors). A command quoted whole in backticks (`python -m
+    tools.download --check`) keeps its flags; the justified others are in FLAGS_IN_MESSAGES."""
+    found, used, raises = [], set(), 0
+    for path in library_files():
+        tree = ast.parse(path.read_text(), str(path))
+        assigned = {}
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Assign)
+                and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)
+            ):
+                assigned.setdefault(node.targets[0].id, []).append(node.value)
+        for node in ast.walk(tree):
+            call = node.exc if isinstance(node, ast.Raise) else None
+            if not isinstance(call, ast.Call):  # `raise`, `raise e`: no message written here
+                continue
+            raises += 1
+            where = path.relative_to(REPO).as_posix()
+            for text in message_texts(call, assigned):
+                for token in re.findall(r"--(?:[A-Za-z]\w*|\{\})", re.sub(r"`[^`]*`", "", text)):
+                    if (where, token) in FLAGS_IN_MESSAGES:
+                        used.add((where, token))
+                    else:
+                        found.append(f"{where}:{node.lineno} {token} in {text!r}")
+    assert raises > 40  # the walk sees the checks
+    assert found == []
+    assert used == set(FLAGS_IN_MESSAGES)  # no stale exception
 
 
 # the library functions allowed to take the command line's values: where the configs are built from them, and

@@ -107,7 +107,7 @@ def evaluation_figures(n: int, size: int) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) := current RSS
     base = rss_bytes("VmRSS")
     g, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
-    c, yy, xx = Collected(True, size, "seg"), *np.ogrid[:size, :size]
+    c, yy, xx = Collected(has_masks=True, img_size=size, head="seg"), *np.ogrid[:size, :size]
     for i in range(n):
         mask = np.zeros((size, size), bool)
         for _ in range(int(rng.integers(1, 4)) if i % 5 else 0):
@@ -170,9 +170,9 @@ def run_stage(args) -> dict:
         stage == "text"
     ):  # the reference's pass (all rows over 77 positions) against --fast (rows over their length)
         with torch.no_grad(), precision.forward():
-            clip.set_fused(False)
+            clip.set_fused(fused=False)
             exact = timed(lambda: encode_text_with_prompt_ensemble(clip, "Brain", device), 1, device)
-            clip.set_fused(True)
+            clip.set_fused(fused=True)
             fast = timed(lambda: encode_text_with_prompt_ensemble(clip, "Brain", device), 3, device)
         return {"seconds": exact, "fast_seconds": fast, "ratio": fast / exact}
     if stage in ("forward", "memory_bank"):
