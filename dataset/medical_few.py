@@ -165,13 +165,13 @@ def load_support(
             abnormal_paths, os.path.join(root, "valid", "Ungood", "anomaly_mask"), require_all=False
         )
         masks = torch.stack([load_mask(p, img_size) for p in mask_paths])  # [k, 1, H, W]
-    normal = torch.stack([load_input(p, img_size, normalize) for p in normal_paths])  # [k, 3, H, W]
+    images = torch.stack([load_input(p, img_size, normalize) for p in normal_paths])  # [k, 3, H, W]
     return Support(
-        normal=normal,
+        normal=images,
         # [k, 3, H, W]; normal_only: [0, 3, H, W]
         abnormal=torch.stack([load_input(p, img_size, normalize) for p in abnormal_paths])
         if abnormal_paths
-        else normal[:0],
+        else images[:0],
         abnormal_masks=masks,
         normal_files=normal,
         abnormal_files=abnormal,
