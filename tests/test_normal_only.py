@@ -29,10 +29,10 @@ from CLIP import CLIP_Inplanted, create_model
 from dataset import CLASS_NAMES, DATASETS
 from dataset.augment import augment
 from dataset.medical_few import ImageItems
+from mvfa import protocol
 from mvfa.config import RunConfig
 from mvfa.evaluation import Normals, PixelMaps, build_memory, collect_standalone, image_scores_of
 from mvfa.precision import Precision
-from mvfa.protocol import prompt, test_set
 from mvfa.seeding import setup_seed
 from mvfa.text_cache import adapted_model
 from tools import jobs, predict, reproduce
@@ -148,7 +148,7 @@ def test_the_same_seed_draws_the_same_normals(synth):
 
     def draw(seed: int, config: RunConfig = run):
         setup_seed(seed)
-        return test_set(config, -1).support
+        return protocol.test_set(config, -1).support
 
     first, again, full = draw(5), draw(5), draw(5, replace(run, support="mvfa"))
     assert first.normal_files == again.normal_files and torch.equal(first.normal, again.normal)
@@ -215,6 +215,7 @@ def protocol_parts(synth, zero_dir, name: str):
     """What the protocol of `standalone`[name] scores with: the model with its adapters, the text features,
     the test items, the normal images and the memory bank (with its number of augmented views)."""
     obj = "Chest" if name == "Chest" else "Brain"
+    good = Path(synth.data) / DATASETS[obj].folder / "valid" / "good" / "img"
     precision = Precision.of("auto", CPU)
     run_cfg = RunConfig(
         protocol="zero" if name == "zero" else "few",
@@ -226,19 +227,19 @@ def protocol_parts(synth, zero_dir, name: str):
         seed_dir=synth.seed_root,
         support="normal",
         normalize="support",
+        calibration=str(good) if name == "zero" else None,
     )
-    model, texts = adapted_model(TINY_MODEL, precision, CPU, [prompt(run_cfg)], None)
+    model, texts = adapted_model(TINY_MODEL, precision, CPU, [protocol.prompt(run_cfg)], None)
     model.load_adapters(zero_dir / f"{obj}.pth")
-    dataset = test_set(run_cfg, 0 if run_cfg.fewshot else None)
+    dataset = protocol.test_set(run_cfg, 0 if run_cfg.fewshot else None)
     if name == "zero":
-        good = Path(synth.data) / DATASETS[obj].folder / "valid" / "good" / "img"
         calibration = ImageItems([(str(p), 0, None) for p in sorted(good.iterdir())], SIZE)
-        return model, texts[prompt(run_cfg)], precision, dataset, Normals(None, calibration), None, 0
+        return model, texts[protocol.prompt(run_cfg)], precision, dataset, Normals(None, calibration), None, 0
     views = augment(dataset.support.normal)[0]  # [22, 3, S, S]
     memory = build_memory(model, views, precision)
     return (
         model,
-        texts[prompt(run_cfg)],
+        texts[protocol.prompt(run_cfg)],
         precision,
         dataset,
         Normals(dataset.support.normal, None),
@@ -292,6 +293,19 @@ def test_standalone_scores_record_their_fitted_range(name, standalone):
     scores = np.asarray(result["image_scores"])
     # the range is the normal images', not the test set's: the scores need not span [0, 1]
     assert not (scores.min() == 0.0 and scores.max() == 1.0)
+
+
+def test_mvfas_own_protocol_scores_stand_alone_too(standalone, synth, zero_dir, tmp_path):
+    """--normalize support with MVFA's few-shot protocol (--support mvfa): given the same checkpoint and the
+    listed n-0 normal images, its memory bank and fitted range are --support normal's, and so are its
+    scores (its a-0 abnormal images are read, never scored nor fitted on)."""
+    args = [*script_args(synth.data, tmp_path, "Brain", seed_dir=synth.seed_root)]
+    args += ["--ckpt", str(zero_dir / "Brain.pth"), "--shot", "2", "--iterate", "0", "--normalize", "support"]
+    _, result = run(test_few, args)
+    _, normal = standalone["Brain"]
+    assert result["fitted_extremes"] == normal["fitted_extremes"]
+    assert result["image_scores"] == normal["image_scores"]
+    assert result["image_auroc"] == normal["image_auroc"] and result["pixel_auroc"] == normal["pixel_auroc"]
 
 
 def test_leave_one_out_fits_each_support_image_against_the_others(synth, zero_dir):
@@ -390,7 +404,9 @@ def test_dry_run_lists_the_normal_only_jobs_and_their_cost(tmp_path, capsys):
         )
     assert sum(" normal-only 1-shot draw 1 (drawn, seed 1) " in line for line in normal) == 6  # no k = 1 list
     brain = next(line for line in normal if line.startswith("normal-4-Brain-draw0-test-"))
-    zero = jobs.Job("Brain", "zero", 0, "test").key
+    # the grid's zero-shot job, with the flags every job is given
+    zero = jobs.Job("Brain", "zero", 0, "test", extra=("--data_path", str(tmp_path / "none"))).key
+    assert zero in {line.split(":")[0] for line in lines[:-1]}
     assert f"adapters of {zero}: 0 steps, {11 * 4 + 3715} images " in brain  # the bank, then the test set
 
 

@@ -102,7 +102,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         default="./results/paper_tables/",
-        help="folder for tables.md, zero_shot.csv, few_shot.csv and the runs' records (runs/)",
+        help="folder for tables.md, zero_shot.csv, few_shot.csv, normal_only.csv and the runs' records "
+        "(runs/)",
     )
     p.add_argument(
         "--strict",
