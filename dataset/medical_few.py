@@ -80,8 +80,8 @@ class Support(NamedTuple):
     """The k-shot support set; file names in tensor order."""
 
     normal: torch.Tensor  # [k, 3, H, W]
-    abnormal: torch.Tensor  # [k, 3, H, W]
-    abnormal_masks: torch.Tensor | None  # [k, 1, H, W]; None for image-only datasets
+    abnormal: torch.Tensor  # [k, 3, H, W]; [0, 3, H, W] for a normal-only support
+    abnormal_masks: torch.Tensor | None  # [k, 1, H, W]; None for image-only datasets and normal-only
     normal_files: list[str]
     abnormal_files: list[str]
 
@@ -102,10 +102,10 @@ def _tagged_names(lines: list[str], tag: str, shot: int, path: str) -> list[str]
 
 
 def read_support_list(
-    obj: str, shot: int, iterate: int, seed_root: str | None = None
+    obj: str, shot: int, iterate: int, seed_root: str | None = None, normal_only: bool = False
 ) -> tuple[list[str], list[str]]:
     """(normal names, abnormal names) of iteration `iterate` in `{seed_root}/{obj}/{shot}-shot.txt`, or in
-    the file `seed_root` itself (a list of one's own)."""
+    the file `seed_root` itself (a list of one's own); normal_only: the `n-` line only (abnormal: [])."""
     path = (
         seed_root
         if seed_root and os.path.isfile(seed_root)
@@ -115,9 +115,8 @@ def read_support_list(
         raise MissingFile(f"support list not found: {path}; {LISTS_HINT}", flag="seed_dir")
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
-    return _tagged_names(lines, f"n-{iterate}:", shot, path), _tagged_names(
-        lines, f"a-{iterate}:", shot, path
-    )
+    normal = _tagged_names(lines, f"n-{iterate}:", shot, path)
+    return normal, [] if normal_only else _tagged_names(lines, f"a-{iterate}:", shot, path)
 
 
 def draw_names(
@@ -145,31 +144,37 @@ def load_support(
     seed_root: str | None = None,
     sort_listing: bool = False,
     normalize: bool = False,
+    normal_only: bool = False,
 ) -> Support:
     """Support set from the valid split: listed (iterate >= 0) or drawn (iterate < 0; Random(seed), else
-    global)."""
+    global). normal_only: the k normal images alone, nothing under valid/Ungood listed or opened (abnormal:
+    [0, 3, H, W]); a draw takes the normal names the full draw of the same seed takes."""
     if shot < 1:
         raise BadValue(f"shot must be at least 1, got {shot}", flag="shot")
     root = dataset_root(data_path, obj)
     good, bad = os.path.join(root, "valid", "good", "img"), os.path.join(root, "valid", "Ungood", "img")
     if iterate >= 0:
-        normal, abnormal = read_support_list(obj, shot, iterate, seed_root)
+        normal, abnormal = read_support_list(obj, shot, iterate, seed_root, normal_only)
     else:
         rng = random.Random(seed) if seed is not None else random  # global `random` as the reference
         # normal first, then abnormal: the reference's order
         normal = draw_names(good, shot, rng, sort_listing)
-        abnormal = draw_names(bad, shot, rng, sort_listing)
+        abnormal = [] if normal_only else draw_names(bad, shot, rng, sort_listing)
     normal_paths = [os.path.join(good, n) for n in normal]
     abnormal_paths = [os.path.join(bad, n) for n in abnormal]
     masks = None
-    if has_masks(data_path, obj):
+    if has_masks(data_path, obj) and not normal_only:
         mask_paths = pair_masks(
             abnormal_paths, os.path.join(root, "valid", "Ungood", "anomaly_mask"), require_all=False
         )
         masks = torch.stack([load_mask(p, img_size) for p in mask_paths])  # [k, 1, H, W]
+    images = torch.stack([load_input(p, img_size, normalize) for p in normal_paths])  # [k, 3, H, W]
     return Support(
-        normal=torch.stack([load_input(p, img_size, normalize) for p in normal_paths]),  # [k, 3, H, W]
-        abnormal=torch.stack([load_input(p, img_size, normalize) for p in abnormal_paths]),
+        normal=images,
+        # [k, 3, H, W]; normal_only: [0, 3, H, W]
+        abnormal=torch.stack([load_input(p, img_size, normalize) for p in abnormal_paths])
+        if abnormal_paths
+        else images[:0],
         abnormal_masks=masks,
         normal_files=normal,
         abnormal_files=abnormal,
@@ -177,7 +182,8 @@ def load_support(
 
 
 class MedDataset(MedTestDataset):
-    """The reference's few-shot dataset: the test split of `obj` plus `self.support` (see `load_support`)."""
+    """The reference's few-shot dataset: the test split of `obj` plus `self.support` (see `load_support`;
+    normal_only: the normal support images alone)."""
 
     def __init__(
         self,
@@ -190,8 +196,9 @@ class MedDataset(MedTestDataset):
         seed_root: str | None = None,
         sort_listing: bool = False,
         normalize: bool = False,
+        normal_only: bool = False,
     ):
         super().__init__(data_path, obj, img_size, normalize)
         self.support = load_support(
-            data_path, obj, img_size, shot, iterate, seed, seed_root, sort_listing, normalize
+            data_path, obj, img_size, shot, iterate, seed, seed_root, sort_listing, normalize, normal_only
         )

@@ -61,6 +61,12 @@ def neutral(default):
     return field(default=default, metadata=NEUTRAL)
 
 
+def read_by_tests(default):
+    """A field only the test scripts read: it changes a test's result, never what a training trains or
+    saves, so a training state's identity leaves it out (as it leaves out the neutral fields)."""
+    return field(default=default, metadata=NEUTRAL)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """What a run does with the model: protocol, data, support set, selection, optimiser, seeds and
@@ -82,6 +88,13 @@ class RunConfig:
     iterate: int | tuple[int, ...] = 0
     seed_dir: str | None = None
     memory_no_cls: bool = False
+    # the tests' protocol: 'mvfa' (k normal + k abnormal, few-shot adapters) or 'normal' (the k normal images
+    # alone, zero-shot adapters); how scores are normalised: 'test' (min-max over the test set, the
+    # reference's) or 'support' (fitted on normal images only: the normal support, leave-one-out, and the
+    # images of `calibration`)
+    support: str = read_by_tests("mvfa")
+    normalize: str = read_by_tests("test")
+    calibration: str | None = read_by_tests(None)
     # the adapter checkpoint read (tests) or written (training)
     save_path: str = neutral("./ckpt/few-shot/")
     ckpt: str | None = None

@@ -8,13 +8,15 @@ memory does not grow with the maps.
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dataset import dataset_name
+from utils import BadValue
 
 from . import metrics
 from .config import RunConfig
@@ -63,10 +65,27 @@ def map_head(has_masks: bool) -> str:
     return "seg" if has_masks else "det"
 
 
+class Extremes(NamedTuple):
+    """(lo, hi) of each quantity that is min-max normalised, fitted on normal images (--normalize support;
+    `fit_extremes`): 0-d float32 tensors, None where the protocol has no such quantity. The maps' live on the
+    device of the maps, the image scores' on the CPU."""
+
+    zero_map: tuple[torch.Tensor, torch.Tensor] | None
+    few_map: tuple[torch.Tensor, torch.Tensor] | None
+    zero_image: tuple[torch.Tensor, torch.Tensor] | None
+    few_image: tuple[torch.Tensor, torch.Tensor] | None
+
+    def as_record(self) -> dict[str, list[float] | None]:
+        """The fitted ranges as a run record keeps them: name -> [lo, hi] (float32 values as floats)."""
+        return {k: None if v is None else [float(v[0]), float(v[1])] for k, v in self._asdict().items()}
+
+
 @dataclass
 class Collected:
     """Per test image: label, packed mask, the det head's zero-shot score, and the low-resolution material of
-    the maps of one head (`head`): its text logits and, few-shot, its distances to the memory bank."""
+    the maps of one head (`head`): its text logits and, few-shot, its distances to the memory bank. `fitted`:
+    the extremes the scores are normalised with, fitted on normal images; None: the test set's own (the
+    reference's)."""
 
     has_masks: bool
     img_size: int
@@ -76,10 +95,16 @@ class Collected:
     zero_image: list = field(default_factory=list)  # det-head zero-shot score (float)
     logits: list = field(default_factory=list)  # [layers, HW, 2]
     distances: list = field(default_factory=list)  # [layers, HW]; empty without a memory bank
+    fitted: Extremes | None = None
 
     @property
     def fewshot(self) -> bool:
         return bool(self.distances)
+
+    def chunk(self, size: int) -> int:
+        """Images per block of full-size maps: `size`, but one with fitted extremes, so that no neighbour in
+        a block can change the bits of an image's scores (they must stand alone)."""
+        return 1 if self.fitted is not None else size
 
 
 @torch.no_grad()
@@ -147,12 +172,17 @@ class PixelMaps:
     """The test set's full-size maps, recomputed in chunks: zero-shot, few-shot and their 0.5/0.5 fusion.
 
     Min-max normalisation is global over the test set, as the reference's; the extremes come from one first
-    pass.
+    pass. With `c.fitted`, the extremes fitted on normal images instead, each image's maps on their own.
     """
 
     def __init__(self, c: Collected, device: torch.device, precision: Precision, chunk: int = CHUNK):
-        self.c, self.device, self.precision, self.size = c, device, precision, chunk
-        self.extremes = self._extremes()
+        self.c, self.device, self.precision, self.size = c, device, precision, c.chunk(chunk)
+        fitted = c.fitted
+        self.extremes = (
+            self._extremes()
+            if fitted is None
+            else [e for e in (fitted.zero_map, fitted.few_map) if e is not None]
+        )
 
     def _raw(self, start: int, stop: int) -> list[torch.Tensor]:
         return [m for m in raw_maps(self.c, start, stop, self.device, self.precision) if m is not None]
@@ -194,11 +224,37 @@ def few_shot_image_means(
 ) -> np.ndarray:
     """Each image's mean few-shot map [N] (before normalisation), in numpy float32 as the reference takes
     it."""
-    means = []
+    means, chunk = [], c.chunk(chunk)
     for start in range(0, len(c.labels), chunk):
         few = few_shot_maps(c, start, start + chunk, device, precision).cpu().numpy()  # [n, H, W]
         means += [float(m.mean()) for m in few]
     return np.array(means)
+
+
+def normalized(a: torch.Tensor, fitted: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """Min-max of `a` [N] with the fitted (lo, hi), else over `a` itself (the reference's)."""
+    lo, hi = fitted if fitted is not None else (a.min(), a.max())
+    return minmax(a, lo, hi)
+
+
+def image_scores_of(
+    c: Collected,
+    device: torch.device,
+    precision: Precision,
+    maps: PixelMaps | None = None,
+    chunk: int = CHUNK,
+) -> np.ndarray:
+    """Image scores [N] by MVFA's rule for the head: few-shot with masks (seg head), the max of the fused map
+    (`maps`, made if not given); few-shot, image-only (det head), 0.5/0.5 of the normalised zero-shot and
+    few-shot image scores; zero-shot, the normalised det-head score."""
+    fitted = c.fitted or Extremes(None, None, None, None)
+    if c.fewshot and c.has_masks:
+        return (maps or PixelMaps(c, device, precision, chunk)).image_max()
+    zero = torch.tensor(c.zero_image, dtype=torch.float32)
+    if c.fewshot:
+        few = torch.tensor(few_shot_image_means(c, device, precision, chunk), dtype=torch.float32)
+        return (0.5 * normalized(zero, fitted.zero_image) + 0.5 * normalized(few, fitted.few_image)).numpy()
+    return normalized(zero, fitted.zero_image).numpy()
 
 
 def evaluate(
@@ -212,16 +268,8 @@ def evaluate(
     reference, whose seg-head image score goes unused). `chunk`: images per block of full-size maps (memory
     only: the results do not depend on it).
     """
-    zero = torch.tensor(c.zero_image, dtype=torch.float32)
     maps = PixelMaps(c, device, precision, chunk) if c.has_masks else None
-    if c.fewshot and c.has_masks:
-        image_scores = maps.image_max()
-    elif c.fewshot:
-        few = torch.tensor(few_shot_image_means(c, device, precision, chunk), dtype=torch.float32)
-        image_scores = 0.5 * minmax(zero, zero.min(), zero.max()) + 0.5 * minmax(few, few.min(), few.max())
-        image_scores = image_scores.numpy()
-    else:
-        image_scores = minmax(zero, zero.min(), zero.max()).numpy()
+    image_scores = image_scores_of(c, device, precision, maps, chunk)
     result = {f"image_{k}": v for k, v in metrics.image_metrics(c.labels, image_scores).items()}
     result["image_scores"] = image_scores.tolist()
     if c.has_masks:
@@ -272,6 +320,122 @@ def selection_score(result: dict) -> float:
     return result["image_auroc"] + result.get("pixel_auroc", 0.0)
 
 
+class Normals(NamedTuple):
+    """The normal images a standalone normalisation is fitted on: the k normal support images [k, 3, H, W]
+    (few-shot, k >= 2; each scored against the memory bank without its own views) and a dataset of other
+    normal images (scored against the whole bank), either may be None."""
+
+    support: torch.Tensor | None
+    calibration: Dataset | None
+
+
+class LoadedImages(Dataset):
+    """Images [n, 3, S, S] already loaded, as normal test items (image [3, S, S], 0, zeros [1, S, S])."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images, self.img_size = images, images.shape[-1]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        return self.images[i], 0, torch.zeros(1, self.img_size, self.img_size)
+
+
+def without_image(memory: tuple, image: int, shot: int, augmented: int) -> tuple[list, list]:
+    """The seg and det memory banks without support image `image`'s views: build_memory's rows are the
+    tokens of the `augmented` images in turn, and `augment` puts the views of image i at i, k + i, ..."""
+
+    def others(bank: torch.Tensor) -> torch.Tensor:
+        views = bank.view(augmented, -1, bank.shape[-1])  # [11k, T, D]: T rows per augmented image
+        keep = (torch.arange(augmented) % shot != image).to(bank.device)
+        return views[keep].flatten(0, 1)  # [11(k-1) * T, D]
+
+    return [others(b) for b in memory[0]], [others(b) for b in memory[1]]
+
+
+def merged(parts: list[Collected]) -> Collected:
+    """The collected material of several passes, in turn, as one."""
+    out = Collected(parts[0].has_masks, parts[0].img_size, parts[0].head)
+    for part in parts:
+        for name in ("labels", "masks", "zero_image", "logits", "distances"):
+            getattr(out, name).extend(getattr(part, name))
+    return out
+
+
+def extremes_of(c: Collected, device: torch.device, precision: Precision) -> Extremes:
+    """The (lo, hi) of each quantity over the images of `c`, each image's maps on their own; an empty range
+    (all images giving one value) is an error."""
+    maps = PixelMaps(c, device, precision, chunk=1).extremes  # [zero] or [zero, few]
+    zero = torch.tensor(c.zero_image, dtype=torch.float32)
+    images = [(zero.min(), zero.max())]
+    if c.fewshot:
+        few = torch.tensor(few_shot_image_means(c, device, precision, chunk=1), dtype=torch.float32)
+        images.append((few.min(), few.max()))
+    fitted = Extremes(maps[0], maps[1] if c.fewshot else None, images[0], images[1] if c.fewshot else None)
+    for name, value in fitted._asdict().items():
+        if value is not None and not value[1] > value[0]:
+            raise BadValue(
+                f"--normalize support: the {len(c.labels)} normal images give one value of {name} "
+                f"({float(value[0])}), no range to normalise with; give more or other normal images"
+            )
+    return fitted
+
+
+def fit_extremes(
+    model,
+    text: torch.Tensor,
+    precision: Precision,
+    normals: Normals,
+    has_masks: bool,
+    memory: tuple | None = None,
+    augmented: int = 0,
+    head: str | None = None,
+) -> Extremes:
+    """The extremes of scores that stand alone, fitted on normal images only: each normal support image
+    (`normals.support`, k >= 2) against the memory bank without its own `augmented // k` views (leave one
+    out), and the images of `normals.calibration` against the whole bank; one image per forward. `memory`:
+    build_memory's banks of the `augmented` support views (None: zero-shot)."""
+    parts = []
+    # a support image against a bank holding its own views would find itself: it leaves them out
+    if normals.support is not None and memory is not None and len(normals.support) >= 2:
+        k = len(normals.support)
+        for i in range(k):
+            loader = DataLoader(LoadedImages(normals.support[i : i + 1]), batch_size=1)
+            bank = without_image(memory, i, k, augmented)
+            parts.append(collect(model, loader, text, precision, has_masks=has_masks, memory=bank, head=head))
+    if normals.calibration is not None:
+        loader = DataLoader(normals.calibration, batch_size=1, shuffle=False)
+        parts.append(collect(model, loader, text, precision, has_masks=has_masks, memory=memory, head=head))
+    if not parts:
+        raise BadValue(
+            "--normalize support: no normal images to fit on (leave-one-out needs 2 or more normal support "
+            "images); give 2 or more support images, or other normal images to fit on"
+        )
+    return extremes_of(merged(parts), next(model.parameters()).device, precision)
+
+
+def collect_standalone(
+    model,
+    dataset,
+    text: torch.Tensor,
+    precision: Precision,
+    normals: Normals,
+    has_masks: bool,
+    memory: tuple | None = None,
+    augmented: int = 0,
+    num_workers: int = 0,
+    head: str | None = None,
+) -> Collected:
+    """`collect` for scores that stand alone: the extremes fitted on `normals` (`fit_extremes`) as
+    `fitted`, and one image per forward, so that no batch neighbour can change an image's bits."""
+    fitted = fit_extremes(model, text, precision, normals, has_masks, memory, augmented, head)
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers)
+    c = collect(model, loader, text, precision, has_masks=has_masks, memory=memory, head=head)
+    c.fitted = fitted
+    return c
+
+
 def evaluate_set(
     model,
     dataset,
@@ -280,15 +444,27 @@ def evaluate_set(
     precision: Precision,
     memory_images: torch.Tensor | None = None,
     pixel_extras: bool = True,
+    normals: Normals | None = None,
 ) -> tuple[dict, Collected]:
     """One scored pass over `dataset`: zero-shot, or few-shot with the memory bank of `memory_images` (the
-    augmented normal support images [11k, 3, H, W]). Returns the metrics and what they were computed from."""
+    augmented normal support images [11k, 3, H, W]). With `normals`, scores that stand alone: normalised with
+    the extremes fitted on them (recorded as `fitted_extremes`), one test image per forward. Returns the
+    metrics and what they were computed from."""
     memory = None
     if memory_images is not None:
         draw_as_loader(shuffle=True)  # the reference reads the support images through a shuffling loader
         keep_cls = not run.memory_no_cls
         memory = build_memory(model, memory_images, precision, run.batch_size, keep_cls)
-    loader = DataLoader(dataset, batch_size=run.batch_size, shuffle=False, num_workers=run.num_workers)
-    collected = collect(model, loader, text, precision, has_masks=dataset.has_masks, memory=memory)
+    if normals is None:
+        loader = DataLoader(dataset, batch_size=run.batch_size, shuffle=False, num_workers=run.num_workers)
+        collected = collect(model, loader, text, precision, has_masks=dataset.has_masks, memory=memory)
+    else:
+        augmented = 0 if memory_images is None else len(memory_images)
+        collected = collect_standalone(
+            model, dataset, text, precision, normals, dataset.has_masks, memory, augmented, run.num_workers
+        )
     device = next(model.parameters()).device
-    return evaluate(collected, device, precision, pixel_extras), collected
+    result = evaluate(collected, device, precision, pixel_extras)
+    if collected.fitted is not None:
+        result["fitted_extremes"] = collected.fitted.as_record()
+    return result, collected

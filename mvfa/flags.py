@@ -10,6 +10,8 @@ from utils import InputError
 from .precision import PRECISIONS
 
 SELECTIONS = ("test", "val", "last")
+SUPPORTS = ("mvfa", "normal")
+NORMALIZATIONS = ("test", "support")
 
 
 def new_parser(description: str, obj: str | None = None) -> argparse.ArgumentParser:
@@ -148,6 +150,42 @@ def add_fewshot_args(parser, several: bool = False) -> None:
         help="fix: leave the CLS token out of the memory bank (the reference keeps it)",
     )
     add_sort_listing_arg(parser, "the --iterate -1 draws of support images")
+
+
+def add_support_arg(parser) -> None:
+    parser.add_argument(
+        "--support",
+        default="mvfa",
+        choices=SUPPORTS,
+        help="mvfa: MVFA's few-shot test, the adapters trained on k normal + k abnormal images; normal: the "
+        "k normal images alone (the n- line of the support list, or drawn from valid/good; nothing "
+        "under valid/Ungood is read) with the target's zero-shot adapters, no training on the target",
+    )
+
+
+def add_normalize_args(parser, fewshot: bool) -> None:
+    """--normalize, --calibration: scores min-max normalised over the test set (the reference's) or alone."""
+    fitted_on = (
+        "the k normal support images (each against the memory bank without its own views: leave one out) "
+        "and the --calibration images"
+        if fewshot
+        else "the --calibration images"
+    )
+    parser.add_argument(
+        "--normalize",
+        default="test",
+        choices=NORMALIZATIONS,
+        help="test: min-max over the whole test set (the reference's: a score depends on the other test "
+        f"images); support: min-max fitted on {fitted_on}, scores above that range kept, so that an "
+        "image's score depends only on it, the weights and these normal images (one image per forward)",
+    )
+    parser.add_argument(
+        "--calibration",
+        default=None,
+        metavar="DIR",
+        help="a folder of normal images (or one image file) the --normalize support range is fitted on"
+        + (" besides the support (needed with --shot 1)" if fewshot else " (needed there)"),
+    )
 
 
 def add_sort_listing_arg(parser, before: str) -> None:

@@ -200,4 +200,5 @@ def save_test_maps(
     of their image scores), and the grid."""
     what = ("0.5/0.5 zero-/few-shot" if c.fewshot else "zero-shot") + ("" if c.head == "seg" else " det-head")
     maps = PixelMaps(c, device, precision)
-    return save_maps(out_dir, dataset, maps.chunk, scores, grid_n, f"{what} map, min-max over the test set")
+    scale = "min-max over the test set" if c.fitted is None else "min-max fitted on normal images"
+    return save_maps(out_dir, dataset, maps.chunk, scores, grid_n, f"{what} map, {scale}")

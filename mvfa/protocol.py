@@ -8,18 +8,29 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from dataset import CLASS_NAMES, DATASETS, check_target, dataset_root, prompt_of
+from dataset import (
+    CLASS_NAMES,
+    DATASETS,
+    IMAGE_EXTENSIONS,
+    check_target,
+    dataset_root,
+    list_images,
+    prompt_of,
+)
 from dataset.augment import augment
-from dataset.medical_few import MedDataset, MedTestDataset
+from dataset.medical_few import ImageItems, MedDataset, MedTestDataset
 from dataset.medical_zero import MedTrainDataset
-from utils import BadValue
+from utils import BadValue, MissingFile
 
 from .config import RunConfig
+from .evaluation import Normals
 
 
 def test_set(run: RunConfig, iterate: int | None = None) -> MedTestDataset:
-    """The test split of --obj; few-shot: with the support set of draw `iterate` (`dataset.support`)."""
+    """The test split of --obj; few-shot: with the support set of draw `iterate` (`dataset.support`;
+    --support normal: its normal images alone, nothing under valid/Ungood read)."""
     check_target(run.data_path, run.obj, run.prompt_name)
+    check_scoring(run)
     if not run.fewshot:
         return MedTestDataset(run.data_path, run.obj, run.img_size, normalize=run.clip_normalize)
     # iterate < 0 draws with the global `random` seeded by setup_seed(--seed), as the reference; successive
@@ -34,7 +45,64 @@ def test_set(run: RunConfig, iterate: int | None = None) -> MedTestDataset:
         seed_root=run.seed_dir,
         sort_listing=run.sort_listing,
         normalize=run.clip_normalize,
+        normal_only=run.support == "normal",
     )
+
+
+def check_scoring(run: RunConfig) -> None:
+    """The flags of the protocol and the normalisation, checked together before any work."""
+    if run.support == "normal" and run.shot_in_name:
+        raise BadValue(
+            "--shot_in_name names few-shot checkpoints; --support normal reads the zero-shot adapters "
+            "{obj}.pth: leave --shot_in_name out (or give the file with --ckpt)"
+        )
+    if run.calibration and run.normalize != "support":
+        raise BadValue(
+            f"--calibration {run.calibration}: its images fit the normalisation of --normalize support "
+            f"only; add --normalize support or leave --calibration out"
+        )
+    if run.normalize == "support" and not run.calibration and not (run.fewshot and run.shot >= 2):
+        why = "zero-shot has no support images" if not run.fewshot else f"--shot {run.shot} leaves none out"
+        raise BadValue(
+            f"--normalize support needs normal images to fit on ({why}): give a folder of normal images "
+            f"with --calibration DIR" + ("" if not run.fewshot else ", or use --shot 2 or more")
+        )
+
+
+def calibration_set(run: RunConfig) -> ImageItems | None:
+    """The normal images of --calibration (a folder, sorted, or one image file) as test items, or None."""
+    if not run.calibration:
+        return None
+    check_scoring(run)
+    path = run.calibration
+    if os.path.isdir(path):
+        files = list_images(path)
+    elif os.path.isfile(path) and path.lower().endswith(IMAGE_EXTENSIONS):
+        files = [path]
+    else:
+        raise MissingFile(
+            f"--calibration {path}: no folder or image file ({', '.join(IMAGE_EXTENSIONS)}) there; give a "
+            f"folder of normal images, e.g. {{data}}/{{obj}}_AD/valid/good/img"
+        )
+    if not files:
+        raise BadValue(f"--calibration {path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+    return ImageItems([(p, 0, None) for p in files], run.img_size, run.clip_normalize)
+
+
+def normal_references(run: RunConfig, test: MedTestDataset, calibration: ImageItems | None) -> Normals | None:
+    """--normalize support: the normal images the scores' normalisation is fitted on, the draw's normal
+    support images (few-shot) and the --calibration images but those; None: the test set's min-max."""
+    if run.normalize != "support":
+        return None
+    if not run.fewshot:
+        return Normals(None, calibration)
+    if calibration is not None:
+        # a support image against the whole bank would find its own views: left out, by path
+        good = os.path.join(dataset_root(run.data_path, run.obj), "valid", "good", "img")
+        used = {os.path.abspath(os.path.join(good, name)) for name in test.support.normal_files}
+        items = [item for item in calibration.items if os.path.abspath(item[0]) not in used]
+        calibration = ImageItems(items, run.img_size, run.clip_normalize) if items else None
+    return Normals(test.support.normal, calibration)
 
 
 def prompt(run: RunConfig) -> str:

@@ -8,13 +8,14 @@ import numpy as np
 import torch
 
 from dataset.augment import augment
-from dataset.medical_few import MedTestDataset
+from dataset.medical_few import ImageItems, MedTestDataset
 from utils import InputError
 
 from .config import RunConfig
 from .evaluation import evaluate_set, result_lines, save_scores
 from .maps import save_test_maps
 from .precision import Precision
+from .protocol import normal_references
 from .records import write_record
 
 
@@ -39,11 +40,13 @@ def test_adapters(
     text: torch.Tensor,
     datasets: list[MedTestDataset],
     clip_file: Path | None,
+    calibration: ImageItems | None = None,
 ) -> dict:
     """The adapters of run.checkpoint, loaded into `model`, scored against `text` on each of `datasets` (the
     test set with one support draw each, few-shot; the test set, zero-shot); prints each pass's lines (and,
     for several draws, the mean ± std) and writes the run record (with run.arguments). Returns the
-    metrics (several draws: each draw's and their summary)."""
+    metrics (several draws: each draw's and their summary). --normalize support: scores normalised with
+    extremes fitted on each draw's normal support and the `calibration` images."""
     device = next(model.parameters()).device
     try:
         model.load_adapters(run.checkpoint)
@@ -54,7 +57,8 @@ def test_adapters(
     results = []
     for i, dataset in enumerate(datasets):
         memory_images = augment(dataset.support.normal)[0] if run.fewshot else None  # [11k, 3, H, W]
-        result, collected = evaluate_set(model, dataset, text, run, precision, memory_images)
+        normals = normal_references(run, dataset, calibration)
+        result, collected = evaluate_set(model, dataset, text, run, precision, memory_images, normals=normals)
         if scores_file := per_draw(run.save_scores, i, len(datasets), ".npz"):
             files = [path for path, _, _ in dataset.items]
             save_scores(scores_file, collected, result, files, device, precision)

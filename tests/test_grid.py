@@ -51,7 +51,8 @@ def test_dry_run_lists_the_paper_grid_without_data(tmp_path, capsys):
     assert reproduce.main(["--dry_run", "--data_path", str(tmp_path / "none")]) == 0
     lines = capsys.readouterr().out.splitlines()
     jobs = lines[:-1]
-    assert len(jobs) == 6 * 5 and lines[-1].startswith("30 jobs, ~")
+    # zero-shot, 4 few-shot settings and 5 normal-only ones (tests/test_normal_only.py) per dataset
+    assert len(jobs) == 6 * 10 and lines[-1].startswith("60 jobs, ~")
     assert sum(" zero-shot draw 0 " in line for line in jobs) == 6
     assert sum(" 16-shot draw 0 (listed) --select test: " in line for line in jobs) == 6
     assert any(line.startswith("4-Liver-draw0-test-") for line in jobs)

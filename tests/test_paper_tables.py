@@ -181,6 +181,8 @@ def test_run_configs_are_the_scripts_runs():
         ("zero-shot", "Liver"),
         ("few-shot", "Brain"),
         ("few-shot", "Liver"),
+        ("normal-only", "Brain"),
+        ("normal-only", "Liver"),
     ]
     zero, few = runs["zero-shot", "Liver"], runs["few-shot", "Liver"]
     assert (zero.protocol, zero.obj, zero.save_path, zero.checkpoint) == (
@@ -213,27 +215,18 @@ def test_run_configs_are_the_scripts_runs():
         vars(test_zero.parser().parse_args(["--obj", "Liver", "--save_path", "z", *out_dir, *handed_on])),
         protocol="zero",
     )
-    _, own_few, _, _ = configs(
-        vars(
-            test_few.parser().parse_args(
-                [
-                    "--obj",
-                    "Liver",
-                    "--shot",
-                    "4",
-                    "--iterate",
-                    "0",
-                    "--seed_dir",
-                    "s",
-                    "--memory_no_cls",
-                    *out_dir,
-                    *handed_on,
-                ]
-            )
-        ),
-        protocol="few",
-    )
+    few_flags = ["--obj", "Liver", "--shot", "4", "--iterate", "0", "--seed_dir", "s", "--memory_no_cls"]
+    _, own_few, _, _ = configs(test_few.parsed([*few_flags, *out_dir, *handed_on]), protocol="few")
     assert zero == own_zero and few == dataclasses.replace(own_few, iterate=0)
+    # normal-only: test_few.py --support normal, the zero-shot adapters; its records in a folder of their own
+    normal_out = ["--out_dir", str(Path("o") / "runs" / "normal-only")]
+    normal_flags = [*few_flags, "--support", "normal", "--save_path", "z", *normal_out, *handed_on]
+    _, own_normal, _, _ = configs(test_few.parsed(normal_flags), protocol="few")
+    normal = runs["normal-only", "Liver"]
+    assert normal == dataclasses.replace(own_normal, iterate=0) and normal.checkpoint == Path("z/Liver.pth")
+    default = pt.run_configs(pt.parser().parse_args([]))["normal-only", "Brain"]
+    own_default = configs(test_few.parsed(["--obj", "Brain", "--support", "normal"]), protocol="few")[1]
+    assert default.checkpoint == own_default.checkpoint == Path("./ckpt/zero-shot/Brain.pth")
 
 
 def test_the_shared_model_is_the_scripts_model(tiny, monkeypatch):
@@ -250,6 +243,7 @@ def test_the_shared_model_is_the_scripts_model(tiny, monkeypatch):
     assert results == {
         "zero-shot": {"Brain": {"image_auroc": 0.5}},
         "few-shot": {"Brain": {"image_auroc": 0.5}},
+        "normal-only": {"Brain": {"image_auroc": 0.5}},
     }
     own, _, precision, _ = configs(
         vars(
@@ -263,7 +257,9 @@ def test_the_shared_model_is_the_scripts_model(tiny, monkeypatch):
     assert [(model, model_cfg, run.protocol, p) for model, model_cfg, run, p in calls] == [
         ("model", own, "zero", precision),
         ("model", own, "few", precision),
+        ("model", own, "few", precision),
     ]
+    assert [run.support for _, _, run, _ in calls] == ["mvfa", "mvfa", "normal"]
     assert precision.name == "bf16"
 
 
@@ -440,3 +436,38 @@ def test_strict_stops_before_any_work(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: Chest zero-shot: dataset folder not found") and "Chest_AD" in err
     assert not (tmp_path / "out").exists()
+
+
+NORMAL_TITLE = f"## {pt.TITLES['normal-only']} (AUROC, %)"
+
+
+def test_end_to_end_normal_only_table_beside_the_others(tiny_run):
+    """The normal-only table: its cells are 100 x the AUROCs of test_few.py --support normal's records (in
+    runs/normal-only/), beside the few-shot and zero-shot tables' own cells; the CSV holds the Markdown's."""
+    out, md = tiny_run
+    body = _markdown_table(md, NORMAL_TITLE)[2:]
+    with open(out / "normal_only.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["dataset", *pt.NORMAL_COLUMNS] and rows[1:] == body
+    recorded = _recorded_metrics(out / "runs" / "normal-only", "test_few")
+    # Chest: no data; Liver: its zero-shot adapters exist (only its few-shot ones are missing)
+    assert set(recorded) == set(CLASS_NAMES) - {"Chest"}
+    assert all(record["args"]["support"] == "normal" for record in _records(out / "runs" / "normal-only"))
+    tables = {}
+    for setting in ("zero-shot", "few-shot"):
+        with open(out / f"{setting.replace('-', '_')}.csv", newline="", encoding="utf-8") as f:
+            tables[setting] = {row["dataset"]: row for row in csv.DictReader(f)}
+    for label, cells in zip(LABELS[:-1], body):
+        row = dict(zip(pt.NORMAL_COLUMNS, cells[1:]))
+        for metric in ("image_auroc", "pixel_auroc"):
+            ours = recorded.get(OBJ_OF[label], {}).get(metric)
+            paper = tables["zero-shot"][label][f"{metric}_paper"]
+            expected = "-" if ours is None or paper == "-" else f"{round(100 * ours, 2):.2f}"
+            assert row[f"{metric}_normal-only_ours"] == expected, (label, metric)
+            for setting in ("zero-shot", "few-shot"):
+                for part in ("ours", "paper"):
+                    assert row[f"{metric}_{setting}_{part}"] == tables[setting][label][f"{metric}_{part}"]
+
+
+def _records(folder: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in folder.glob("*.json")]

@@ -22,6 +22,10 @@ from tools.published import PUBLISHED, ROWS
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root, where the four scripts are
 SHOTS = (2, 4, 8, 16)  # the authors' support lists
+# the normal-only protocol (test_few.py --support normal): settings 'normal-{k}', tests only
+NORMAL = "normal-"
+NORMAL_SHOTS = (1, 2, 4, 8, 16)
+RELEASED = "released"  # the select of normal-only jobs on a folder of given zero-shot checkpoints
 # test images of BMAD's splits (normal + abnormal), for cost estimates where the data is not at hand
 TEST_IMAGES = {
     "Brain": 3715,
@@ -36,7 +40,9 @@ TEST_IMAGES = {
 @dataclass(frozen=True)
 class Job:
     """One training and its test: setting 'zero' or the shot count, draw 0 = the listed support (--iterate 0),
-    draw d > 0 = drawn with --iterate -1 --seed d; select = the checkpoint-selection protocol."""
+    draw d > 0 = drawn with --iterate -1 --seed d; select = the checkpoint-selection protocol. Setting
+    'normal-{k}': a test only, the normal-only protocol with the zero-shot adapters that the grid's zero-shot
+    job of the same select trains, or (select 'released') those in the folder `zero_ckpt`."""
 
     obj: str
     setting: str
@@ -45,18 +51,41 @@ class Job:
     epoch: int = 50
     extra: tuple[str, ...] = ()  # flags given to every script (data, weights, epochs, precision, ...)
     seed_dir: str | None = None  # the few-shot support lists, where not in dataset/fewshot_seed
+    zero_ckpt: str | None = None  # normal-only: a folder of zero-shot checkpoints {obj}.pth
 
     @property
     def key(self) -> str:
-        digest = hashlib.sha256(json.dumps(asdict(self)).encode()).hexdigest()[:8]  # other flags: another job
+        identity = asdict(self)
+        if self.zero_ckpt is None:
+            del identity["zero_ckpt"]  # the keys of the jobs made before this field stay theirs
+        digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:8]  # other flags: another job
         return f"{self.setting}-{self.obj}-draw{self.draw}-{self.select}-{digest}"
 
+    @property
+    def normal(self) -> bool:
+        return self.setting.startswith(NORMAL)
+
+    @property
+    def shot(self) -> str:
+        return self.setting.removeprefix(NORMAL)
+
+    def zero_shot_job(self) -> "Job":
+        """The grid's zero-shot job whose checkpoint a normal-only job tests."""
+        return Job(self.obj, "zero", 0, self.select, self.epoch, self.extra, self.seed_dir)
+
+    def adapters(self, folder: Path) -> Path:
+        """The zero-shot checkpoint a normal-only job in `folder` (out/jobs/{key}) tests."""
+        if self.zero_ckpt:
+            return Path(self.zero_ckpt) / f"{self.obj}.pth"
+        return folder.parent / self.zero_shot_job().key / "ckpt" / f"{self.obj}.pth"
+
     def commands(self, folder: Path) -> list[list[str]]:
-        """The train command (always --resume) and the test command, as argument lists."""
+        """The train command (always --resume) and the test command, as argument lists; normal-only: the test
+        command alone."""
         few = self.setting != "zero"
         support = (
             (
-                ["--shot", self.setting]
+                ["--shot", self.shot]
                 + (["--iterate", "0"] if self.draw == 0 else ["--iterate", "-1", "--seed", str(self.draw)])
                 + (["--seed_dir", self.seed_dir] if self.seed_dir else [])
             )
@@ -64,22 +93,59 @@ class Job:
             else []
         )
         where = ["--obj", self.obj, "--save_path", str(folder / "ckpt"), "--out_dir", str(folder / "records")]
+        if self.normal:
+            normal = ["--support", "normal", "--ckpt", str(self.adapters(folder))]
+            return [["test_few.py", *where, *support, *normal, *self.extra]]
         train, test = ("train_few.py", "test_few.py") if few else ("train_zero.py", "test_zero.py")
         training = ["--select", self.select, "--epoch", str(self.epoch), "--resume"]
         return [[train, *where, *support, *training, *self.extra], [test, *where, *support, *self.extra]]
 
 
+def draws_of(setting: str, draws: int) -> range:
+    """The draw numbers of a setting: none for zero-shot (one job); 0 (the listed support) then 1, 2, ...
+    (seeds), but seeds 1..draws where no support list is published (normal-only k = 1)."""
+    if setting == "zero":
+        return range(1)
+    listed = int(setting.removeprefix(NORMAL)) in SHOTS or not setting.startswith(NORMAL)
+    return range(draws) if listed else range(1, draws + 1)
+
+
 def expand(
-    objs, settings, draws: int, protocols, epoch: int = 50, extra=(), seed_dir: str | None = None
+    objs,
+    settings,
+    draws: int,
+    protocols,
+    epoch: int = 50,
+    extra=(),
+    seed_dir: str | None = None,
+    zero_ckpt: str | None = None,
 ) -> list[Job]:
-    """Datasets x settings ('zero', shot counts) x draws (zero-shot has none) x protocols, in that nesting."""
+    """Datasets x settings ('zero', shot counts, 'normal-{k}') x draws (zero-shot has none) x protocols, in
+    that nesting. Normal-only jobs with `zero_ckpt` (a folder of zero-shot checkpoints) have one protocol,
+    'released'; without, one per protocol, testing the checkpoint of that protocol's zero-shot job."""
+
+    def selects(setting: str) -> list[str]:
+        return [RELEASED] if setting.startswith(NORMAL) and zero_ckpt else list(protocols)
+
     return [
-        Job(obj, str(setting), draw, select, epoch, tuple(extra), seed_dir)
+        Job(obj, str(setting), draw, select, epoch, tuple(extra), seed_dir, *normal_ckpt(setting, zero_ckpt))
         for obj in objs
         for setting in settings
-        for draw in range(1 if setting == "zero" else draws)
-        for select in protocols
+        for draw in draws_of(str(setting), draws)
+        for select in selects(str(setting))
     ]
+
+
+def normal_ckpt(setting: str, zero_ckpt: str | None) -> tuple[str, ...]:
+    """The zero_ckpt field of a job of `setting`: the folder, absolute (jobs run in their own folder), for
+    normal-only jobs given one; nothing otherwise."""
+    return (str(Path(zero_ckpt).resolve()),) if zero_ckpt and setting.startswith(NORMAL) else ()
+
+
+def after_trainings(job_list: list[Job]) -> list[list[Job]]:
+    """The jobs in the order they can run: the trainings first, then the normal-only tests that read the
+    zero-shot checkpoints trained by the first."""
+    return [[job for job in job_list if not job.normal], [job for job in job_list if job.normal]]
 
 
 def run_job(job: Job, out: str, env: dict | None = None) -> dict:
@@ -225,35 +291,63 @@ def results(jobs: list[Job], out: str) -> pd.DataFrame:
 
 def setting_table(frame: pd.DataFrame, setting: str) -> pd.DataFrame:
     """Datasets (the paper's rows) x metric and protocol: mean and std (ddof 0) over the draws, with the
-    paper's and the authors' implementation's numbers where published (zero-shot and k = 4)."""
+    paper's and the authors' implementation's numbers where published (zero-shot and k = 4). Normal-only:
+    its own columns, then MVFA's few-shot columns of the same k and the zero-shot columns beside them."""
     part = frame[frame["setting"] == setting]
     stats = part.groupby(["obj", "select"])[["image_auroc", "pixel_auroc"]].agg(["mean", lambda x: np.std(x)])
+    stats = stats if len(part) else None  # a setting not run (beside a normal-only one): published only
     table = pd.DataFrame(index=[label for _, label in ROWS])
     published = (
         PUBLISHED["zero-shot"] if setting == "zero" else PUBLISHED["few-shot"] if setting == "4" else {}
     )
+    sources = () if setting.startswith(NORMAL) else ("paper", "impl.")
     for metric, name in (("image_auroc", "AUC"), ("pixel_auroc", "pAUC")):
         cells = {
             key: f"{mean:.2f} ± {std:.2f}"
-            for key, (mean, std) in stats[metric].iterrows()
+            for key, (mean, std) in (() if stats is None else stats[metric].iterrows())
             if not np.isnan(mean)
         }
         for select in sorted(part["select"].unique()):
             table[f"{name} {select}"] = [cells.get((obj, select), "-") for obj, _ in ROWS]
-        for i, source in enumerate(("paper", "impl.")):
+        for i, source in enumerate(sources):
             values = [published.get(obj, {}).get(metric, (None, None))[i] for obj, _ in ROWS]
             table[f"{name} {source}"] = ["-" if value is None else f"{value:.2f}" for value in values]
+    if setting.startswith(NORMAL):
+        shot = setting.removeprefix(NORMAL)
+        table.columns = [f"normal-only {column}" for column in table.columns]
+        for other, label in ((shot, f"MVFA {shot}-shot"), ("zero", "zero-shot")):
+            beside = setting_table(frame, other)
+            for column in beside.columns:
+                table[f"{label} {column}"] = beside[column]
     return table
+
+
+def setting_order(setting: str) -> tuple[int, int]:
+    """Zero-shot first, then MVFA's few-shot settings by k, then the normal-only ones by k."""
+    if setting == "zero":
+        return 0, 0
+    return (2, int(setting.removeprefix(NORMAL))) if setting.startswith(NORMAL) else (1, int(setting))
+
+
+def title_of(setting: str) -> str:
+    if setting == "zero":
+        return "Zero-shot"
+    if setting.startswith(NORMAL):
+        return (
+            f"Normal-only few-shot, k = {setting.removeprefix(NORMAL)}: zero-shot adapters and a memory bank "
+            f"of k normal images, no training on the target (beside MVFA's few-shot and zero-shot)"
+        )
+    return f"Few-shot, k = {setting}"
 
 
 def write_tables(frame: pd.DataFrame, out: str) -> str:
     """tables.md and one CSV per setting in `out`; returns the Markdown."""
     sections = ["# MVFA reproduced by training: mean ± std over support draws (AUROC, %)"]
     # zero-shot first
-    for setting in sorted(set(frame["setting"]), key=lambda s: -1 if s == "zero" else int(s)):
+    for setting in sorted(set(frame["setting"]), key=setting_order):
         table = setting_table(frame, setting)
         table.to_csv(Path(out) / f"table_{setting}.csv", index_label="dataset")
-        title = "Zero-shot" if setting == "zero" else f"Few-shot, k = {setting}"
+        title = title_of(setting)
         header = "| Dataset | " + " | ".join(table.columns) + " |\n|:---|" + "---:|" * len(table.columns)
         body = "\n".join(
             "| " + " | ".join([name, *row]) + " |" for name, row in zip(table.index, table.values)
@@ -287,6 +381,8 @@ def cost(job: Job, data_path: str, batch_size: int = 1) -> Cost:
         return found or TEST_IMAGES[obj]
 
     test, epochs = size(job.obj), job.epoch
+    if job.normal:  # one test: the bank of 11k views, then the test set
+        return Cost(0, 11 * int(job.shot) + test, 0, 0)
     final = 0 if job.select == "test" else 1
     if job.setting == "zero":
         groups = -(-sum(size(o) for o in CLASS_NAMES if o != job.obj) // batch_size)

@@ -1,5 +1,7 @@
 """The paper's two tables: zero-shot and 4-shot AUROC (%) on the six datasets, ours next to the paper's and
-the authors' implementation numbers, written as Markdown (tables.md) and CSV (zero_shot.csv, few_shot.csv).
+the authors' implementation numbers, written as Markdown (tables.md) and CSV (zero_shot.csv, few_shot.csv);
+and a third, the normal-only protocol (the 4 normal images of the n-0 line with the zero-shot adapters, no
+training on the target) beside MVFA's few-shot and zero-shot columns (normal_only.csv).
 
     python -m tools.paper_tables
     python -m tools.paper_tables --zero_dir my/zero-shot --few_dir my/few-shot --precision bf16 --batch_size 8
@@ -22,7 +24,7 @@ from mvfa.text_cache import text_features
 from tools.published import PUBLISHED, ROWS
 from utils import InputError, MissingFile
 
-SETTINGS = {"zero-shot": "zero", "few-shot": "few"}
+SETTINGS = {"zero-shot": "zero", "few-shot": "few", "normal-only": "few"}
 METRICS = (("image_auroc", "AUC"), ("pixel_auroc", "pAUC"))
 PARTS = (
     ("ours", "ours"),
@@ -35,7 +37,18 @@ COLUMNS = [f"{m}_{part}" for m, _ in METRICS for part, _ in PARTS]
 TITLES = {
     "zero-shot": "Zero-shot",
     "few-shot": "Few-shot, k = 4, support draw --iterate 0 (lines n-0/a-0 of 4-shot.txt)",
+    "normal-only": "Normal-only few-shot, k = 4 (line n-0 of 4-shot.txt, the zero-shot adapters), beside "
+    "MVFA's few-shot and zero-shot",
 }
+# the normal-only table's columns: (setting, part) per metric
+BESIDE = (
+    ("normal-only", "ours"),
+    ("few-shot", "ours"),
+    ("few-shot", "paper"),
+    ("zero-shot", "ours"),
+    ("zero-shot", "paper"),
+)
+NORMAL_COLUMNS = [f"{m}_{setting}_{part}" for m, _ in METRICS for setting, part in BESIDE]
 FOOTNOTES = {
     "few-shot": "LiverCT AUC paper/impl. 81.18 equals the zero-shot implementation AUC of Liver: probably "
     "a copy error in the authors' README (kept as published), not a target."
@@ -89,7 +102,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         default="./results/paper_tables/",
-        help="folder for tables.md, zero_shot.csv, few_shot.csv and the runs' records (runs/)",
+        help="folder for tables.md, zero_shot.csv, few_shot.csv, normal_only.csv and the runs' records "
+        "(runs/)",
     )
     p.add_argument(
         "--strict",
@@ -104,15 +118,18 @@ def parser() -> argparse.ArgumentParser:
 
 def run_configs(args) -> dict[tuple[str, str], RunConfig]:
     """(setting, obj) -> the run test_zero.py / test_few.py would make of these flags."""
-    common = {**passed_on(args), "out_dir": str(Path(args.out) / "runs")}
+    runs = Path(args.out) / "runs"
+    common = {**passed_on(args), "out_dir": str(runs)}
+    support = {"shot": 4, "iterate": 0, "seed_dir": args.seed_dir, "memory_no_cls": args.memory_no_cls}
     extra = {
         "zero-shot": {"save_path": args.zero_dir or "./ckpt/zero-shot/"},
-        "few-shot": {
-            "shot": 4,
-            "iterate": 0,
-            "save_path": args.few_dir or "./ckpt/few-shot/",
-            "seed_dir": args.seed_dir,
-            "memory_no_cls": args.memory_no_cls,
+        "few-shot": {**support, "save_path": args.few_dir or "./ckpt/few-shot/"},
+        # test_few.py --support normal: the zero-shot adapters; records apart from MVFA's few-shot ones
+        "normal-only": {
+            **support,
+            "support": "normal",
+            "save_path": args.zero_dir or "./ckpt/zero-shot/",
+            "out_dir": str(runs / "normal-only"),
         },
     }
     return {
@@ -219,6 +236,32 @@ def table(setting: str, ours: dict[str, dict]) -> list[dict]:
     return rows + [average]
 
 
+def normal_table(results: dict[str, dict]) -> list[dict]:
+    """The normal-only rows in the paper's order plus 'Average': {'dataset': label, NORMAL_COLUMNS...}: ours
+    beside MVFA's few-shot (ours, paper) and zero-shot (ours, paper), % with two decimals or None. The average
+    runs over the datasets with a normal-only result, each column's over the same ones (None if one lacks
+    it)."""
+    beside = {setting: table(setting, results.get(setting, {})) for setting in ("few-shot", "zero-shot")}
+    normal = results.get("normal-only", {})
+    rows = []
+    for i, (obj, label) in enumerate(ROWS):
+        row = {"dataset": label}
+        for metric, _ in METRICS:
+            # pixel AUROC where the dataset has masks: where the paper publishes it
+            has = beside["zero-shot"][i][f"{metric}_paper"] is not None and metric in normal.get(obj, {})
+            row[f"{metric}_normal-only_ours"] = round(100 * normal[obj][metric], 2) if has else None
+            for setting, part in BESIDE[1:]:
+                row[f"{metric}_{setting}_{part}"] = beside[setting][i][f"{metric}_{part}"]
+        rows.append(row)
+    average = {"dataset": "Average"}
+    for metric, _ in METRICS:
+        basis = [r for r in rows if r[f"{metric}_normal-only_ours"] is not None]
+        for setting, part in BESIDE:
+            column = f"{metric}_{setting}_{part}"
+            average[column] = _mean([r[column] for r in basis])
+    return rows + [average]
+
+
 def average_notes(rows: list[dict]) -> list[str]:
     """A line per metric whose average covers only some of the datasets that have published numbers."""
     out = []
@@ -239,22 +282,25 @@ def cell(value: float | None, part: str) -> str:
     return f"{value + 0.0:+.2f}" if part.startswith("ours-") else f"{value:.2f}"  # + 0.0: no '-0.00'
 
 
-def printed(rows: list[dict]) -> list[list[str]]:
-    """Each row as the strings the Markdown and the CSV show: dataset label, then COLUMNS."""
-    parts = [part for _ in METRICS for part, _ in PARTS]
-    return [[r["dataset"], *(cell(r[c], p) for c, p in zip(COLUMNS, parts))] for r in rows]
+def printed(rows: list[dict], columns: list[str] = COLUMNS) -> list[list[str]]:
+    """Each row as the strings the Markdown and the CSV show: dataset label, then `columns`."""
+    return [[r["dataset"], *(cell(r[c], c.rsplit("_", 1)[1]) for c in columns)] for r in rows]
 
 
 def markdown(setting: str, rows: list[dict]) -> str:
-    headers = [f"{name} {label}" for _, name in METRICS for _, label in PARTS]
+    if setting == "normal-only":
+        headers = [f"{name} {s} {part}" for _, name in METRICS for s, part in BESIDE]
+        columns, notes = NORMAL_COLUMNS, []
+    else:
+        headers = [f"{name} {label}" for _, name in METRICS for _, label in PARTS]
+        columns, notes = COLUMNS, average_notes(rows) + ([FOOTNOTES[setting]] if setting in FOOTNOTES else [])
     lines = [
         f"## {TITLES[setting]} (AUROC, %)",
         "",
         "| Dataset | " + " | ".join(headers) + " |",
         "|:---|" + "---:|" * len(headers),
     ]
-    lines += ["| " + " | ".join(cells) + " |" for cells in printed(rows)]
-    notes = average_notes(rows) + ([FOOTNOTES[setting]] if setting in FOOTNOTES else [])
+    lines += ["| " + " | ".join(cells) + " |" for cells in printed(rows, columns)]
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else []))
 
 
@@ -263,9 +309,11 @@ def write_tables(results: dict[str, dict], notes: list[str], out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     sections = ["# MVFA: ours vs the paper (CVPR 2024) and the authors' implementation (README)"]
     for setting in SETTINGS:
-        rows = table(setting, results.get(setting, {}))
+        normal = setting == "normal-only"
+        rows = normal_table(results) if normal else table(setting, results.get(setting, {}))
+        columns = NORMAL_COLUMNS if normal else COLUMNS
         with open(out / f"{setting.replace('-', '_')}.csv", "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerows([["dataset", *COLUMNS], *printed(rows)])
+            csv.writer(f).writerows([["dataset", *columns], *printed(rows, columns)])
         sections.append(markdown(setting, rows))
     if notes:
         sections.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes))
@@ -288,7 +336,7 @@ def main(argv=None) -> str:
         results, notes = run_all(args)
         notes += setting_notes(args)
         text = write_tables(results, notes, Path(args.out))
-    print(text + f"\nwritten: {Path(args.out) / 'tables.md'}, zero_shot.csv, few_shot.csv")
+    print(text + f"\nwritten: {Path(args.out) / 'tables.md'}, zero_shot.csv, few_shot.csv, normal_only.csv")
     return text
 
 

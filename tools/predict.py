@@ -15,6 +15,16 @@ and the --calibrate images) standing in for the test set: relative to that pool.
 --calibrate: its raw maps fused (few-shot score: their max), the map scaled by its own range for display only.
 --calibrate: threshold at the (1 - fpr) quantile of the normal images' scores. Images: 8-bit, 16-bit (/ 65535)
 or float in [0, 1], grey or colour, any size.
+
+--normalize support: scores that stand alone, as test_few.py / test_zero.py --normalize support give them.
+With --support (2 or more images; with the zero-shot adapters: the normal-only protocol), min-max fitted on
+the support images, each against the memory bank without its own views; without, on the --calibrate images.
+Score: MVFA's rule for the head (seg: the fused map's max; det: 0.5/0.5 of the normalised zero-shot and
+memory-bank image scores); one image per forward. A score then depends only on its image, the weights and
+those normal images, so a --calibrate threshold carries over to later runs:
+
+    python -m tools.predict --input scans/ --ckpt ckpt/zero-shot/Brain.pth --obj Brain --support normals/ \
+        --normalize support --calibrate more_normals/ --out pred/
 """
 
 import argparse
@@ -32,7 +42,16 @@ from dataset.augment import augment
 from dataset.images import load_input, read_image
 from dataset.medical_few import ImageItems
 from mvfa.config import configs
-from mvfa.evaluation import Collected, PixelMaps, build_memory, collect, raw_maps
+from mvfa.evaluation import (
+    Collected,
+    Normals,
+    PixelMaps,
+    build_memory,
+    collect,
+    collect_standalone,
+    image_scores_of,
+    raw_maps,
+)
 from mvfa.flags import add_cache_args, add_model_args, new_parser, one_line_errors
 from mvfa.maps import overlay
 from mvfa.precision import Precision
@@ -77,8 +96,27 @@ def pool_scores(
     return np.array([score], dtype=np.float32), display_maps
 
 
+def standalone_scores(
+    model,
+    pool: ImageItems,
+    text: torch.Tensor,
+    precision: Precision,
+    normals: Normals,
+    head: str,
+    memory: tuple | None,
+    augmented: int,
+) -> tuple[np.ndarray, Callable[[int, int], torch.Tensor]]:
+    """Image scores [n] and maps_fn of a pool, each standing alone: normalised with the extremes fitted on
+    `normals`, the image score by MVFA's rule for the head, as the test scripts' --normalize support."""
+    has_masks = head == "seg"  # the rule of the datasets whose maps come from the seg head
+    c = collect_standalone(model, pool, text, precision, normals, has_masks, memory, augmented, head=head)
+    device = next(model.parameters()).device
+    maps = PixelMaps(c, device, precision)
+    return image_scores_of(c, device, precision, maps), maps.chunk
+
+
 # the flags predict.py reads itself; the others make its configs
-OWN_FLAGS = ("input", "head", "support", "calibrate", "fpr", "out", "save_npy")
+OWN_FLAGS = ("input", "head", "support", "calibrate", "fpr", "out", "save_npy", "normalize")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -109,6 +147,14 @@ def parser() -> argparse.ArgumentParser:
         "normal/abnormal decision per input (use at least 1/fpr images)",
     )
     p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate for --calibrate")
+    p.add_argument(
+        "--normalize",
+        default="pool",
+        choices=["pool", "support"],
+        help="pool: few-shot maps min-max over this run's images (scores relative to them); support: "
+        "scores that stand alone, min-max fitted on the --support images (leave one out), else on the "
+        "--calibrate images",
+    )
     p.add_argument("--out", default="./predictions/", help="folder for scores.csv and the heat-map PNGs")
     p.add_argument(
         "--save_npy",
@@ -166,30 +212,48 @@ def main(argv=None) -> list[dict]:
         support = list_inputs(args.support, "--support") if args.support else []
         model_cfg, run, precision, device = configs(vars(args), protocol="zero", beside=OWN_FLAGS)
         name = obj or run.prompt_name
+        standalone = args.normalize == "support"
+        if standalone and (len(support) == 1 or not (support or normals)):
+            raise BadValue(
+                "--normalize support fits its range on 2 or more --support images (leave one out), or "
+                f"without --support on the --calibrate images: got {len(support)} support and "
+                f"{len(normals)} calibration images"
+            )
         model, texts = adapted_model(model_cfg, precision, device, [name], run.text_cache_dir)
         model.load_adapters(run.checkpoint)
         text = texts[name]
-        memory = None
+        memory, augmented = None, 0
         # memory banks of the augmented support images (11 views each), as test_few.py builds them
         if support:
-            images = [load_input(p, run.img_size, run.clip_normalize) for p in support]
-            # from the [11k, 3, S, S] augmented images
-            memory = build_memory(model, augment(torch.stack(images))[0], precision, run.batch_size)
+            images = torch.stack([load_input(p, run.img_size, run.clip_normalize) for p in support])
+            views = augment(images)[0]  # [11k, 3, S, S]
+            memory, augmented = build_memory(model, views, precision, run.batch_size), len(views)
         pool = ImageItems([(str(p), 0, None) for p in normals + inputs], run.img_size, run.clip_normalize)
         # auto: the det head for image-only datasets (their few-shot checkpoints never train the seg adapters)
         head = args.head
         if head == "auto":
             head = "det" if obj and not DATASETS[obj].has_masks else "seg"
-        loader = DataLoader(pool, batch_size=run.batch_size, shuffle=False)
-        c = collect(model, loader, text, precision, has_masks=False, memory=memory, head=head, desc="maps")
-        scores, maps_fn = pool_scores(c, device, precision)
+        if standalone:
+            # fitted on the support; zero-shot, on the calibration images
+            calibration = ImageItems(pool.items[: len(normals)], run.img_size, run.clip_normalize)
+            fit_on = Normals(images, None) if support else Normals(None, calibration)
+            scores, maps_fn = standalone_scores(model, pool, text, precision, fit_on, head, memory, augmented)
+        else:
+            loader = DataLoader(pool, batch_size=run.batch_size, shuffle=False)
+            c = collect(
+                model, loader, text, precision, has_masks=False, memory=memory, head=head, desc="maps"
+            )
+            scores, maps_fn = pool_scores(c, device, precision)
         threshold = float(np.quantile(scores[: len(normals)], 1 - args.fpr)) if normals else None
         if normals and len(normals) < 1 / args.fpr:
             print(
                 f"note: {len(normals)} calibration images are too few for --fpr {args.fpr}: "
                 f"the threshold is close to their highest score"
             )
-        if len(pool) == 1:
+        if standalone:
+            fitted_on = "the support images" if support else "the calibration images"
+            caption = f"{'fused ' if memory else ''}map, min-max fitted on {fitted_on}"
+        elif len(pool) == 1:
             caption = "raw map scaled to this image's range"
         else:
             caption = f"{'fused ' if memory else ''}map, min-max over the {len(pool)} images of this run"

@@ -7,6 +7,11 @@ several GPUs, or a SLURM cluster (submitit); then one table per setting with mea
         --protocols test val
     python -m tools.reproduce --status --out runs/        # done / running / failed (last error line)
     python -m tools.reproduce --tables --out runs/        # runs/tables.md, runs/table_{setting}.csv
+    python -m tools.reproduce --settings normal-4 --normal_ckpt ckpt/zero-shot --draws 5  # released adapters
+
+The grid holds the normal-only protocol too (settings normal-{k}: test_few.py --support normal, no training),
+testing the zero-shot adapters its zero-shot jobs train (they run after the trainings), or with --normal_ckpt
+DIR those of a folder (the released ones: ckpt/zero-shot).
 
 Flags it does not know go to every training and test command (e.g. --data_path, --clip_ckpt, --precision
 bf16). Rerunning the same command runs only the jobs without a result; trainings resume from their state, and
@@ -35,7 +40,10 @@ def parser():
     )
     p.add_argument("--objs", nargs="+", default=list(CLASS_NAMES), help="datasets")
     p.add_argument(
-        "--settings", nargs="+", default=["zero", *map(str, jobs.SHOTS)], help="'zero' and/or shot counts"
+        "--settings",
+        nargs="+",
+        default=["zero", *map(str, jobs.SHOTS), *(f"{jobs.NORMAL}{k}" for k in jobs.NORMAL_SHOTS)],
+        help="'zero', shot counts (MVFA's few-shot) and/or 'normal-{k}' (the normal-only protocol)",
     )
     p.add_argument(
         "--draws",
@@ -49,6 +57,14 @@ def parser():
     )
     p.add_argument("--epoch", type=int, default=50, help="training epochs of every job (the paper's: 50)")
     p.add_argument("--seed_dir", default=None, help="few-shot support lists (default: dataset/fewshot_seed)")
+    p.add_argument(
+        "--normal_ckpt",
+        default=None,
+        metavar="DIR",
+        help="normal-only jobs: a folder of zero-shot checkpoints {obj}.pth to test (e.g. the released "
+        "ckpt/zero-shot; their column is headed 'released'); default: those the grid's zero-shot jobs "
+        "train, one normal-only job per --protocols value",
+    )
     p.add_argument(
         "--dry_run", action="store_true", help="list the jobs and their estimated cost, run nothing"
     )
@@ -134,9 +150,23 @@ def dry_run(job_list: list, args, extra: list[str]) -> None:
         hours = (plain - saved) / 3600
         total, total_plain = total + hours, total_plain + plain / 3600
         draw = "listed" if job.draw == 0 else f"drawn, seed {job.draw}"
-        setting = "zero-shot" if job.setting == "zero" else f"{job.setting}-shot"
+        setting = (
+            "zero-shot"
+            if job.setting == "zero"
+            else f"normal-only {job.shot}-shot"
+            if job.normal
+            else f"{job.setting}-shot"
+        )
+        # normal-only: no training; the zero-shot adapters of a folder or of the grid's zero-shot job
+        adapters = (
+            ""
+            if not job.normal
+            else f" adapters {job.zero_ckpt}"
+            if job.zero_ckpt
+            else f" adapters of {job.zero_shot_job().key}"
+        )
         print(
-            f"{job.key}: {job.obj} {setting} draw {job.draw} ({draw}) --select {job.select}: "
+            f"{job.key}: {job.obj} {setting} draw {job.draw} ({draw}) --select {job.select}{adapters}: "
             f"{c.steps} steps, {c.images} images ({c.reused_steps} and {c.reused_images} with the prefix "
             f"reused), ~{hours:.1f} h"
         )
@@ -150,7 +180,14 @@ def dry_run(job_list: list, args, extra: list[str]) -> None:
 def run(args, extra: list[str]) -> int:
     out = Path(args.out)
     job_list = jobs.expand(
-        args.objs, args.settings, args.draws, args.protocols, args.epoch, extra, args.seed_dir
+        args.objs,
+        args.settings,
+        args.draws,
+        args.protocols,
+        args.epoch,
+        extra,
+        args.seed_dir,
+        args.normal_ckpt,
     )
     if args.dry_run:
         dry_run(job_list, args, extra)
@@ -164,11 +201,13 @@ def run(args, extra: list[str]) -> int:
     if not args.tables:
         todo = [job for job in job_list if not jobs.is_done(job, str(out))]
         print(f"{len(job_list) - len(todo)} of {len(job_list)} jobs done already; running {len(todo)}")
-        failures = (
-            jobs.run_local(todo, str(out), args.gpus, args.workers)
-            if args.executor == "local"
-            else jobs.submit(todo, str(out), executor(args, out))
-        )
+        # normal-only tests after the trainings whose checkpoints they read
+        for phase in filter(None, jobs.after_trainings(todo)):
+            failures += (
+                jobs.run_local(phase, str(out), args.gpus, args.workers)
+                if args.executor == "local"
+                else jobs.submit(phase, str(out), executor(args, out))
+            )
         for message in failures:
             print(f"failed: {message}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
