@@ -376,8 +376,9 @@ def extremes_of(c: Collected, device: torch.device, precision: Precision) -> Ext
     for name, value in fitted._asdict().items():
         if value is not None and not value[1] > value[0]:
             raise BadValue(
-                f"--normalize support: the {len(c.labels)} normal images give one value of {name} "
-                f"({float(value[0])}), no range to normalise with; give more or other normal images"
+                f"standalone scores: the {len(c.labels)} normal images give one value of {name} "
+                f"({float(value[0])}), no range to normalise with; give more or other normal images",
+                flag="normalize",
             )
     return fitted
 
@@ -409,8 +410,9 @@ def fit_extremes(
         parts.append(collect(model, loader, text, precision, has_masks=has_masks, memory=memory, head=head))
     if not parts:
         raise BadValue(
-            "--normalize support: no normal images to fit on (leave-one-out needs 2 or more normal support "
-            "images); give 2 or more support images, or other normal images to fit on"
+            "standalone scores: no normal images to fit on (leave-one-out needs 2 or more normal support "
+            "images); give 2 or more support images, or other normal images to fit on",
+            flag="normalize",
         )
     return extremes_of(merged(parts), next(model.parameters()).device, precision)
 

@@ -53,19 +53,26 @@ def check_scoring(run: RunConfig) -> None:
     """The flags of the protocol and the normalisation, checked together before any work."""
     if run.support == "normal" and run.shot_in_name:
         raise BadValue(
-            "--shot_in_name names few-shot checkpoints; --support normal reads the zero-shot adapters "
-            "{obj}.pth: leave --shot_in_name out (or give the file with --ckpt)"
+            "names few-shot checkpoints, while the normal-only protocol (support 'normal') reads the "
+            "zero-shot adapters {obj}.pth: leave it out, or name the checkpoint file itself (ckpt)",
+            flag="shot_in_name",
         )
     if run.calibration and run.normalize != "support":
         raise BadValue(
-            f"--calibration {run.calibration}: its images fit the normalisation of --normalize support "
-            f"only; add --normalize support or leave --calibration out"
+            f"calibration images {run.calibration}: they fit the standalone scores' normalisation "
+            f"(normalize 'support') only; ask for it, or leave them out",
+            flag="calibration",
         )
     if run.normalize == "support" and not run.calibration and not (run.fewshot and run.shot >= 2):
-        why = "zero-shot has no support images" if not run.fewshot else f"--shot {run.shot} leaves none out"
+        why = (
+            "zero-shot has no support images"
+            if not run.fewshot
+            else f"a {run.shot}-shot support leaves none out"
+        )
         raise BadValue(
-            f"--normalize support needs normal images to fit on ({why}): give a folder of normal images "
-            f"with --calibration DIR" + ("" if not run.fewshot else ", or use --shot 2 or more")
+            f"'support' needs normal images to fit on ({why}): give a folder of normal images as calibration "
+            f"images" + ("" if not run.fewshot else ", or 2 or more support images (shot)"),
+            flag="normalize",
         )
 
 
@@ -81,11 +88,15 @@ def calibration_set(run: RunConfig) -> ImageItems | None:
         files = [path]
     else:
         raise MissingFile(
-            f"--calibration {path}: no folder or image file ({', '.join(IMAGE_EXTENSIONS)}) there; give a "
-            f"folder of normal images, e.g. {{data}}/{{obj}}_AD/valid/good/img"
+            f"calibration images {path}: no folder or image file ({', '.join(IMAGE_EXTENSIONS)}) there; give "
+            f"a folder of normal images, e.g. {{data}}/{{obj}}_AD/valid/good/img",
+            flag="calibration",
         )
     if not files:
-        raise BadValue(f"--calibration {path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+        raise BadValue(
+            f"calibration images {path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder",
+            flag="calibration",
+        )
     return ImageItems([(p, 0, None) for p in files], run.img_size, run.clip_normalize)
 
 

@@ -158,32 +158,32 @@ def test_killed_run_reruns_only_what_is_missing(synth, tmp_path):
     assert all((tmp_path / "jobs" / key / "done.json").stat().st_mtime_ns == t for key, t in first.items())
 
 
-def test_a_failing_job_never_stops_the_others_and_status_names_it(synth, tmp_path, capsys):
+def test_a_failing_job_never_stops_the_others_and_status_names_it(synth, tmp_path, capsys, monkeypatch):
+    """Also: relative --out and --data_path mean what they mean where the grid is started."""
     data = tmp_path / "data"
     shutil.copytree(synth.data, data)
     shutil.rmtree(data / "Chest_AD" / "test" / "good")  # Chest's jobs cannot read their test set
+    monkeypatch.chdir(tmp_path)
     # few-shot only: zero-shot Brain would train on Chest's test set too
     args = [
         *GRID,
         "--out",
-        str(tmp_path / "out"),
+        "out",
         "--data_path",
-        str(data),
+        "data",
         "--seed_dir",
         synth.seed_root,
         *TINY,
         "--settings",
         "1",
-        "--draws",
-        "1",
     ]
-    assert reproduce.main(args) == 1
+    assert reproduce.main([*args, "--draws", "1"]) == 1
     assert len(records(tmp_path / "out")) == 1  # Brain's job
     capsys.readouterr()
-    assert reproduce.main(["--status", *args]) == 0
+    assert reproduce.main(["--status", *args, "--draws", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count(" done ") == 1 and out.count(" failed ") == 1
-    assert f"image folder not found: {data / 'Chest_AD' / 'test' / 'good' / 'img'}" in out
+    assert f"image folder not found: {Path('data') / 'Chest_AD' / 'test' / 'good' / 'img'}" in out
 
 
 def test_slurm_submission_parameters(tmp_path, monkeypatch):

@@ -354,17 +354,17 @@ def test_predicts_score_is_the_protocols(name, standalone, synth, zero_dir, tmp_
 def test_flags_that_do_not_go_together(synth, zero_dir, tmp_path, capsys):
     common = [*script_args(synth.data, tmp_path, "Brain"), "--ckpt", str(zero_dir / "Brain.pth")]
     err = expect_error(test_zero, [*common, "--normalize", "support"], capsys)
-    assert "--calibration DIR" in err and "zero-shot has no support images" in err
+    assert "error: --normalize: " in err and "zero-shot has no support images" in err and "calibration" in err
     err = expect_error(test_few, [*common, "--seed_dir", synth.seed_root, "--calibration", "x"], capsys)
-    assert "--calibration x" in err and "--normalize support" in err
+    assert "error: --calibration: calibration images x:" in err and "normalize 'support'" in err
     one = [*common, "--seed_dir", synth.seed_root, "--support", "normal", "--shot", "1", "--iterate", "0"]
     err = expect_error(test_few, [*one, "--normalize", "support"], capsys)
-    assert "--shot 1 leaves none out" in err and "--calibration DIR" in err
+    assert "a 1-shot support leaves none out" in err and "calibration images" in err
     err = expect_error(test_few, [*one, "--shot_in_name"], capsys)
     assert "--shot_in_name" in err and "zero-shot adapters" in err
     missing = str(tmp_path / "none")
     err = expect_error(test_few, [*one, "--normalize", "support", "--calibration", missing], capsys)
-    assert f"--calibration {missing}: no folder or image file" in err
+    assert f"error: --calibration: calibration images {missing}: no folder or image file" in err
     image = next((Path(synth.data) / "Brain_AD" / "test" / "good" / "img").iterdir())
     single = tmp_path / "single"
     single.mkdir()

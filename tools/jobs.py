@@ -150,7 +150,9 @@ def after_trainings(job_list: list[Job]) -> list[list[Job]]:
 
 def run_job(job: Job, out: str, env: dict | None = None) -> dict:
     """Train, then test, each as a subprocess (environment `env`) logging to the job's folder; done.json marks
-    success, failed.txt holds the last error line. Raises RuntimeError naming the job and that line."""
+    success, failed.txt holds the last error line. Raises RuntimeError naming the job and that line. The
+    commands run in this process's working directory (where the grid was started: relative paths among the
+    flags, and the scripts' defaults such as ./data/, mean there what they mean to the user)."""
     folder = Path(out) / "jobs" / job.key
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "failed.txt").unlink(missing_ok=True)
@@ -164,7 +166,6 @@ def run_job(job: Job, out: str, env: dict | None = None) -> dict:
                     [sys.executable, str(REPO / command[0]), *command[1:]],
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    cwd=folder,
                     env=env,
                 )
             if done.returncode:

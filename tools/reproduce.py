@@ -178,7 +178,7 @@ def dry_run(job_list: list, args, extra: list[str]) -> None:
 
 
 def run(args, extra: list[str]) -> int:
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the jobs' own paths, whatever folder a job function later runs in
     job_list = jobs.expand(
         args.objs,
         args.settings,
