@@ -97,6 +97,26 @@ def test_api_returns_predicts_numbers(served, tmp_path):
         )
 
 
+def test_api_normal_only_returns_predicts_standalone_scores(served, tmp_path):
+    """Normal-only (the zero-shot adapters, a bank of the uploaded normals, --normalize support): the API's
+    scores are the command's, to the last bit; one normal image is refused before any work."""
+    url, flags, ckpt, brain = served
+    image = brain / "test/Ungood/img/00000.png"
+    support = sorted((brain / "valid/good/img").glob("*.png"))
+    client = gradio_client.Client(url, verbose=False)
+    few = [gradio_client.handle_file(str(p)) for p in support]
+    args = ([gradio_client.handle_file(str(image))], "Brain", "normal-only")
+    _, rows = client.predict(*args, few, 0.5, str(ckpt), api_name="/predict")
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    shutil.copy(image, inputs / image.name)
+    extra = ["--ckpt", str(ckpt), "--obj", "Brain", "--support", str(brain / "valid/good/img")]
+    expected = predict_command(flags, inputs, tmp_path / "out", *extra, "--normalize", "support")
+    assert {r["file"]: r["score"] for r in rows} == expected and len(expected) == 1
+    with pytest.raises(Exception, match="normal-only: upload 2 or more"):
+        client.predict(*args, few[:1], 0.5, str(ckpt), api_name="/predict")
+
+
 def test_upload_in_a_browser_shows_an_overlay(served):
     chromium()  # skips with its reason when chromium or playwright is absent
     url, _, ckpt, brain = served

@@ -32,10 +32,10 @@ def test_token_ids(goldens):
     assert ids.dtype == torch.int32 and torch.equal(ids, goldens["tokens_ids"])
 
 
-# Brain's in every run; the other five (~30 s each on 2 cores) with the slow tier, whose trainings use them
-@pytest.mark.parametrize(
-    "obj", [obj if obj == "Brain" else pytest.param(obj, marks=pytest.mark.slow) for obj in CLASS_NAMES]
-)
+# ViT-L text encodings (~30-90 s each on 2 cores): the slow tier. The quick tier's replay of a recorded
+# training's first steps (tests/test_reference_runs.py) compares losses computed from Brain's.
+@pytest.mark.slow
+@pytest.mark.parametrize("obj", CLASS_NAMES)
 def test_text_features(goldens, brain_model, reference_assets, obj):
     """Encoded here by the scripts' own function (prompt.text_features_for), then kept in the text cache of
     this session's folder for the later runs on the same weights; an entry an earlier run of this worker kept

@@ -1,6 +1,7 @@
 """A local web app for one's own scans (gradio: `pip install -r requirements-app.txt`): upload images, choose
-the dataset or prompt name, zero-shot or few-shot (upload normal support images) and a threshold; see each
-overlay, score and decision. Every request runs `python -m tools.predict` on the uploads: its numbers.
+the dataset or prompt name, the protocol (zero-shot; few-shot or normal-only with uploaded normal support
+images) and a threshold; see each overlay, score and decision. Every request runs `python -m tools.predict` on
+the uploads: its numbers.
 
     python -m tools.app                                   # http://127.0.0.1:7860, checkpoints under ./ckpt/
     python -m tools.app --ckpt_dir my_ckpts/ --port 8000 --precision bf16
@@ -29,7 +30,10 @@ from PIL import Image
 from dataset import DATASETS
 from mvfa.flags import new_parser
 
-PROTOCOLS = ("zero-shot", "few-shot")
+PROTOCOLS = ("zero-shot", "few-shot", "normal-only")
+# normal-only (README, "Normal-only few-shot"): the zero-shot adapters with a memory bank of the uploaded
+# normal images, scores that stand alone (fitted on those images, each left out in turn: 2 or more)
+CKPT_FOLDER = {"zero-shot": "zero-shot", "few-shot": "few-shot", "normal-only": "zero-shot"}
 REPO = Path(__file__).resolve().parents[1]  # where `python -m tools.predict` is found
 
 
@@ -47,8 +51,9 @@ def stage(files: list[str], folder: Path) -> dict[str, str]:
 
 
 def checkpoint(ckpt_dir: str, protocol: str, name: str, given: str) -> str:
-    """The checkpoint field, else the released layout {ckpt_dir}/{protocol}/{name}.pth."""
-    path = Path(given) if given and given.strip() else Path(ckpt_dir) / protocol / f"{name}.pth"
+    """The checkpoint field, else the released layout {ckpt_dir}/{few-shot or zero-shot}/{name}.pth."""
+    released = Path(ckpt_dir) / CKPT_FOLDER[protocol] / f"{name}.pth"
+    path = Path(given) if given and given.strip() else released
     if not path.is_file():
         raise gr.Error(f"checkpoint {path}: no such file; type the path of an adapter checkpoint")
     return str(path)
@@ -80,6 +85,8 @@ def make_handler(ckpt_dir: str, model_flags: list[str]):
             raise gr.Error("upload one or more images and give a threshold")
         if protocol == "few-shot" and not support:
             raise gr.Error("few-shot: upload normal support images, or choose zero-shot")
+        if protocol == "normal-only" and len(support or []) < 2:
+            raise gr.Error("normal-only: upload 2 or more normal support images (each is left out in turn)")
         name = (name or "").strip()
         if not name:
             raise gr.Error("choose a dataset or type the object's name, e.g. 'knee MRI'")
@@ -89,9 +96,11 @@ def make_handler(ckpt_dir: str, model_flags: list[str]):
             argv = [*model_flags, "--input", str(tmp / "input")]
             argv += ["--ckpt", checkpoint(ckpt_dir, protocol, name, ckpt)]
             argv += ["--obj", name] if name in DATASETS else ["--prompt_name", name]
-            if protocol == "few-shot":
+            if protocol != "zero-shot":
                 stage(support, tmp / "support")
                 argv += ["--support", str(tmp / "support")]
+            if protocol == "normal-only":
+                argv += ["--normalize", "support"]
             rows = run_predict(argv, tmp / "out")
             gallery = []
             for j, row in enumerate(rows):
@@ -121,10 +130,13 @@ def build(ckpt_dir: str, model_flags: list[str]) -> gr.Blocks:
                     label="dataset, or the object's name for the prompts (e.g. knee MRI)",
                 )
                 protocol = gr.Radio(list(PROTOCOLS), value="zero-shot", label="protocol")
-                support = gr.File(label="normal support images (few-shot)", file_count="multiple")
+                support = gr.File(
+                    label="normal support images (few-shot, normal-only)", file_count="multiple"
+                )
                 threshold = gr.Number(value=0.5, label="threshold (abnormal above it)")
                 ckpt = gr.Textbox(
-                    label=f"checkpoint (default: {ckpt_dir}/<protocol>/<dataset>.pth)", elem_id="ckpt"
+                    label=f"checkpoint (default: {ckpt_dir}/few-shot or zero-shot/<dataset>.pth)",
+                    elem_id="ckpt",
                 )
                 button = gr.Button("Score", variant="primary")
             with gr.Column():
