@@ -119,13 +119,14 @@ def replayed(checkout_for, tmp_path_factory):
     return replay
 
 
-# The recorded runs that CI's slow tier leaves out for time (`-m "slow and not extra"`, ~20 minutes less on 2
+# The recorded runs that CI's slow tier leaves out for time (`-m "slow and not extra"`, ~25 minutes less on 2
 # cores), each with the run that takes its path there; `-m slow` replays them all.
 EXTRA = {
-    # its first steps run in the quick tier; k = 4 and 8 run whole
+    # its first steps run in the quick tier; k = 8 runs whole
     "train_few.py --obj Brain --shot 2 --iterate 0 --epoch 1 (seed 0, 6 per split)",
-    # k = 4 runs whole on the seed-7 inputs
+    # k = 8 runs whole on the seed-7 inputs: the same path, twice the steps
     "train_few.py --obj Brain --shot 4 --iterate 0 --epoch 1 (seed 0, 6 per split)",
+    "train_few.py --obj Brain --shot 4 --iterate 0 --epoch 1 (seed 7, 8 per split)",
     # train_zero.py trains on the five other datasets, Liver among them, with Chest as the target
     "train_zero.py --obj Liver --epoch 1 (seed 0, 6 per split)",
     # the same command on the seed-3 inputs: 80 test images, five blocks of maps
