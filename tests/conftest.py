@@ -40,6 +40,21 @@ TINY_MODEL = ModelConfig(model_name="demo-tiny", pretrain="none", img_size=SIZE,
 SUM_NORM_RTOL = 1e-12  # float64 sums of the same values in another order
 
 
+def pytest_configure(config):
+    """Test workers (pytest-xdist) share the machine's cores: each worker, and every process it starts, runs
+    its share of them as torch's threads, unless OMP_NUM_THREADS says otherwise. More threads than cores make
+    OpenMP's waits spin: on 2 cores, 2 workers of 2 threads each took the quick tier 15 minutes, of 1 thread
+    each 11. The recorded replays set their recording's thread count themselves."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        share = max(1, cores // workers)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op torch thread in the modules that ask for it (`pytestmark = pytest.mark.usefixtures(...)`):

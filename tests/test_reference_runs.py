@@ -31,7 +31,7 @@ from recordings import RECORDINGS, legacy_test_runs
 # seed-0 test runs on AVX-512 kernels against their AVX2 recording differ by up to 1.3e-5 in the maps and
 # 1.5e-4 in the image scores (the min-max over 12 images magnifies last-bit differences of the raw scores);
 # these allow about 3x that. A wrong fusion weight, a dropped min-max or a shifted map moves them by 1e-2 and
-# more. (ViT-L runs of 1 to 20 minutes each: all but one quick one are in the slow tier.)
+# more. (ViT-L runs of 1 to 20 minutes each: the slow tier.)
 MAP_TOL = 5e-5
 IMAGE_TOL = 5e-4
 
@@ -197,15 +197,10 @@ def test_first_steps_of_a_recorded_training(checkout_for, tmp_path):
 TEST_RUNS = RECORDINGS["test_runs"] + legacy_test_runs()
 
 
-def slow_or_quick(recordings: list[dict]) -> list:
-    """The legacy zero-shot Histopathology run (12 images, no maps: ~1 minute) also runs in the quick tier."""
-    quick = "test_zero.py --obj Histopathology"
-    return [
-        pytest.param(
-            r, id=recording_id(r), marks=marks_of(r, *([] if r["command"] == quick else [pytest.mark.slow]))
-        )
-        for r in recordings
-    ]
+def each_test_run() -> list:
+    """The recorded test runs as parameters, in the slow tier (the quick tier's recorded run is a training's
+    first steps: test_first_steps_of_a_recorded_training)."""
+    return [pytest.param(r, id=recording_id(r), marks=marks_of(r, pytest.mark.slow)) for r in TEST_RUNS]
 
 
 def recorded_arrays(recording: dict) -> dict:
@@ -214,7 +209,7 @@ def recorded_arrays(recording: dict) -> dict:
     return {"labels": np.array(recording["labels"]), "image_scores": np.array(recording["image_scores"])}
 
 
-@pytest.mark.parametrize("recording", slow_or_quick(TEST_RUNS))
+@pytest.mark.parametrize("recording", each_test_run())
 def test_run_scores_on_any_cpu(recording, replayed):
     """Every image score within IMAGE_TOL and map pixel within MAP_TOL of the reference's, the labels and
     masks equal."""
@@ -244,7 +239,7 @@ def test_run_scores_on_any_cpu(recording, replayed):
     assert difference <= MAP_TOL, f"anomaly maps differ by up to {difference:.3g}"
 
 
-@pytest.mark.parametrize("recording", slow_or_quick(TEST_RUNS))
+@pytest.mark.parametrize("recording", each_test_run())
 def test_run_exact_on_its_kernel_family(recording, replayed):
     """The printed lines, every image score and every map pixel, exactly."""
     if matching_setting(recording["fingerprint"], recording["threads"]) is None:
