@@ -22,8 +22,9 @@ N = 3  # images per synthetic folder: 3 normal + 3 abnormal test images
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A test_few and a test_zero record of synthetic Brain with their --save_scores arrays, and the page
-    of both: (page, [(record, npz)])."""
+    """A test_few record of synthetic Brain (MVFA's few-shot protocol), a test_zero one and a normal-only one
+    (--support normal, standalone scores), with their --save_scores arrays, and the page of the three:
+    (page, [(record, npz)])."""
     root = tmp_path_factory.mktemp("report")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model on a shared 2-core machine
@@ -33,10 +34,11 @@ def runs(tmp_path_factory):
     torch.save(model_cfg.build(device, precision).adapter_state(), root / "tiny.pth")
     common = [*TINY, "--obj", "Brain", "--data_path", synth.data, "--ckpt", str(root / "tiny.pth")]
     common += ["--cache_dir", str(root / "cache")]
-    found = []
+    found, normal_only = [], ["--support", "normal", "--normalize", "support"]
     for module, extra, name in (
         (test_few, ["--shot", "2", "--seed_dir", synth.seed_root], "few"),
         (test_zero, [], "zero"),
+        (test_few, ["--shot", "2", "--seed_dir", synth.seed_root, *normal_only], "normal"),
     ):
         out = root / name
         module.main([*common, *extra, "--out_dir", str(out), "--save_scores", str(out / "s.npz")])
@@ -47,7 +49,7 @@ def runs(tmp_path_factory):
 
 
 def test_errors_name_the_file_and_the_fix(runs, tmp_path, capsys):
-    _, [(record, _), _] = runs
+    _, [(record, _), *_] = runs
     cases = [
         ([str(tmp_path / "missing.json")], r"record .*missing\.json: no such file"),
         ([str(record), "--scores", str(tmp_path / "gone.npz")], r"scores .*gone\.npz of record .*: no such"),
@@ -92,6 +94,23 @@ def test_pixel_curves_from_histograms_match_sklearn():
     assert recall[-1] == 1 and precision[-1] == pytest.approx(masks.mean())
 
 
+def test_pixel_curves_tell_standalone_scores_above_one_apart():
+    """--normalize support keeps map values above the normal images' range: the bins span the maps' range,
+    so a ranking above 1 still gives sklearn's AUROC (bins of [0, 1] would lump it into the top one)."""
+    from sklearn.metrics import auc, roc_auc_score
+
+    rng = np.random.default_rng(1)
+    masks = rng.random((4, 8, 8)) < 0.2
+    top = 3.0
+    bins = np.minimum(rng.integers(0, 700, (4, 8, 8)) + 290 * masks, 998)  # bin 999 holds the top alone
+    maps = (bins + 0.5) * top / report.PIXEL_BINS  # bin centres on [0, 3]
+    maps[0, 0, 0] = top
+    curves = report.curves_from_histograms(*report.pixel_histograms(maps, masks.astype(np.uint8), chunk=3))
+    fpr, tpr = curves["roc"]
+    assert auc(fpr, tpr) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert (maps > 1).mean() > 0.5
+
+
 def test_page_in_a_browser(runs):
     chromium()  # skips with its reason when chromium or playwright is absent
     page_file, found = runs
@@ -103,7 +122,7 @@ def test_page_in_a_browser(runs):
         assert requests == [page_file.as_uri()]  # the page alone: every picture is inside it
         page.screenshot(path=screenshot_path("report.png"))  # the top: metrics and curves
         tables = page.locator("div.images")
-        assert tables.count() == 2
+        assert tables.count() == len(found) == 3
         for t, a in enumerate(arrays):
             box = tables.nth(t)
             rows = box.locator("tr.img:visible")
@@ -130,7 +149,9 @@ def test_page_in_a_browser(runs):
             shown = [float(s) for s in rows.evaluate_all("rs => rs.map(r => r.dataset.score)")]
             assert shown == sorted(scores.tolist(), reverse=True)
         widths = page.locator("img").evaluate_all("imgs => imgs.map(i => i.complete && i.naturalWidth)")
-        assert len(widths) == 4 + 2 * 2 * N and all(w > 0 for w in widths)  # 4 curves, 12 overlays
+        assert len(widths) == 4 + 3 * 2 * N and all(w > 0 for w in widths)  # 4 curves, 18 overlays
         metrics = page.locator("#metrics").inner_text()
+        for protocol in ("Brain few-shot k=2", "Brain zero-shot", "Brain normal-only k=2"):
+            assert protocol in metrics, protocol
         assert "78.63" in metrics and "89.68" in metrics  # zero-shot Brain: paper AUC, implementation pAUC
     assert requests == [page_file.as_uri()]

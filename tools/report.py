@@ -51,7 +51,7 @@ PROTOCOLS = {
     "test_zero": "zero-shot",
     "train_zero": "zero-shot",
 }
-PIXEL_BINS = 1000  # pixel curves from histograms of the [0, 1] maps: exact at these 1000 thresholds
+PIXEL_BINS = 1000  # pixel curves from histograms of the maps: exact at these 1000 thresholds
 THUMB_WIDTH = 600  # overlays embedded at this width (the drawing is maps.overlay's, 900 px wide)
 
 
@@ -68,7 +68,7 @@ class Run(NamedTuple):
     @property
     def group(self) -> tuple:
         args = self.record.get("args", {})
-        shot = args.get("shot") if protocol_of(self.record) == "few-shot" else None
+        shot = args.get("shot") if protocol_of(self.record) in ("few-shot", "normal-only") else None
         return (args.get("obj", "?"), protocol_of(self.record), shot, args.get("select", "test"))
 
     @property
@@ -78,8 +78,14 @@ class Run(NamedTuple):
 
 
 def protocol_of(record: dict) -> str:
-    """The protocol label of a record: its `protocol` field, else its script's."""
-    return record.get("protocol") or PROTOCOLS.get(record.get("script", ""), record.get("script", "?"))
+    """The protocol label of a record: its `protocol` field, else its script's, where test_few.py with
+    --support normal ran the normal-only protocol (docs/normal-only.md)."""
+    if record.get("protocol"):
+        return record["protocol"]
+    script = record.get("script", "?")
+    if script == "test_few" and record.get("args", {}).get("support") == "normal":
+        return "normal-only"
+    return PROTOCOLS.get(script, script)
 
 
 def group_name(group: tuple) -> str:
@@ -163,12 +169,15 @@ def threshold_for(labels: np.ndarray, scores: np.ndarray, given: float | None, f
 
 
 def pixel_histograms(maps: np.ndarray, masks: np.ndarray, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Counts of normal and anomalous pixels in PIXEL_BINS bins of [0, 1], streamed over the images."""
+    """Counts of normal and anomalous pixels in PIXEL_BINS equal bins from 0 to 1, or over the maps' whole
+    range where it is wider (standalone scores, --normalize support, go above 1), streamed over the images."""
+    low, high = min(0.0, float(maps.min())), max(1.0, float(maps.max()))
+    per_unit = PIXEL_BINS / (high - low)  # bins per unit of score: PIXEL_BINS on [0, 1]
     normal, anomalous = np.zeros(PIXEL_BINS, np.int64), np.zeros(PIXEL_BINS, np.int64)
     for start in range(0, len(maps), chunk):
         values = maps[start : start + chunk].reshape(-1)
         truth = masks[start : start + chunk].reshape(-1) > 0
-        bins = np.clip((values * PIXEL_BINS).astype(np.int64), 0, PIXEL_BINS - 1)
+        bins = np.clip(((values - low) * per_unit).astype(np.int64), 0, PIXEL_BINS - 1)
         normal += np.bincount(bins[~truth], minlength=PIXEL_BINS)
         anomalous += np.bincount(bins[truth], minlength=PIXEL_BINS)
     return normal, anomalous
