@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+VIEWS = 11  # views per image; of k images, view j of image i is row j * k + i of augment's output
+
 
 def _warp(x: torch.Tensor, matrix: list[list[torch.Tensor]]) -> torch.Tensor:
     """Affine warp of x [N, C, H, W] by one float32 2x3 matrix, bilinear, reflection padding, align_corners
@@ -44,7 +46,7 @@ def augment(images: torch.Tensor, masks: torch.Tensor | None = None) -> tuple[to
             x.flip(-2),
         ]
 
-    out = torch.cat(views(images))  # [11k, C, H, W]
+    out = torch.cat(views(images))  # [VIEWS * k, C, H, W]
     if masks is None:
         return out, torch.zeros(out.shape[0], 1, *out.shape[2:])
     return out, torch.cat(views(masks.float()))

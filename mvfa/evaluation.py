@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dataset import dataset_name
+from dataset.augment import VIEWS
 from utils import BadValue
 
 from . import metrics
@@ -342,13 +343,14 @@ class LoadedImages(Dataset):
         return self.images[i], 0, torch.zeros(1, self.img_size, self.img_size)
 
 
-def without_image(memory: tuple, image: int, shot: int, augmented: int) -> tuple[list, list]:
-    """The seg and det memory banks without support image `image`'s views: build_memory's rows are the
-    tokens of the `augmented` images in turn, and `augment` puts the views of image i at i, k + i, ..."""
+def without_image(memory: tuple, image: int, shot: int) -> tuple[list, list]:
+    """The seg and det memory banks of `shot` support images without image `image`'s views: build_memory's
+    rows are the tokens of the VIEWS * shot augmented images in turn, and `augment` puts the views of image
+    i at i, k + i, ..."""
 
     def others(bank: torch.Tensor) -> torch.Tensor:
-        views = bank.view(augmented, -1, bank.shape[-1])  # [11k, T, D]: T rows per augmented image
-        keep = (torch.arange(augmented) % shot != image).to(bank.device)
+        views = bank.view(VIEWS * shot, -1, bank.shape[-1])  # [11k, T, D]: T rows per augmented image
+        keep = (torch.arange(VIEWS * shot) % shot != image).to(bank.device)
         return views[keep].flatten(0, 1)  # [11(k-1) * T, D]
 
     return [others(b) for b in memory[0]], [others(b) for b in memory[1]]
@@ -390,20 +392,19 @@ def fit_extremes(
     normals: Normals,
     has_masks: bool,
     memory: tuple | None = None,
-    augmented: int = 0,
     head: str | None = None,
 ) -> Extremes:
     """The extremes of scores that stand alone, fitted on normal images only: each normal support image
-    (`normals.support`, k >= 2) against the memory bank without its own `augmented // k` views (leave one
-    out), and the images of `normals.calibration` against the whole bank; one image per forward. `memory`:
-    build_memory's banks of the `augmented` support views (None: zero-shot)."""
+    (`normals.support`, k >= 2) against the memory bank without its own VIEWS views (leave one out), and
+    the images of `normals.calibration` against the whole bank; one image per forward. `memory`:
+    build_memory's banks of the augmented support images (None: zero-shot)."""
     parts = []
     # a support image against a bank holding its own views would find itself: it leaves them out
     if normals.support is not None and memory is not None and len(normals.support) >= 2:
         k = len(normals.support)
         for i in range(k):
             loader = DataLoader(LoadedImages(normals.support[i : i + 1]), batch_size=1)
-            bank = without_image(memory, i, k, augmented)
+            bank = without_image(memory, i, k)
             parts.append(collect(model, loader, text, precision, has_masks=has_masks, memory=bank, head=head))
     if normals.calibration is not None:
         loader = DataLoader(normals.calibration, batch_size=1, shuffle=False)
@@ -425,13 +426,12 @@ def collect_standalone(
     normals: Normals,
     has_masks: bool,
     memory: tuple | None = None,
-    augmented: int = 0,
     num_workers: int = 0,
     head: str | None = None,
 ) -> Collected:
     """`collect` for scores that stand alone: the extremes fitted on `normals` (`fit_extremes`) as
     `fitted`, and one image per forward, so that no batch neighbour can change an image's bits."""
-    fitted = fit_extremes(model, text, precision, normals, has_masks, memory, augmented, head)
+    fitted = fit_extremes(model, text, precision, normals, has_masks, memory, head)
     loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers)
     c = collect(model, loader, text, precision, has_masks=has_masks, memory=memory, head=head)
     c.fitted = fitted
@@ -461,9 +461,8 @@ def evaluate_set(
         loader = DataLoader(dataset, batch_size=run.batch_size, shuffle=False, num_workers=run.num_workers)
         collected = collect(model, loader, text, precision, has_masks=dataset.has_masks, memory=memory)
     else:
-        augmented = 0 if memory_images is None else len(memory_images)
         collected = collect_standalone(
-            model, dataset, text, precision, normals, dataset.has_masks, memory, augmented, run.num_workers
+            model, dataset, text, precision, normals, dataset.has_masks, memory, run.num_workers
         )
     device = next(model.parameters()).device
     result = evaluate(collected, device, precision, pixel_extras)

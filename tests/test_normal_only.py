@@ -213,7 +213,7 @@ def standalone(one_thread, synth, zero_dir, tmp_path_factory) -> dict[str, tuple
 
 def protocol_parts(synth, zero_dir, name: str):
     """What the protocol of `standalone`[name] scores with: the model with its adapters, the text features,
-    the test items, the normal images and the memory bank (with its number of augmented views)."""
+    the test items, the normal images and the memory bank."""
     obj = "Chest" if name == "Chest" else "Brain"
     good = Path(synth.data) / DATASETS[obj].folder / "valid" / "good" / "img"
     precision = Precision.of("auto", CPU)
@@ -234,7 +234,7 @@ def protocol_parts(synth, zero_dir, name: str):
     dataset = protocol.test_set(run_cfg, 0 if run_cfg.fewshot else None)
     if name == "zero":
         calibration = ImageItems([(str(p), 0, None) for p in sorted(good.iterdir())], SIZE)
-        return model, texts[protocol.prompt(run_cfg)], precision, dataset, Normals(None, calibration), None, 0
+        return model, texts[protocol.prompt(run_cfg)], precision, dataset, Normals(None, calibration), None
     views = augment(dataset.support.normal)[0]  # [22, 3, S, S]
     memory = build_memory(model, views, precision)
     return (
@@ -244,15 +244,14 @@ def protocol_parts(synth, zero_dir, name: str):
         dataset,
         Normals(dataset.support.normal, None),
         memory,
-        22,
     )
 
 
 def scored(parts, items: list) -> dict[str, tuple[float, torch.Tensor]]:
     """file -> (image score, normalised map [S, S]) of `items` scored together, standing alone."""
-    model, text, precision, dataset, normals, memory, augmented = parts
+    model, text, precision, dataset, normals, memory = parts
     pool = ImageItems(items, SIZE, False, dataset.has_masks)
-    c = collect_standalone(model, pool, text, precision, normals, dataset.has_masks, memory, augmented)
+    c = collect_standalone(model, pool, text, precision, normals, dataset.has_masks, memory)
     maps = PixelMaps(c, CPU, precision)
     scores = image_scores_of(c, CPU, precision, maps)
     return {path: (float(scores[i]), maps.chunk(i, i + 1)[0]) for i, (path, _, _) in enumerate(items)}
@@ -311,8 +310,8 @@ def test_mvfas_own_protocol_scores_stand_alone_too(standalone, synth, zero_dir, 
 def test_leave_one_out_fits_each_support_image_against_the_others(synth, zero_dir):
     """The few-shot part of the fitted range: each normal support image against the bank without its own
     11 views, which is the bank built from the other support images alone (batch 1: the same rows)."""
-    model, text, precision, dataset, normals, memory, augmented = protocol_parts(synth, zero_dir, "Brain")
-    without = mvfa.evaluation.without_image(memory, 0, 2, augmented)
+    model, text, precision, dataset, normals, memory = protocol_parts(synth, zero_dir, "Brain")
+    without = mvfa.evaluation.without_image(memory, 0, 2)
     alone = build_memory(model, augment(dataset.support.normal[1:])[0], precision)
     assert all(torch.equal(a, b) for a, b in zip(without[0] + without[1], alone[0] + alone[1]))
     assert without[0][0].shape[0] == memory[0][0].shape[0] // 2

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from dataset import CLASS_NAMES
+from dataset.augment import VIEWS
 from tools.published import PUBLISHED, ROWS
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root, where the four scripts are
@@ -137,8 +138,8 @@ def expand(
 
 
 def normal_ckpt(setting: str, zero_ckpt: str | None) -> tuple[str, ...]:
-    """The zero_ckpt field of a job of `setting`: the folder, absolute (jobs run in their own folder), for
-    normal-only jobs given one; nothing otherwise."""
+    """The zero_ckpt field of a job of `setting`: the folder, absolute (as the grid's --out: a cluster job
+    may start elsewhere), for normal-only jobs given one; nothing otherwise."""
     return (str(Path(zero_ckpt).resolve()),) if zero_ckpt and setting.startswith(NORMAL) else ()
 
 
@@ -383,12 +384,13 @@ def cost(job: Job, data_path: str, batch_size: int = 1) -> Cost:
 
     test, epochs = size(job.obj), job.epoch
     if job.normal:  # one test: the bank of 11k views, then the test set
-        return Cost(0, 11 * int(job.shot) + test, 0, 0)
+        return Cost(0, VIEWS * int(job.shot) + test, 0, 0)
     final = 0 if job.select == "test" else 1
     if job.setting == "zero":
         groups = -(-sum(size(o) for o in CLASS_NAMES if o != job.obj) // batch_size)
         passes = epochs * (5 + (groups % 5 != 0))
         return Cost(epochs * groups, (passes + final) * test, 0, (passes - 1) * test)
     k = int(job.setting)
-    per_pass = 11 * k + test
-    return Cost(epochs * 22 * k, (epochs + final) * per_pass, (epochs - 1) * 22 * k, (epochs - 1) * per_pass)
+    per_pass = VIEWS * k + test
+    steps = 2 * VIEWS * k  # the augmented normal and abnormal support images, batch 1
+    return Cost(epochs * steps, (epochs + final) * per_pass, (epochs - 1) * steps, (epochs - 1) * per_pass)

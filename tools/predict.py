@@ -104,12 +104,11 @@ def standalone_scores(
     normals: Normals,
     head: str,
     memory: tuple | None,
-    augmented: int,
 ) -> tuple[np.ndarray, Callable[[int, int], torch.Tensor]]:
     """Image scores [n] and maps_fn of a pool, each standing alone: normalised with the extremes fitted on
     `normals`, the image score by MVFA's rule for the head, as the test scripts' --normalize support."""
     has_masks = head == "seg"  # the rule of the datasets whose maps come from the seg head
-    c = collect_standalone(model, pool, text, precision, normals, has_masks, memory, augmented, head=head)
+    c = collect_standalone(model, pool, text, precision, normals, has_masks, memory, head=head)
     device = next(model.parameters()).device
     maps = PixelMaps(c, device, precision)
     return image_scores_of(c, device, precision, maps), maps.chunk
@@ -222,12 +221,12 @@ def main(argv=None) -> list[dict]:
         model, texts = adapted_model(model_cfg, precision, device, [name], run.text_cache_dir)
         model.load_adapters(run.checkpoint)
         text = texts[name]
-        memory, augmented = None, 0
+        memory = None
         # memory banks of the augmented support images (11 views each), as test_few.py builds them
         if support:
             images = torch.stack([load_input(p, run.img_size, run.clip_normalize) for p in support])
             views = augment(images)[0]  # [11k, 3, S, S]
-            memory, augmented = build_memory(model, views, precision, run.batch_size), len(views)
+            memory = build_memory(model, views, precision, run.batch_size)
         pool = ImageItems([(str(p), 0, None) for p in normals + inputs], run.img_size, run.clip_normalize)
         # auto: the det head for image-only datasets (their few-shot checkpoints never train the seg adapters)
         head = args.head
@@ -237,7 +236,7 @@ def main(argv=None) -> list[dict]:
             # fitted on the support; zero-shot, on the calibration images
             calibration = ImageItems(pool.items[: len(normals)], run.img_size, run.clip_normalize)
             fit_on = Normals(images, None) if support else Normals(None, calibration)
-            scores, maps_fn = standalone_scores(model, pool, text, precision, fit_on, head, memory, augmented)
+            scores, maps_fn = standalone_scores(model, pool, text, precision, fit_on, head, memory)
         else:
             loader = DataLoader(pool, batch_size=run.batch_size, shuffle=False)
             c = collect(
