@@ -349,9 +349,9 @@ def without_image(memory: tuple, image: int, shot: int) -> tuple[list, list]:
     i at i, k + i, ..."""
 
     def others(bank: torch.Tensor) -> torch.Tensor:
-        views = bank.view(VIEWS * shot, -1, bank.shape[-1])  # [11k, T, D]: T rows per augmented image
+        views = bank.view(VIEWS * shot, -1, bank.shape[-1])  # [VIEWS * k, T, D]: T rows per augmented image
         keep = (torch.arange(VIEWS * shot) % shot != image).to(bank.device)
-        return views[keep].flatten(0, 1)  # [11(k-1) * T, D]
+        return views[keep].flatten(0, 1)  # [VIEWS * (k-1) * T, D]
 
     return [others(b) for b in memory[0]], [others(b) for b in memory[1]]
 

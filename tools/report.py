@@ -44,7 +44,7 @@ METRICS = (
     ("pixel_f1_max", "pixel F1-max"),
     ("pixel_aupro", "pixel AUPRO"),
 )
-# the protocol a record's script ran; a record's own "protocol" field, where a script writes one, wins
+# the protocol a record's script ran (test_few.py --support normal: normal-only, see protocol_of)
 PROTOCOLS = {
     "test_few": "few-shot",
     "train_few": "few-shot",
@@ -78,10 +78,8 @@ class Run(NamedTuple):
 
 
 def protocol_of(record: dict) -> str:
-    """The protocol label of a record: its `protocol` field, else its script's, where test_few.py with
-    --support normal ran the normal-only protocol (docs/normal-only.md)."""
-    if record.get("protocol"):
-        return record["protocol"]
+    """The protocol label of a record: its script's, where test_few.py with --support normal ran the
+    normal-only protocol (docs/normal-only.md)."""
     script = record.get("script", "?")
     if script == "test_few" and record.get("args", {}).get("support") == "normal":
         return "normal-only"
